@@ -1,0 +1,879 @@
+//! Typed settings and their loading: compiled defaults, then the TOML file, then
+//! `LABELHOOK__SECTION__KEY` environment variables, then validation.
+//!
+//! Rules of thumb:
+//! - every key of `config/labelhook.example.toml` has a field here with the same name, and
+//!   unknown keys are errors (a typo must not silently fall back to a default);
+//! - every problem is reported with the path of its key (`endpoint[0].secrets[0].env: ...`),
+//!   all problems at once, so an operator fixes a file in one pass;
+//! - secrets are resolved here (env var, file or inline value) into [`SecretString`]s and are
+//!   never part of an error message or a `Debug` output.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Where the config file is looked for when neither `--config` nor `LABELHOOK_CONFIG` says.
+pub const DEFAULT_CONFIG_PATH: &str = "config/labelhook.toml";
+
+/// Labelbox's published egress addresses (LABELBOX.md section 5), the default allowlist.
+pub const LABELBOX_EGRESS: [&str; 4] = [
+    "35.223.142.181/32",
+    "34.135.127.45/32",
+    "35.224.108.6/32",
+    "34.10.80.254/32",
+];
+
+/// The whole configuration, as loaded and validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub network: NetworkSettings,
+    #[serde(default)]
+    pub store: StoreSettings,
+    #[serde(default)]
+    pub dispatch: DispatchSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+    #[serde(default)]
+    pub endpoint: Vec<EndpointSettings>,
+    #[serde(default)]
+    pub model_training: Option<ModelTrainingSettings>,
+    #[serde(default)]
+    pub handler: Vec<HandlerSettings>,
+    #[serde(default)]
+    pub route: Vec<RouteSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address of the webhook listener; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz; `None` serves them on `listen`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Bodies above this size are refused with 413.
+    pub max_body_bytes: u64,
+    /// A client that has not sent its request headers by then is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// The whole body must arrive within this, or the request gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Deliveries waiting for the store writer; above this, new ones get 503.
+    pub queue_capacity: usize,
+    /// How long shutdown waits for in-flight requests before closing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: None,
+            max_body_bytes: 1 << 30,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(300),
+            queue_capacity: 4096,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSettings {
+    /// Client addresses allowed to deliver.
+    pub allowlist: Vec<IpNet>,
+    /// Skip the allowlist entirely; must be said explicitly.
+    pub allow_all: bool,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        Self {
+            allowlist: LABELBOX_EGRESS
+                .iter()
+                .filter_map(|cidr| cidr.parse().ok())
+                .collect(),
+            allow_all: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `sqlite://path/to/file.db` (created when missing) or `postgres://...`.
+    pub url: String,
+    /// Bodies larger than this are written to a blob file beside the database instead of a row.
+    pub inline_body_max_bytes: u64,
+    /// Most deliveries committed together in one transaction (group commit).
+    pub commit_batch_max: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/labelhook.db".to_owned(),
+            inline_body_max_bytes: 1 << 20,
+            commit_batch_max: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Entity lanes handled at the same time.
+    pub concurrency: usize,
+    /// How long a claimed delivery stays reserved for this process before another may take it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often the store is polled when nothing wakes the dispatcher earlier.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 32,
+            lease: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `labelhook=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Where a secret comes from: exactly one of the three.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+    /// Inline secret, for development only.
+    pub value: Option<String>,
+}
+
+impl fmt::Debug for SecretSource {
+    // Never print an inline value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretSource")
+            .field("env", &self.env)
+            .field("file", &self.file)
+            .field("value", &self.value.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSettings {
+    /// Served at `POST /webhooks/{name}`.
+    pub name: String,
+    /// Every secret is tried, so a rotation can keep the old and the new one for a while.
+    pub secrets: Vec<SecretSource>,
+    /// Accept `X-Hub-Signature: sha1=...` when no `X-Hub-Signature-256` is sent.
+    #[serde(default = "default_true")]
+    pub accept_sha1: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTrainingSettings {
+    /// Base path: `GET {path}/models`, `POST {path}/model_run`.
+    pub path: String,
+    pub secrets: Vec<SecretSource>,
+    /// Keys of the `/models` answer; Labelbox sends the chosen one back as `modelType`.
+    #[serde(default)]
+    pub model_types: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    Log,
+    File,
+    Http,
+    Command,
+    Nats,
+}
+
+impl HandlerKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Log => "log",
+            Self::File => "file",
+            Self::Http => "http",
+            Self::Command => "command",
+            Self::Nats => "nats",
+        }
+    }
+}
+
+/// One `[[handler]]`. Flat rather than an enum per kind so that a key given to the wrong kind
+/// is reported with its name (an internally tagged enum cannot deny unknown fields well).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerSettings {
+    pub name: String,
+    pub kind: HandlerKind,
+    /// Attempts per delivery before it is dead-lettered for this handler.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    /// `file`: the JSON-lines file.
+    pub path: Option<PathBuf>,
+    /// `http`: where to POST; `nats`: the server.
+    pub url: Option<String>,
+    /// `http` and `command`: per-attempt time limit.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// `http`: hosts the handler may reach (default: the host of `url` only).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// `http`: secrets for the fresh `X-Hub-Signature` (default: none, unsigned).
+    pub secrets: Option<Vec<SecretSource>>,
+    /// `command`: program and arguments, no shell.
+    pub argv: Option<Vec<String>>,
+    /// `nats`: the JetStream stream, created when missing.
+    pub stream: Option<String>,
+    /// `nats`: subject template with `{topic}` and `{project_id}`.
+    pub subject: Option<String>,
+    /// `log`: level of the line written per event.
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// Topic globs (`LABEL_*`); `*` also matches unknown topics.
+    pub topics: Vec<String>,
+    /// Handler names.
+    pub handlers: Vec<String>,
+    /// Only deliveries of these projects; empty means all.
+    #[serde(default)]
+    pub project_ids: Vec<String>,
+    /// Hand stale events to these handlers too (marked `fresh = false`).
+    #[serde(default)]
+    pub deliver_stale: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// A problem with the configuration, naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// Secrets resolved at load time, by endpoint name (and `model_training`).
+#[derive(Clone, Default)]
+pub struct Secrets {
+    by_owner: HashMap<String, Vec<SecretString>>,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let counts: HashMap<_, _> = self.by_owner.iter().map(|(k, v)| (k, v.len())).collect();
+        f.debug_struct("Secrets").field("count", &counts).finish()
+    }
+}
+
+impl Secrets {
+    /// Key under which the model-training callback's secrets are kept.
+    pub const MODEL_TRAINING: &'static str = "\0model_training";
+
+    pub fn for_endpoint(&self, name: &str) -> &[SecretString] {
+        self.by_owner.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn for_handler(&self, name: &str) -> &[SecretString] {
+        self.for_endpoint(&format!("\0handler:{name}"))
+    }
+}
+
+/// Settings plus everything resolved from them.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub settings: Settings,
+    pub secrets: Secrets,
+}
+
+impl Config {
+    /// Loads `path` (a missing file is an error only when `required`), applies the
+    /// `LABELHOOK__` variables of `env`, validates, and resolves the secrets.
+    pub fn load(
+        path: &Path,
+        env: &HashMap<String, String>,
+        required: bool,
+    ) -> Result<Config, ConfigError> {
+        let settings = Settings::load(path, env, required)?;
+        let mut problems = Vec::new();
+        let secrets = settings.resolve_secrets(env, &mut problems);
+        if problems.is_empty() {
+            Ok(Config { settings, secrets })
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Loads with the process environment; what the binary does.
+    pub fn load_from_env(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load(path, &env, required)
+    }
+
+    /// The SQLite database file when the store is SQLite.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        sqlite_path(&self.settings.store.url)
+    }
+}
+
+/// `sqlite://data/x.db` and `sqlite:data/x.db` → `data/x.db`.
+pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let rest = rest.split('?').next().unwrap_or(rest);
+    Some(PathBuf::from(rest))
+}
+
+impl Settings {
+    /// Loads and validates the settings without resolving secrets: for commands that only
+    /// need the store or an address and may run where the secrets are not present.
+    pub fn load(
+        path: &Path,
+        env: &HashMap<String, String>,
+        required: bool,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if path.exists() {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        } else if required {
+            return Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let overrides: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("LABELHOOK__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("LABELHOOK")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("network.allowlist")
+                .with_list_parse_key("network.trusted_proxies")
+                .with_list_parse_key("model_training.model_types")
+                .source(Some(overrides)),
+        );
+        let raw = builder.build().map_err(|e| {
+            ConfigError::Invalid(vec![Problem {
+                key: "(file)".to_owned(),
+                message: e.to_string(),
+            }])
+        })?;
+        let settings: Settings = serde_path_to_error::deserialize(raw).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid(vec![Problem {
+                key: if key == "." {
+                    "(top level)".to_owned()
+                } else {
+                    key
+                },
+                message: e.inner().to_string(),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        settings.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let mut problem = |key: String, message: &str| {
+            problems.push(Problem {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if self.server.max_body_bytes == 0 {
+            problem("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.server.queue_capacity == 0 {
+            problem("server.queue_capacity".into(), "must be greater than 0");
+        }
+        if self.store.commit_batch_max == 0 {
+            problem("store.commit_batch_max".into(), "must be greater than 0");
+        }
+        if self.dispatch.concurrency == 0 {
+            problem("dispatch.concurrency".into(), "must be greater than 0");
+        }
+        if !self.store.url.starts_with("sqlite:") {
+            problem(
+                "store.url".into(),
+                "must start with sqlite:// (PostgreSQL is not supported by this build yet)",
+            );
+        }
+        if self.network.allowlist.is_empty() && !self.network.allow_all {
+            problem(
+                "network.allowlist".into(),
+                "is empty, so every delivery would be refused; list addresses or set network.allow_all = true",
+            );
+        }
+        if self.endpoint.is_empty() && self.model_training.is_none() {
+            problem(
+                "endpoint".into(),
+                "no [[endpoint]] and no [model_training]: nothing would be received",
+            );
+        }
+        let mut names = BTreeSet::new();
+        for (i, ep) in self.endpoint.iter().enumerate() {
+            let valid = !ep.name.is_empty()
+                && ep
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                problem(
+                    format!("endpoint[{i}].name"),
+                    "must be non-empty letters, digits, '-' or '_'",
+                );
+            }
+            if !names.insert(ep.name.as_str()) {
+                problem(format!("endpoint[{i}].name"), "is used by another endpoint");
+            }
+            if ep.secrets.is_empty() {
+                problem(
+                    format!("endpoint[{i}].secrets"),
+                    "needs at least one secret",
+                );
+            }
+        }
+        if let Some(mt) = &self.model_training {
+            if !mt.path.starts_with('/')
+                || mt.path.ends_with('/')
+                || mt.path.starts_with("/webhooks")
+            {
+                problem(
+                    "model_training.path".into(),
+                    "must start with '/', not end with '/', and not be under /webhooks",
+                );
+            }
+            if ["/healthz", "/readyz", "/metrics"].contains(&mt.path.as_str()) {
+                problem(
+                    "model_training.path".into(),
+                    "collides with a built-in route",
+                );
+            }
+            if mt.secrets.is_empty() {
+                problem("model_training.secrets".into(), "needs at least one secret");
+            }
+        }
+        let mut handler_names = BTreeSet::new();
+        for (i, h) in self.handler.iter().enumerate() {
+            if h.name.is_empty() {
+                problem(format!("handler[{i}].name"), "must not be empty");
+            }
+            if !handler_names.insert(h.name.as_str()) {
+                problem(format!("handler[{i}].name"), "is used by another handler");
+            }
+            if h.max_attempts == 0 {
+                problem(format!("handler[{i}].max_attempts"), "must be at least 1");
+            }
+            h.validate_kind_keys(i, &mut problem);
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            if r.topics.is_empty() {
+                problem(
+                    format!("route[{i}].topics"),
+                    "needs at least one topic glob",
+                );
+            }
+            if r.handlers.is_empty() {
+                problem(format!("route[{i}].handlers"), "needs at least one handler");
+            }
+            for (j, name) in r.handlers.iter().enumerate() {
+                if !handler_names.contains(name.as_str()) {
+                    problem(
+                        format!("route[{i}].handlers[{j}]"),
+                        &format!("no [[handler]] is named {name:?}"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn resolve_secrets(
+        &self,
+        env: &HashMap<String, String>,
+        problems: &mut Vec<Problem>,
+    ) -> Secrets {
+        let mut secrets = Secrets::default();
+        let mut resolve_all = |owner: String, key: String, sources: &[SecretSource]| {
+            let resolved = sources
+                .iter()
+                .enumerate()
+                .filter_map(|(j, s)| match s.resolve(env) {
+                    Ok(secret) => Some(secret),
+                    Err(message) => {
+                        problems.push(Problem {
+                            key: format!("{key}[{j}]{}", message.0),
+                            message: message.1,
+                        });
+                        None
+                    }
+                })
+                .collect();
+            secrets.by_owner.insert(owner, resolved);
+        };
+        for (i, ep) in self.endpoint.iter().enumerate() {
+            resolve_all(
+                ep.name.clone(),
+                format!("endpoint[{i}].secrets"),
+                &ep.secrets,
+            );
+        }
+        if let Some(mt) = &self.model_training {
+            resolve_all(
+                Secrets::MODEL_TRAINING.to_owned(),
+                "model_training.secrets".to_owned(),
+                &mt.secrets,
+            );
+        }
+        for (i, h) in self.handler.iter().enumerate() {
+            if let Some(list) = &h.secrets {
+                resolve_all(
+                    format!("\0handler:{}", h.name),
+                    format!("handler[{i}].secrets"),
+                    list,
+                );
+            }
+        }
+        secrets
+    }
+}
+
+impl HandlerSettings {
+    /// Checks that each kind gets the keys it needs and no key meant for another kind.
+    fn validate_kind_keys(&self, i: usize, problem: &mut impl FnMut(String, &str)) {
+        let given = [
+            ("path", self.path.is_some()),
+            ("url", self.url.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("allowed_hosts", self.allowed_hosts.is_some()),
+            ("secrets", self.secrets.is_some()),
+            ("argv", self.argv.is_some()),
+            ("stream", self.stream.is_some()),
+            ("subject", self.subject.is_some()),
+            ("level", self.level.is_some()),
+        ];
+        let (required, optional): (&[&str], &[&str]) = match self.kind {
+            HandlerKind::Log => (&[], &["level"]),
+            HandlerKind::File => (&["path"], &[]),
+            HandlerKind::Http => (&["url"], &["timeout", "allowed_hosts", "secrets"]),
+            HandlerKind::Command => (&["argv"], &["timeout"]),
+            HandlerKind::Nats => (&["url"], &["stream", "subject"]),
+        };
+        let kind = self.kind.as_str();
+        for (key, present) in given {
+            if present && !required.contains(&key) && !optional.contains(&key) {
+                problem(
+                    format!("handler[{i}].{key}"),
+                    &format!("is not a key of kind {kind:?}"),
+                );
+            }
+            if !present && required.contains(&key) {
+                problem(
+                    format!("handler[{i}].{key}"),
+                    &format!("is required for kind {kind:?}"),
+                );
+            }
+        }
+        if self.argv.as_ref().is_some_and(Vec::is_empty) {
+            problem(format!("handler[{i}].argv"), "must name a program");
+        }
+        if let (HandlerKind::Http, Some(url)) = (self.kind, &self.url) {
+            if reqwest::Url::parse(url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                problem(
+                    format!("handler[{i}].url"),
+                    "must be an http:// or https:// URL",
+                );
+            }
+        }
+        if let Some(level) = &self.level {
+            if level.parse::<tracing::Level>().is_err() {
+                problem(
+                    format!("handler[{i}].level"),
+                    "must be one of trace, debug, info, warn, error",
+                );
+            }
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret. On failure: (key suffix, message), never the secret.
+    fn resolve(&self, env: &HashMap<String, String>) -> Result<SecretString, (String, String)> {
+        match (&self.env, &self.file, &self.value) {
+            (Some(var), None, None) => match env.get(var) {
+                Some(v) if !v.is_empty() => Ok(SecretString::from(v.clone())),
+                _ => Err((
+                    ".env".into(),
+                    format!("environment variable {var} is not set or empty"),
+                )),
+            },
+            (None, Some(path), None) => match std::fs::read_to_string(path) {
+                // Kubernetes secret files often end with a newline that is not part of the secret.
+                Ok(v) if !v.trim_end_matches(['\n', '\r']).is_empty() => Ok(SecretString::from(
+                    v.trim_end_matches(['\n', '\r']).to_owned(),
+                )),
+                Ok(_) => Err((".file".into(), format!("{} is empty", path.display()))),
+                Err(e) => Err((
+                    ".file".into(),
+                    format!("cannot read {}: {e}", path.display()),
+                )),
+            },
+            (None, None, Some(v)) if !v.is_empty() => Ok(SecretString::from(v.clone())),
+            (None, None, Some(_)) => Err((".value".into(), "is empty".into())),
+            _ => Err((
+                String::new(),
+                "give exactly one of env, file or value".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::io::Write;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(toml.as_bytes()).expect("write");
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(file.path(), &env, true)
+    }
+
+    fn problems(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("expected a config error"),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[[endpoint]]
+name = "labelbox"
+secrets = [{ env = "LB_SECRET" }]
+"#;
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let config = load_str(MINIMAL, &[("LB_SECRET", "s3cret")]).expect("valid");
+        let s = &config.settings;
+        assert_eq!(s.server.listen, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(s.server.max_body_bytes, 1_073_741_824);
+        assert_eq!(s.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(s.server.body_timeout, Duration::from_secs(300));
+        assert_eq!(s.network.allowlist.len(), 4);
+        assert!(!s.network.allow_all);
+        assert_eq!(s.store.url, "sqlite://data/labelhook.db");
+        let secrets = config.secrets.for_endpoint("labelbox");
+        assert_eq!(secrets.len(), 1);
+        assert_eq!(secrets[0].expose_secret(), "s3cret");
+    }
+
+    #[test]
+    fn environment_overrides_name_section_and_key() {
+        let config = load_str(
+            MINIMAL,
+            &[
+                ("LB_SECRET", "x"),
+                ("LABELHOOK__SERVER__MAX_BODY_BYTES", "1234"),
+                ("LABELHOOK__NETWORK__ALLOWLIST", "10.0.0.0/8,192.168.1.1/32"),
+                ("LABELHOOK__NETWORK__ALLOW_ALL", "true"),
+                ("LABELHOOK__SERVER__BODY_TIMEOUT", "5s"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.settings.server.max_body_bytes, 1234);
+        assert_eq!(config.settings.network.allowlist.len(), 2);
+        assert!(config.settings.network.allow_all);
+        assert_eq!(config.settings.server.body_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let text = format!("{MINIMAL}\n[server]\nlisten_addr = \"0.0.0.0:1\"\n");
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert!(message.contains("server"), "{message}");
+        assert!(message.contains("listen_addr"), "{message}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let text = format!("{MINIMAL}\n[network]\nallowlist = [\"not-a-cidr\"]\n");
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert!(message.starts_with("network.allowlist"), "{message}");
+    }
+
+    #[test]
+    fn missing_secret_names_the_key_and_never_the_value() {
+        let text = r#"
+[[endpoint]]
+name = "labelbox"
+secrets = [{ value = "inline-dev-secret" }, { env = "NOT_SET_ANYWHERE" }]
+"#;
+        let message = problems(load_str(text, &[]));
+        assert!(message.contains("endpoint[0].secrets[1].env"), "{message}");
+        assert!(!message.contains("inline-dev-secret"), "{message}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let text = r#"
+[[endpoint]]
+name = "bad name"
+secrets = []
+
+[[handler]]
+name = "fwd"
+kind = "http"
+path = "x.jsonl"
+
+[[route]]
+topics = ["LABEL_*"]
+handlers = ["nope"]
+"#;
+        let message = problems(load_str(text, &[]));
+        for key in [
+            "endpoint[0].name",
+            "endpoint[0].secrets",
+            "handler[0].path",
+            "handler[0].url",
+            "route[0].handlers[0]",
+        ] {
+            assert!(message.contains(key), "{key} missing in {message}");
+        }
+    }
+
+    #[test]
+    fn secret_files_lose_their_trailing_newline() {
+        let mut secret = tempfile::NamedTempFile::new().expect("temp");
+        secret.write_all(b"from-a-file\n").expect("write");
+        let text = format!(
+            "[[endpoint]]\nname = \"lb\"\nsecrets = [{{ file = {:?} }}]\n",
+            secret.path().display().to_string()
+        );
+        let config = load_str(&text, &[]).expect("valid");
+        assert_eq!(
+            config.secrets.for_endpoint("lb")[0].expose_secret(),
+            "from-a-file"
+        );
+    }
+
+    #[test]
+    fn debug_output_redacts_inline_secrets() {
+        let text = "[[endpoint]]\nname = \"lb\"\nsecrets = [{ value = \"hunter2\" }]\n";
+        let config = load_str(text, &[]).expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+
+    #[test]
+    fn sqlite_urls_give_the_database_path() {
+        assert_eq!(
+            sqlite_path("sqlite://data/labelhook.db"),
+            Some(PathBuf::from("data/labelhook.db"))
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///var/lib/x.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/x.db"))
+        );
+        assert_eq!(sqlite_path("postgres://x"), None);
+    }
+}

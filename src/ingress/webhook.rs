@@ -1,0 +1,494 @@
+//! The delivery routes: `POST /webhooks/{endpoint}` for topic deliveries, and Labelbox's
+//! model-training callbacks `GET {path}/models` and `POST {path}/model_run`.
+//!
+//! Every answer is one of SPEC section 3's table; error bodies are `{"error": "..."}` and never
+//! carry a secret, an expected signature or the body.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ipnet::IpNet;
+use secrecy::SecretString;
+use serde_json::json;
+
+use super::body::{self, BodyError};
+use super::client_ip::{self, Allowlist};
+use super::signature::{BodyMac, ClaimedSignature, SignatureError};
+use super::VerifiedDelivery;
+use crate::config::{Config, Secrets};
+use crate::events::Topic;
+use crate::store::{now_millis, Status, Store, StoreError};
+
+/// Seconds a sender is asked to wait before retrying a 503.
+const RETRY_AFTER_SECONDS: u64 = 5;
+/// Longest `X-Labelbox-Id` kept; Labelbox sends 25-character cuids.
+const MAX_DELIVERY_ID_LEN: usize = 200;
+/// The topic recorded for model-training callbacks, which carry no event header.
+pub const MODEL_RUN_TOPIC: &str = "MODEL_RUN";
+/// The endpoint name recorded for model-training callbacks.
+pub const MODEL_TRAINING_ENDPOINT: &str = "model_training";
+/// Headers kept with a delivery only as `[redacted]`.
+const REDACTED_HEADERS: [&str; 4] = [
+    "x-hub-signature",
+    "x-hub-signature-256",
+    "authorization",
+    "cookie",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("unknown endpoint")]
+    UnknownEndpoint,
+    #[error("source address not allowed")]
+    AddressNotAllowed,
+    #[error("content encoding not supported")]
+    ContentEncoding,
+    #[error("content type must be application/json")]
+    ContentType,
+    #[error("body too large")]
+    TooLarge,
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error("invalid X-Labelbox-Id")]
+    BadDeliveryId,
+    #[error("body not received in time")]
+    BodyTimeout,
+    #[error("body could not be read")]
+    BodyRead,
+    #[error("store unavailable")]
+    StoreUnavailable,
+    #[error("queue full")]
+    QueueFull,
+}
+
+impl IngressError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::UnknownEndpoint => StatusCode::NOT_FOUND,
+            Self::AddressNotAllowed => StatusCode::FORBIDDEN,
+            Self::ContentEncoding | Self::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Signature(_) => StatusCode::UNAUTHORIZED,
+            Self::BadDeliveryId | Self::BodyRead => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::StoreUnavailable | Self::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short, bounded label for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::UnknownEndpoint => "unknown_endpoint",
+            Self::AddressNotAllowed => "address_not_allowed",
+            Self::ContentEncoding | Self::ContentType => "unsupported_media",
+            Self::TooLarge => "too_large",
+            Self::Signature(SignatureError::Missing) => "signature_missing",
+            Self::Signature(SignatureError::Malformed) => "signature_malformed",
+            Self::Signature(SignatureError::Mismatch) => "signature_mismatch",
+            Self::BadDeliveryId => "bad_delivery_id",
+            Self::BodyTimeout => "body_timeout",
+            Self::BodyRead => "body_read_error",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::QueueFull => "queue_full",
+        }
+    }
+}
+
+impl IntoResponse for IngressError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status(), Json(json!({ "error": self.to_string() }))).into_response();
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for IngressError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Busy => Self::QueueFull,
+            _ => Self::StoreUnavailable,
+        }
+    }
+}
+
+impl From<BodyError> for IngressError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::TooLarge => Self::TooLarge,
+            BodyError::Read(_) => Self::BodyRead,
+            // Could not write the blob: disk full or read-only, the sender should retry.
+            BodyError::Spill(_) => Self::StoreUnavailable,
+        }
+    }
+}
+
+/// Who may deliver to one endpoint.
+struct EndpointAuth {
+    secrets: Vec<SecretString>,
+    accept_sha1: bool,
+}
+
+/// Everything the delivery routes need, shared by all requests.
+#[derive(Clone)]
+pub struct IngressState(Arc<Inner>);
+
+struct Inner {
+    endpoints: HashMap<String, EndpointAuth>,
+    model_training: Option<EndpointAuth>,
+    model_types: Vec<String>,
+    allowlist: Allowlist,
+    trusted_proxies: Vec<IpNet>,
+    max_body_bytes: u64,
+    inline_body_max_bytes: u64,
+    body_timeout: Duration,
+    store: Arc<dyn Store>,
+}
+
+impl IngressState {
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+        let s = &config.settings;
+        let endpoints = s
+            .endpoint
+            .iter()
+            .map(|ep| {
+                let auth = EndpointAuth {
+                    secrets: config.secrets.for_endpoint(&ep.name).to_vec(),
+                    accept_sha1: ep.accept_sha1,
+                };
+                (ep.name.clone(), auth)
+            })
+            .collect();
+        let model_training = s.model_training.as_ref().map(|_| EndpointAuth {
+            secrets: config
+                .secrets
+                .for_endpoint(Secrets::MODEL_TRAINING)
+                .to_vec(),
+            accept_sha1: true,
+        });
+        Self(Arc::new(Inner {
+            endpoints,
+            model_training,
+            model_types: s
+                .model_training
+                .as_ref()
+                .map(|mt| mt.model_types.clone())
+                .unwrap_or_default(),
+            allowlist: Allowlist::new(s.network.allowlist.clone(), s.network.allow_all),
+            trusted_proxies: s.network.trusted_proxies.clone(),
+            max_body_bytes: s.server.max_body_bytes,
+            inline_body_max_bytes: s.store.inline_body_max_bytes,
+            body_timeout: s.server.body_timeout,
+            store,
+        }))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
+    }
+
+    /// The client address, checked against the allowlist.
+    fn allowed_client(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<IpAddr, IpAddr> {
+        let client = client_ip::resolve(peer.ip(), headers, &self.0.trusted_proxies);
+        if self.0.allowlist.allows(client) {
+            Ok(client)
+        } else {
+            Err(client)
+        }
+    }
+}
+
+/// `POST /webhooks/{endpoint}`
+pub async fn receive_delivery(
+    State(state): State<IngressState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(endpoint): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let topic = header_text(&headers, "x-labelbox-event");
+    let outcome = match state.allowed_client(peer, &headers) {
+        Err(client) => Err((client, IngressError::AddressNotAllowed)),
+        Ok(client) => match state.0.endpoints.get(&endpoint) {
+            None => Err((client, IngressError::UnknownEndpoint)),
+            Some(auth) => {
+                let source = Source {
+                    endpoint: &endpoint,
+                    auth,
+                    topic: topic.clone(),
+                };
+                accept(&state, client, &headers, body, source)
+                    .await
+                    .map(|answer| (client, answer))
+                    .map_err(|e| (client, e))
+            }
+        },
+    };
+    let endpoint_label = if state.0.endpoints.contains_key(&endpoint) {
+        endpoint.as_str()
+    } else {
+        "unknown"
+    };
+    respond(endpoint_label, topic.as_deref(), outcome)
+}
+
+/// `POST {model_training.path}/model_run`: authenticated like a delivery, topic `MODEL_RUN`.
+pub async fn receive_model_run(
+    State(state): State<IngressState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let outcome = match (
+        state.allowed_client(peer, &headers),
+        &state.0.model_training,
+    ) {
+        (Err(client), _) => Err((client, IngressError::AddressNotAllowed)),
+        (Ok(client), None) => Err((client, IngressError::UnknownEndpoint)),
+        (Ok(client), Some(auth)) => {
+            let source = Source {
+                endpoint: MODEL_TRAINING_ENDPOINT,
+                auth,
+                topic: Some(MODEL_RUN_TOPIC.to_owned()),
+            };
+            accept(&state, client, &headers, body, source)
+                .await
+                .map(|answer| (client, answer))
+                .map_err(|e| (client, e))
+        }
+    };
+    respond(MODEL_TRAINING_ENDPOINT, Some(MODEL_RUN_TOPIC), outcome)
+}
+
+/// `GET {model_training.path}/models`: the model types Labelbox offers in its UI. Labelbox
+/// signs this GET over an empty body; a request without a signature is answered too (the list
+/// is not secret, and some Labelbox set-ups send none), but a wrong signature is refused.
+pub async fn list_models(
+    State(state): State<IngressState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if state.allowed_client(peer, &headers).is_err() {
+        return IngressError::AddressNotAllowed.into_response();
+    }
+    if let Some(auth) = &state.0.model_training {
+        match ClaimedSignature::from_headers(&headers, auth.accept_sha1) {
+            Err(SignatureError::Missing) => {}
+            Err(e) => return IngressError::Signature(e).into_response(),
+            Ok(claimed) => {
+                let mac = BodyMac::new(claimed.algorithm, &auth.secrets);
+                if let Err(e) = mac.verify(&claimed) {
+                    return IngressError::Signature(e).into_response();
+                }
+            }
+        }
+    }
+    let models: serde_json::Map<String, serde_json::Value> = state
+        .0
+        .model_types
+        .iter()
+        .map(|t| (t.clone(), json!({})))
+        .collect();
+    Json(models).into_response()
+}
+
+struct Source<'a> {
+    endpoint: &'a str,
+    auth: &'a EndpointAuth,
+    topic: Option<String>,
+}
+
+enum Answer {
+    Accepted {
+        delivery_id: String,
+        id_conflict: bool,
+    },
+    Duplicate {
+        delivery_id: String,
+    },
+}
+
+/// The checks after the client address, the body, and the store.
+async fn accept(
+    state: &IngressState,
+    client: IpAddr,
+    headers: &HeaderMap,
+    body: Body,
+    source: Source<'_>,
+) -> Result<Answer, IngressError> {
+    let received_at = now_millis();
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        return Err(IngressError::ContentEncoding);
+    }
+    if !is_json(headers) {
+        return Err(IngressError::ContentType);
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.0.max_body_bytes) {
+        return Err(IngressError::TooLarge);
+    }
+    let claimed = ClaimedSignature::from_headers(headers, source.auth.accept_sha1)?;
+    let given_id = match headers.get("x-labelbox-id") {
+        None => None,
+        Some(v) => Some(valid_delivery_id(v).ok_or(IngressError::BadDeliveryId)?),
+    };
+
+    let mut mac = BodyMac::new(claimed.algorithm, &source.auth.secrets);
+    let received = tokio::time::timeout(
+        state.0.body_timeout,
+        body::receive(
+            body,
+            state.0.max_body_bytes,
+            state.0.inline_body_max_bytes,
+            state.0.store.blob_dir(),
+            &mut mac,
+        ),
+    )
+    .await
+    .map_err(|_| IngressError::BodyTimeout)??;
+    mac.verify(&claimed)?;
+
+    let delivery_id = given_id.unwrap_or_else(|| hex::encode(received.sha256));
+    let status = match source.topic.as_deref().map(Topic::parse) {
+        Some(topic) if topic.is_known() => Status::Pending,
+        _ => Status::Unrecognized,
+    };
+    let verified = VerifiedDelivery::new(
+        delivery_id.clone(),
+        received.sha256,
+        source.endpoint.to_owned(),
+        source.topic,
+        status,
+        client,
+        kept_headers(headers),
+        received.content,
+        received_at,
+    );
+    let accepted = state.0.store.accept(verified).await?;
+    Ok(if accepted.duplicate {
+        Answer::Duplicate { delivery_id }
+    } else {
+        Answer::Accepted {
+            delivery_id,
+            id_conflict: accepted.id_conflict,
+        }
+    })
+}
+
+/// Logs, counts and answers.
+fn respond(
+    endpoint: &str,
+    topic: Option<&str>,
+    outcome: Result<(IpAddr, Answer), (IpAddr, IngressError)>,
+) -> Response {
+    // Raw topics are unbounded; metrics only see the canonical ones.
+    let topic_label = topic.map_or("none", |t| {
+        let topic = Topic::parse(t);
+        if topic.is_known() {
+            topic.as_str()
+        } else {
+            "unknown"
+        }
+    });
+    let (label, response) = match outcome {
+        Ok((
+            client,
+            Answer::Accepted {
+                delivery_id,
+                id_conflict,
+            },
+        )) => {
+            tracing::info!(%delivery_id, topic, %client, endpoint, id_conflict, outcome = "accepted", "delivery stored");
+            let body = json!({ "status": "accepted", "delivery_id": delivery_id });
+            (
+                "accepted",
+                (StatusCode::ACCEPTED, Json(body)).into_response(),
+            )
+        }
+        Ok((client, Answer::Duplicate { delivery_id })) => {
+            tracing::info!(%delivery_id, topic, %client, endpoint, outcome = "duplicate", "delivery already stored");
+            let body = json!({ "status": "duplicate", "delivery_id": delivery_id });
+            ("duplicate", (StatusCode::OK, Json(body)).into_response())
+        }
+        Err((client, e)) => {
+            let status = e.status();
+            if status.is_server_error() {
+                tracing::warn!(topic, %client, endpoint, outcome = e.outcome(), "delivery refused");
+            } else {
+                tracing::info!(topic, %client, endpoint, outcome = e.outcome(), "delivery refused");
+            }
+            (e.outcome(), e.into_response())
+        }
+    };
+    metrics::counter!(
+        "labelhook_deliveries_total",
+        "endpoint" => endpoint.to_owned(),
+        "topic" => topic_label,
+        "outcome" => label,
+    )
+    .increment(1);
+    response
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+}
+
+/// `application/json`, with parameters, or any `+json` type.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Visible ASCII, bounded: the id appears in logs and the CLI.
+fn valid_delivery_id(value: &HeaderValue) -> Option<String> {
+    let bytes = value.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= MAX_DELIVERY_ID_LEN
+        && bytes.iter().all(|b| b.is_ascii_graphic());
+    ok.then(|| String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// The headers worth keeping with the delivery, signatures and credentials redacted.
+fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let name = name.as_str().to_owned();
+            let value = if REDACTED_HEADERS.contains(&name.as_str()) {
+                "[redacted]".to_owned()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            (name, value)
+        })
+        .collect()
+}

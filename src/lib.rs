@@ -1,0 +1,129 @@
+//! labelhook: receives Labelbox webhooks, checks they come from Labelbox, stores them durably
+//! before answering, and hands typed events to handlers in per-entity order.
+//!
+//! One delivery's way, module by module: [`server`] (listeners, timeouts) → [`ingress`]
+//! (client IP, allowlist, streamed body, HMAC → `VerifiedDelivery`) → [`store`] (group commit,
+//! fsync, then the 2xx) → `dispatch` (claim, [`events`] parse, [`ordering`] gate, route) →
+//! `handlers`. [`cli`] holds the commands; nothing in the library depends on it.
+
+pub mod cli;
+pub mod config;
+pub mod events;
+pub mod ingress;
+pub mod ordering;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ingress::IngressState;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A built service: listeners bound (so the real ports are known), store opened.
+pub struct Application {
+    config: Config,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        // Installed before the first request so that no count is lost.
+        telemetry::metrics_handle();
+        let store = store::open(&config).await?;
+        match store.sweep_orphan_blobs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed blob files of unanswered deliveries"),
+            // The store may be down at start; the sweep runs again at the next start.
+            Err(e) => tracing::warn!(error = %e, "could not sweep orphan blob files"),
+        }
+        let server = &config.settings.server;
+        let listener = bind(server.listen).await?;
+        let admin_listener = match server.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            store,
+            listener,
+            admin_listener,
+        })
+    }
+
+    /// The address deliveries are served on (the real port when the config said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.config.settings.server.listen)
+    }
+
+    /// The admin listener's address, when it is separate.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests and
+    /// closes the store after its last commit.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+        let settings = &self.config.settings;
+        let state = IngressState::new(&self.config, self.store.clone());
+        let model_path = settings.model_training.as_ref().map(|m| m.path.as_str());
+        let stop = CancellationToken::new();
+        let mut servers = tokio::task::JoinSet::new();
+        let separate_admin = self.admin_listener.is_some();
+        servers.spawn(server::serve(
+            self.listener,
+            server::app(state.clone(), model_path, !separate_admin),
+            settings.server.header_timeout,
+            settings.server.shutdown_timeout,
+            stop.clone(),
+        ));
+        if let Some(admin) = self.admin_listener {
+            servers.spawn(server::serve(
+                admin,
+                server::admin_app(state),
+                settings.server.header_timeout,
+                settings.server.shutdown_timeout,
+                stop.clone(),
+            ));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing open requests");
+        stop.cancel();
+        while servers.join_next().await.is_some() {}
+        self.store.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}

@@ -1,0 +1,281 @@
+//! Durable storage of deliveries, their dispatch state and the ordering state per entity.
+//!
+//! [`Store`] is the one way the rest of the program reaches the database; nothing else writes
+//! SQL. It owns durability: [`Store::accept`] returns only after the delivery's transaction is
+//! on disk (SQLite in WAL mode with `synchronous = FULL`, fsync'd blobs and directory), so an
+//! HTTP 2xx sent after it survives `kill -9` and power loss. The store serves the HTTP ingress,
+//! the dispatcher and the CLI alike, so it knows nothing of HTTP.
+
+pub mod blob;
+pub mod sqlite;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use blob::{BlobDir, BlobWriter, StagedBlob};
+
+use crate::config::Config;
+use crate::ingress::VerifiedDelivery;
+
+/// Milliseconds since the Unix epoch: how the store keeps time.
+pub type UnixMillis = i64;
+
+pub fn now_millis() -> UnixMillis {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// RFC 3339 text for a stored time.
+pub fn format_millis(ms: UnixMillis) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Too many deliveries are waiting for the writer; the sender should retry.
+    #[error("store queue is full")]
+    Busy,
+    /// The database cannot be opened or written (missing directory, read-only, disk full).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored value the program cannot read back (written by a newer version?).
+    #[error("unexpected stored value: {0}")]
+    Corrupt(String),
+    #[error("unsupported store url: {0}")]
+    UnsupportedUrl(String),
+}
+
+/// Where a delivery stands, as `events list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Stored, not yet handled by all its handlers.
+    Pending,
+    /// Every handler confirmed it (or no route wanted it).
+    Delivered,
+    /// Older than what was already applied for its entity.
+    Stale,
+    /// A handler gave up on it after `max_attempts`; `events replay` brings it back.
+    Dead,
+    /// Authentic, but of an unknown topic or not parseable; kept whole for a later upgrade.
+    Unrecognized,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Pending,
+        Status::Delivered,
+        Status::Stale,
+        Status::Dead,
+        Status::Unrecognized,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Delivered => "delivered",
+            Status::Stale => "stale",
+            Status::Dead => "dead",
+            Status::Unrecognized => "unrecognized",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown status {s:?} (pending, delivered, stale, dead, unrecognized)")
+            })
+    }
+}
+
+/// A delivery's body as the store receives it.
+#[derive(Debug)]
+pub enum IncomingBody {
+    Inline(Bytes),
+    Blob(StagedBlob),
+}
+
+/// What became of an accepted delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub seq: i64,
+    /// The same (delivery id, body hash) was stored before; nothing new was written.
+    pub duplicate: bool,
+    /// The delivery id was seen before with a different body; stored as its own delivery.
+    pub id_conflict: bool,
+}
+
+/// Filter for `events list`.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub status: Option<Status>,
+    pub topic: Option<String>,
+    pub limit: u32,
+}
+
+/// One line of `events list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeliverySummary {
+    pub seq: i64,
+    pub delivery_id: String,
+    pub endpoint: String,
+    pub topic: Option<String>,
+    pub entity: Option<String>,
+    pub version: Option<String>,
+    pub status: String,
+    pub received_at: String,
+    pub body_len: u64,
+    pub id_conflict: bool,
+}
+
+/// A stored body, read back.
+#[derive(Debug, Clone)]
+pub enum StoredBody {
+    Inline(Bytes),
+    File { path: PathBuf, len: u64 },
+}
+
+impl StoredBody {
+    pub fn len(&self) -> u64 {
+        match self {
+            StoredBody::Inline(b) => b.len() as u64,
+            StoredBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole body in memory; for bodies the caller knows to be small enough.
+    pub async fn read_all(&self) -> std::io::Result<Bytes> {
+        match self {
+            StoredBody::Inline(b) => Ok(b.clone()),
+            StoredBody::File { path, .. } => tokio::fs::read(path).await.map(Bytes::from),
+        }
+    }
+}
+
+/// One handler's progress with one delivery.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HandlerRun {
+    pub handler: String,
+    pub state: String,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// One call of a handler.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttemptRecord {
+    pub handler: String,
+    pub attempt: u32,
+    pub started_at: String,
+    pub finished_at: String,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// Everything `events show` prints.
+#[derive(Debug, Clone)]
+pub struct DeliveryDetail {
+    pub summary: DeliverySummary,
+    pub client_ip: String,
+    pub headers: Vec<(String, String)>,
+    pub body: StoredBody,
+    pub fresh: Option<bool>,
+    pub parse_error: Option<String>,
+    pub handlers: Vec<HandlerRun>,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// What `events replay` puts back in the queue.
+#[derive(Debug, Clone)]
+pub enum ReplayTarget {
+    DeliveryId(String),
+    Status(Status),
+}
+
+/// The fields of a [`VerifiedDelivery`] that the store writes, taken apart.
+#[derive(Debug)]
+pub struct NewDelivery {
+    pub delivery_id: String,
+    pub body_sha256: [u8; 32],
+    pub endpoint: String,
+    pub topic: Option<String>,
+    pub status: Status,
+    pub client_ip: IpAddr,
+    pub headers: Vec<(String, String)>,
+    pub body: IncomingBody,
+    pub received_at: UnixMillis,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a verified delivery durably. Returns after its commit is on disk, or with
+    /// [`StoreError::Busy`] / [`StoreError::Unavailable`] when it could not be stored.
+    async fn accept(&self, delivery: VerifiedDelivery) -> Result<Accepted, StoreError>;
+
+    /// Where large bodies are written while they stream in.
+    fn blob_dir(&self) -> &BlobDir;
+
+    /// Ok when the store can be reached and written to (a real commit).
+    async fn check_ready(&self) -> Result<(), StoreError>;
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError>;
+
+    /// Every stored delivery with this id (one, or several when bodies differed).
+    async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError>;
+
+    /// Puts deliveries back in the dispatch queue; returns how many.
+    async fn replay(&self, target: &ReplayTarget) -> Result<u64, StoreError>;
+
+    /// Removes blob files that no delivery names (left by a crash between write and commit).
+    /// Only for a process that owns the store: not while another server writes to it.
+    async fn sweep_orphan_blobs(&self) -> Result<usize, StoreError>;
+
+    /// Waits until a delivery was accepted by this process (or a short while passed).
+    async fn wait_for_work(&self, max_wait: std::time::Duration);
+
+    /// Stops the writer after it committed everything it was given.
+    async fn close(&self);
+}
+
+/// Opens the store named by the configuration. The SQLite store opens even when the database
+/// cannot be reached yet: it keeps trying, and answers `Unavailable` meanwhile.
+pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    let url = &config.settings.store.url;
+    if crate::config::sqlite_path(url).is_some() {
+        Ok(Arc::new(
+            sqlite::SqliteStore::open(&config.settings.store).await?,
+        ))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.clone()))
+    }
+}
