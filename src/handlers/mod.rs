@@ -1,1 +1,687 @@
-//! Handlers (being written).
+//! Handlers: what is done with a delivery once it is stored, parsed and through the ordering
+//! gate.
+//!
+//! Rules of thumb:
+//! - a [`Handler`] makes exactly one attempt per call; retries, backoff and dead letters belong to
+//!   the dispatcher, which only needs to know whether a failure is worth retrying;
+//! - handlers know nothing of HTTP ingress or SQL: they get a [`HandlerEvent`], whose body is
+//!   either in memory or in a blob file that must be streamed, never read whole;
+//! - built-ins (`log`, `file`, `http`, `command`) are built from `[[handler]]` settings by
+//!   [`build`]; a Rust user adds their own with [`Registry::register`];
+//! - no secret ever reaches a log line or an error message.
+
+mod command;
+mod file;
+mod http;
+mod log;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::{Config, HandlerKind, HandlerSettings};
+
+pub use command::CommandHandler;
+pub use file::FileHandler;
+pub use http::HttpHandler;
+pub use log::LogHandler;
+
+/// Size of the pieces a blob-file body is read and written in, so memory stays bounded whatever
+/// the body size.
+pub const BODY_CHUNK_BYTES: usize = 64 * 1024;
+
+/// What a handler is given: one delivery, parsed and gated.
+#[derive(Debug, Clone)]
+pub struct HandlerEvent {
+    /// Store sequence number.
+    pub seq: i64,
+    pub delivery_id: String,
+    /// As received (`X-Labelbox-Event`), `MODEL_RUN` for model runs, `""` when absent.
+    pub topic: String,
+    /// The entity key, e.g. `label:ck...`.
+    pub entity: Option<String>,
+    /// Displays as RFC 3339.
+    pub version: Option<crate::ordering::Version>,
+    /// `false` when the ordering gate found the event stale (routes with `deliver_stale`).
+    pub fresh: bool,
+    pub project_id: Option<String>,
+    /// RFC 3339.
+    pub received_at: String,
+    /// `false` for authentic but unparseable bodies.
+    pub body_is_json: bool,
+    pub body: EventBody,
+}
+
+/// The delivery's raw body.
+#[derive(Debug, Clone)]
+pub enum EventBody {
+    Inline(bytes::Bytes),
+    /// Large bodies live in a file; never read them whole into memory.
+    File {
+        path: PathBuf,
+        len: u64,
+    },
+}
+
+impl EventBody {
+    /// Length of the body in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            EventBody::Inline(bytes) => bytes.len() as u64,
+            EventBody::File { len, .. } => *len,
+        }
+    }
+
+    /// `true` for an empty body.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Outcome of a failed attempt; the dispatcher retries only [`HandlerError::Retryable`].
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Might work later (I/O, timeouts, 5xx, non-zero exit).
+    #[error("{0}")]
+    Retryable(String),
+    /// Will not work however often it is tried (e.g. a 4xx answer); dead-lettered at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Does something with an event. Object-safe (through `async_trait`) so handlers of any kind
+/// live side by side as `Arc<dyn Handler>`.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync {
+    /// One attempt at handling `event`.
+    async fn handle(&self, event: &HandlerEvent) -> Result<(), HandlerError>;
+}
+
+/// A `[[handler]]` that cannot be built; every variant names the handler.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("handler {name:?}: {key} is required for kind {kind:?}")]
+    Missing {
+        name: String,
+        kind: &'static str,
+        key: &'static str,
+    },
+    #[error("handler {name:?}: {key} {problem}")]
+    Invalid {
+        name: String,
+        key: &'static str,
+        problem: String,
+    },
+    #[error("handler {name:?}: the host {host:?} of url is not in allowed_hosts")]
+    HostNotAllowed { name: String, host: String },
+    #[error("handler {name:?}: the {kind} handler is not available in this build")]
+    Unavailable { name: String, kind: &'static str },
+    #[error("handler {name:?}: cannot build the HTTP client: {source}")]
+    HttpClient {
+        name: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// Builds the configured handler. `secrets` are the handler's resolved secrets (http signing).
+pub fn build(
+    settings: &HandlerSettings,
+    secrets: &[SecretString],
+) -> Result<Arc<dyn Handler>, BuildError> {
+    build_with(settings, secrets, &[])
+}
+
+/// [`build`], plus the names of environment variables that hold labelhook's own secrets, which
+/// the `command` handler removes from its children's environment: a script has no business
+/// seeing the webhook secret just because it inherits the service's environment.
+fn build_with(
+    settings: &HandlerSettings,
+    secrets: &[SecretString],
+    secret_env_vars: &[String],
+) -> Result<Arc<dyn Handler>, BuildError> {
+    Ok(match settings.kind {
+        HandlerKind::Log => Arc::new(LogHandler::from_settings(settings)?),
+        HandlerKind::File => Arc::new(FileHandler::from_settings(settings)?),
+        HandlerKind::Http => Arc::new(HttpHandler::from_settings(settings, secrets)?),
+        HandlerKind::Command => {
+            Arc::new(CommandHandler::from_settings(settings)?.without_env(secret_env_vars))
+        }
+        HandlerKind::Nats => {
+            return Err(BuildError::Unavailable {
+                name: settings.name.clone(),
+                kind: "nats",
+            })
+        }
+    })
+}
+
+/// Handlers by name: the configured ones plus any a Rust user registers.
+#[derive(Default)]
+pub struct Registry {
+    // A BTreeMap so `names()` is in a stable order (logs, `check-config` output).
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("names", &self.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Builds every `[[handler]]` of the configuration; stops at the first that cannot be built.
+    pub fn from_config(config: &Config) -> Result<Registry, BuildError> {
+        let secret_env_vars = secret_env_vars(config);
+        let mut registry = Registry::new();
+        for settings in &config.settings.handler {
+            let secrets = config.secrets.for_handler(&settings.name);
+            let handler = build_with(settings, secrets, &secret_env_vars)?;
+            registry.register(settings.name.clone(), handler);
+        }
+        Ok(registry)
+    }
+
+    /// Adds `handler` under `name`, replacing a same-named one.
+    pub fn register(&mut self, name: impl Into<String>, handler: Arc<dyn Handler>) {
+        self.handlers.insert(name.into(), handler);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Handler>> {
+        self.handlers.get(name)
+    }
+
+    /// Names of all handlers, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+}
+
+/// Every environment variable the configuration reads a secret from.
+fn secret_env_vars(config: &Config) -> Vec<String> {
+    let s = &config.settings;
+    let endpoint = s.endpoint.iter().flat_map(|e| e.secrets.iter());
+    let training = s.model_training.iter().flat_map(|m| m.secrets.iter());
+    let handler = s.handler.iter().flat_map(|h| h.secrets.iter().flatten());
+    let mut vars: Vec<String> = endpoint
+        .chain(training)
+        .chain(handler)
+        .filter_map(|source| source.env.clone())
+        .collect();
+    vars.sort();
+    vars.dedup();
+    vars
+}
+
+/// The fields written before the body, in this order.
+#[derive(Serialize)]
+struct EventHeader<'a> {
+    seq: i64,
+    delivery_id: &'a str,
+    topic: &'a str,
+    entity: Option<&'a str>,
+    version: Option<String>,
+    fresh: bool,
+    project_id: Option<&'a str>,
+    received_at: &'a str,
+}
+
+/// Writes the event as one JSON object (no trailing newline) with `seq`, `delivery_id`, `topic`,
+/// `entity`, `version` (RFC 3339 or null), `fresh`, `project_id`, `received_at` and `body`.
+///
+/// `body` is the body's JSON embedded as-is when `body_is_json`, except that line breaks (which
+/// in valid JSON can only be whitespace between tokens) become spaces so the object stays on one
+/// line; otherwise the body as a JSON string (lossy UTF-8). An inline body claimed to be JSON
+/// that does not parse is written as a string too, so the output is always valid JSON. A File
+/// body is streamed in [`BODY_CHUNK_BYTES`] pieces without loading it.
+pub async fn write_event_json<W: AsyncWrite + Unpin>(
+    event: &HandlerEvent,
+    out: &mut W,
+) -> std::io::Result<()> {
+    let header = EventHeader {
+        seq: event.seq,
+        delivery_id: &event.delivery_id,
+        topic: &event.topic,
+        entity: event.entity.as_deref(),
+        version: event.version.map(|v| v.to_string()),
+        fresh: event.fresh,
+        project_id: event.project_id.as_deref(),
+        received_at: &event.received_at,
+    };
+    let mut head = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    // Reopen the object to append the body, which may be too large to build in memory.
+    head.pop();
+    head.extend_from_slice(b",\"body\":");
+    out.write_all(&head).await?;
+    match &event.body {
+        EventBody::Inline(bytes) => {
+            let mut buf = Vec::with_capacity(bytes.len() + 2);
+            if event.body_is_json && is_json(bytes) {
+                buf.extend_from_slice(bytes);
+                flatten_line_breaks(&mut buf);
+            } else {
+                let mut escaper = JsonStringEscaper::new();
+                escaper.push(bytes, &mut buf);
+                escaper.finish(&mut buf);
+            }
+            out.write_all(&buf).await?;
+        }
+        EventBody::File { path, len } => {
+            let mut chunks = BodyChunks::open(path, *len).await?;
+            // An empty "JSON" body would leave `"body":}`; a string keeps the line valid.
+            if event.body_is_json && *len > 0 {
+                while let Some(chunk) = chunks.next_chunk().await? {
+                    let mut piece = chunk.to_vec();
+                    flatten_line_breaks(&mut piece);
+                    out.write_all(&piece).await?;
+                }
+            } else {
+                let mut escaper = JsonStringEscaper::new();
+                let mut piece = Vec::with_capacity(BODY_CHUNK_BYTES + 16);
+                while let Some(chunk) = chunks.next_chunk().await? {
+                    piece.clear();
+                    escaper.push(chunk, &mut piece);
+                    out.write_all(&piece).await?;
+                }
+                piece.clear();
+                escaper.finish(&mut piece);
+                out.write_all(&piece).await?;
+            }
+        }
+    }
+    out.write_all(b"}").await
+}
+
+fn is_json(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+}
+
+/// Inside valid JSON a raw CR or LF can only be whitespace between tokens (strings must escape
+/// them), so replacing them with spaces keeps the meaning and puts the value on one line.
+fn flatten_line_breaks(bytes: &mut [u8]) {
+    for b in bytes.iter_mut() {
+        if *b == b'\n' || *b == b'\r' {
+            *b = b' ';
+        }
+    }
+}
+
+/// Reads a blob-file body of a known length in [`BODY_CHUNK_BYTES`] pieces.
+pub(crate) struct BodyChunks {
+    file: tokio::io::Take<tokio::fs::File>,
+    buf: Vec<u8>,
+    remaining: u64,
+}
+
+impl BodyChunks {
+    pub(crate) async fn open(path: &Path, len: u64) -> std::io::Result<BodyChunks> {
+        let file = tokio::fs::File::open(path).await?;
+        Ok(BodyChunks {
+            file: file.take(len),
+            buf: vec![0; BODY_CHUNK_BYTES],
+            remaining: len,
+        })
+    }
+
+    /// The next piece, or `None` after exactly `len` bytes. A file shorter than `len` is an
+    /// error: handing on a truncated body as if it were whole would be worse than failing.
+    pub(crate) async fn next_chunk(&mut self) -> std::io::Result<Option<&[u8]>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let n = read_some(&mut self.file, &mut self.buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("body file ended {} bytes early", self.remaining),
+            ));
+        }
+        self.remaining -= n as u64;
+        Ok(self.buf.get(..n))
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    reader.read(buf).await
+}
+
+/// Turns bytes into the inside of a JSON string, piece by piece, with the result of
+/// `String::from_utf8_lossy` on the whole: a UTF-8 sequence split across two pieces is kept
+/// until it is complete.
+struct JsonStringEscaper {
+    started: bool,
+    carry: Vec<u8>,
+}
+
+impl JsonStringEscaper {
+    fn new() -> Self {
+        Self {
+            started: false,
+            carry: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        if !self.started {
+            out.push(b'"');
+            self.started = true;
+        }
+        let joined;
+        let mut data = if self.carry.is_empty() {
+            input
+        } else {
+            let mut carry = std::mem::take(&mut self.carry);
+            carry.extend_from_slice(input);
+            joined = carry;
+            &joined[..]
+        };
+        loop {
+            match std::str::from_utf8(data) {
+                Ok(s) => {
+                    escape_into(s, out);
+                    return;
+                }
+                Err(e) => {
+                    let (valid, rest) = data.split_at(e.valid_up_to());
+                    if let Ok(s) = std::str::from_utf8(valid) {
+                        escape_into(s, out);
+                    }
+                    match e.error_len() {
+                        Some(bad) => {
+                            out.extend_from_slice("\u{FFFD}".as_bytes());
+                            data = rest.get(bad..).unwrap_or_default();
+                        }
+                        None => {
+                            // Incomplete sequence at the end: wait for the next piece.
+                            self.carry = rest.to_vec();
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.started {
+            out.push(b'"');
+        }
+        if !self.carry.is_empty() {
+            self.carry.clear();
+            out.extend_from_slice("\u{FFFD}".as_bytes());
+        }
+        out.push(b'"');
+    }
+}
+
+/// JSON string escaping, the same as serde_json's.
+fn escape_into(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0x00..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+            _ => out.push(b),
+        }
+    }
+}
+
+/// Builds an event for tests in this module and its children.
+#[cfg(test)]
+pub(crate) fn test_event(seq: i64, body: EventBody, body_is_json: bool) -> HandlerEvent {
+    HandlerEvent {
+        seq,
+        delivery_id: format!("delivery-{seq}"),
+        topic: "LABEL_CREATED".to_owned(),
+        entity: Some("label:ckabc".to_owned()),
+        version: crate::ordering::Version::parse_rfc3339("2024-05-02T08:30:12.5Z"),
+        fresh: true,
+        project_id: Some("proj-1".to_owned()),
+        received_at: "2024-05-02T08:30:13Z".to_owned(),
+        body_is_json,
+        body,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    async fn render(event: &HandlerEvent) -> serde_json::Value {
+        let mut out = Vec::new();
+        write_event_json(event, &mut out).await.unwrap();
+        assert!(!out.contains(&b'\n'), "not on one line");
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    fn inline(body: &[u8], is_json: bool) -> HandlerEvent {
+        test_event(
+            1,
+            EventBody::Inline(bytes::Bytes::copy_from_slice(body)),
+            is_json,
+        )
+    }
+
+    #[tokio::test]
+    async fn json_bodies_are_embedded_with_every_field() {
+        let value = render(&inline(br#"{"id":"ckabc","n":[1,2]}"#, true)).await;
+        assert_eq!(value["seq"], 1);
+        assert_eq!(value["delivery_id"], "delivery-1");
+        assert_eq!(value["topic"], "LABEL_CREATED");
+        assert_eq!(value["entity"], "label:ckabc");
+        assert_eq!(value["version"], "2024-05-02T08:30:12.5Z");
+        assert_eq!(value["fresh"], true);
+        assert_eq!(value["project_id"], "proj-1");
+        assert_eq!(value["received_at"], "2024-05-02T08:30:13Z");
+        assert_eq!(
+            value["body"],
+            serde_json::json!({"id": "ckabc", "n": [1, 2]})
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_values_are_null() {
+        let mut event = inline(b"{}", true);
+        event.entity = None;
+        event.version = None;
+        event.project_id = None;
+        event.topic = String::new();
+        let value = render(&event).await;
+        assert!(value["entity"].is_null());
+        assert!(value["version"].is_null());
+        assert!(value["project_id"].is_null());
+        assert_eq!(value["topic"], "");
+    }
+
+    #[tokio::test]
+    async fn pretty_printed_json_stays_on_one_line() {
+        let body = b"{\r\n  \"text\": \"a\\nb\",\n  \"k\": 1\n}\n";
+        let value = render(&inline(body, true)).await;
+        assert_eq!(value["body"], serde_json::json!({"text": "a\nb", "k": 1}));
+    }
+
+    #[tokio::test]
+    async fn non_json_bodies_become_lossy_strings() {
+        let value = render(&inline(b"not \"json\"\n\xff\x01", false)).await;
+        assert_eq!(value["body"], "not \"json\"\n\u{FFFD}\u{1}");
+    }
+
+    #[tokio::test]
+    async fn bodies_wrongly_flagged_as_json_are_written_as_strings() {
+        let value = render(&inline(b"{oops", true)).await;
+        assert_eq!(value["body"], "{oops");
+    }
+
+    #[tokio::test]
+    async fn file_bodies_are_streamed_whole() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        // Larger than several chunks, with a multi-byte character across a chunk boundary.
+        let mut text = "x".repeat(BODY_CHUNK_BYTES - 1);
+        text.push('é');
+        text.push_str(&"y\"".repeat(100_000));
+        let json = serde_json::to_vec(&serde_json::json!({ "text": text })).unwrap();
+        file.write_all(&json).unwrap();
+        let body = EventBody::File {
+            path: file.path().to_owned(),
+            len: json.len() as u64,
+        };
+        let value = render(&test_event(2, body.clone(), true)).await;
+        assert_eq!(value["body"]["text"], text.as_str());
+        let value = render(&test_event(2, body, false)).await;
+        assert_eq!(value["body"].as_str().unwrap().as_bytes(), &json[..]);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_body_file_is_an_error() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"{}").unwrap();
+        let body = EventBody::File {
+            path: file.path().to_owned(),
+            len: 10,
+        };
+        let mut out = Vec::new();
+        let err = write_event_json(&test_event(3, body, true), &mut out)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    proptest! {
+        #[test]
+        fn streamed_escaping_matches_lossy_utf8(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut out = Vec::new();
+            let mut escaper = JsonStringEscaper::new();
+            let mut start = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                escaper.push(&bytes[start..cut], &mut out);
+                start = cut;
+            }
+            escaper.finish(&mut out);
+            let expected = serde_json::to_vec(&String::from_utf8_lossy(&bytes)).unwrap();
+            prop_assert_eq!(out, expected);
+        }
+    }
+
+    struct Nop;
+    #[async_trait::async_trait]
+    impl Handler for Nop {
+        async fn handle(&self, _event: &HandlerEvent) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    fn load_config(toml: &str, env: &[(&str, &str)]) -> Config {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(toml.as_bytes()).unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(file.path(), &env, true).unwrap()
+    }
+
+    const ENDPOINT: &str = "[[endpoint]]\nname = \"lb\"\nsecrets = [{ env = \"LB_SECRET\" }]\n";
+
+    #[tokio::test]
+    async fn the_registry_builds_configured_handlers_and_takes_registered_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "{ENDPOINT}
+[[handler]]
+name = \"audit\"
+kind = \"log\"
+level = \"debug\"
+
+[[handler]]
+name = \"archive\"
+kind = \"file\"
+path = {path:?}
+
+[[handler]]
+name = \"script\"
+kind = \"command\"
+argv = [\"true\"]
+",
+            path = dir.path().join("events.jsonl").display().to_string()
+        );
+        let config = load_config(&toml, &[("LB_SECRET", "s")]);
+        let mut registry = Registry::from_config(&config).unwrap();
+        assert_eq!(
+            registry.names().collect::<Vec<_>>(),
+            ["archive", "audit", "script"]
+        );
+        let event = inline(b"{}", true);
+        registry
+            .get("archive")
+            .unwrap()
+            .handle(&event)
+            .await
+            .unwrap();
+        let written = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+        assert_eq!(written.lines().count(), 1);
+
+        let custom: Arc<dyn Handler> = Arc::new(Nop);
+        registry.register("audit", Arc::clone(&custom));
+        registry.register("mine", custom);
+        assert_eq!(registry.names().count(), 4);
+        assert!(registry.get("nope").is_none());
+    }
+
+    #[test]
+    fn nats_handlers_are_refused_by_name() {
+        let toml = format!(
+            "{ENDPOINT}\n[[handler]]\nname = \"bus\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n"
+        );
+        let config = load_config(&toml, &[("LB_SECRET", "s")]);
+        let message = Registry::from_config(&config).unwrap_err().to_string();
+        assert!(message.contains("\"bus\""), "{message}");
+        assert!(
+            message.contains("nats handler is not available"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn secret_env_vars_are_collected_from_every_owner() {
+        let toml = format!(
+            "{ENDPOINT}
+[[handler]]
+name = \"fwd\"
+kind = \"http\"
+url = \"http://127.0.0.1:1/x\"
+secrets = [{{ env = \"FWD_SECRET\" }}]
+"
+        );
+        let config = load_config(&toml, &[("LB_SECRET", "s"), ("FWD_SECRET", "t")]);
+        assert_eq!(secret_env_vars(&config), ["FWD_SECRET", "LB_SECRET"]);
+    }
+}

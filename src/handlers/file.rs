@@ -1,0 +1,300 @@
+//! The `file` handler: appends one JSON line per event to a file and answers only once the line
+//! is on disk.
+//!
+//! An fsync per event would cap throughput at the disk's sync rate, so one writer task owns the
+//! file and is fed through a channel: it takes every line queued so far, writes them, calls
+//! `sync_data` once, and then answers each caller (group commit). Inline bodies are rendered by
+//! the caller; blob-file bodies are streamed by the writer itself in chunks, so no body is ever
+//! held whole in memory. A failed batch is cut off the file again, so a half-written line never
+//! corrupts the lines after it.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::fs::{File, OpenOptions};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, OnceCell};
+
+use super::{write_event_json, BuildError, EventBody, Handler, HandlerError, HandlerEvent};
+use crate::config::HandlerSettings;
+
+/// Lines waiting for the writer; callers wait (back-pressure) beyond this.
+const QUEUE_CAPACITY: usize = 1024;
+/// Most lines written per fsync.
+const BATCH_MAX: usize = 256;
+
+/// Appends events as JSON lines, fsync'd, batching concurrent calls.
+#[derive(Debug)]
+pub struct FileHandler {
+    path: PathBuf,
+    // Started on first use, because building happens before (or outside) the runtime.
+    writer: OnceCell<mpsc::Sender<Job>>,
+}
+
+/// One line for the writer task, and where to send the outcome.
+#[derive(Debug)]
+struct Job {
+    line: Line,
+    done: oneshot::Sender<std::io::Result<()>>,
+}
+
+#[derive(Debug)]
+enum Line {
+    /// Rendered by the caller, newline included.
+    Rendered(Vec<u8>),
+    /// A blob-file body, streamed by the writer.
+    Streamed(Box<HandlerEvent>),
+}
+
+impl FileHandler {
+    /// A handler appending to `path`; the file and its parent directories are created on first
+    /// use.
+    pub fn new(path: impl Into<PathBuf>) -> FileHandler {
+        FileHandler {
+            path: path.into(),
+            writer: OnceCell::new(),
+        }
+    }
+
+    pub(super) fn from_settings(settings: &HandlerSettings) -> Result<FileHandler, BuildError> {
+        let path = settings.path.clone().ok_or_else(|| BuildError::Missing {
+            name: settings.name.clone(),
+            kind: "file",
+            key: "path",
+        })?;
+        Ok(FileHandler::new(path))
+    }
+
+    async fn writer(&self) -> &mpsc::Sender<Job> {
+        self.writer
+            .get_or_init(|| async {
+                let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+                tokio::spawn(run_writer(self.path.clone(), rx));
+                tx
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Handler for FileHandler {
+    async fn handle(&self, event: &HandlerEvent) -> Result<(), HandlerError> {
+        let line = match event.body {
+            EventBody::Inline(_) => {
+                let mut buf = Vec::new();
+                write_event_json(event, &mut buf)
+                    .await
+                    .map_err(|e| retryable(&self.path, &e))?;
+                buf.push(b'\n');
+                Line::Rendered(buf)
+            }
+            EventBody::File { .. } => Line::Streamed(Box::new(event.clone())),
+        };
+        let (done, answer) = oneshot::channel();
+        let stopped =
+            || HandlerError::Retryable(format!("{}: the file writer stopped", self.path.display()));
+        self.writer()
+            .await
+            .send(Job { line, done })
+            .await
+            .map_err(|_| stopped())?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(retryable(&self.path, &e)),
+            Err(_) => Err(stopped()),
+        }
+    }
+}
+
+fn retryable(path: &Path, error: &std::io::Error) -> HandlerError {
+    HandlerError::Retryable(format!("{}: {error}", path.display()))
+}
+
+/// Owns the file: writes queued lines in batches, one fsync per batch. Ends when the handler is
+/// dropped.
+async fn run_writer(path: PathBuf, mut rx: mpsc::Receiver<Job>) {
+    let mut file: Option<File> = None;
+    let mut jobs = Vec::with_capacity(BATCH_MAX);
+    while rx.recv_many(&mut jobs, BATCH_MAX).await > 0 {
+        let outcome = write_batch(&path, &mut file, &jobs).await;
+        if outcome.is_err() {
+            // Reopen next time: after a failed write the handle's state is not trusted.
+            file = None;
+        }
+        for job in jobs.drain(..) {
+            let answer = match &outcome {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            // The caller may have given up waiting; its line is on disk either way.
+            let _ = job.done.send(answer);
+        }
+    }
+}
+
+async fn write_batch(path: &Path, file: &mut Option<File>, jobs: &[Job]) -> std::io::Result<()> {
+    let file = match file {
+        Some(file) => file,
+        None => file.insert(open(path).await?),
+    };
+    let start_len = file.metadata().await?.len();
+    let written = write_lines(file, jobs).await;
+    if written.is_err() {
+        // Cut off the partial batch so the next line starts on a line of its own.
+        let _ = file.set_len(start_len).await;
+    }
+    written
+}
+
+async fn write_lines(file: &mut File, jobs: &[Job]) -> std::io::Result<()> {
+    let mut pending = Vec::new();
+    for job in jobs {
+        match &job.line {
+            Line::Rendered(bytes) => pending.extend_from_slice(bytes),
+            Line::Streamed(event) => {
+                file.write_all(&pending).await?;
+                pending.clear();
+                let mut out =
+                    tokio::io::BufWriter::with_capacity(super::BODY_CHUNK_BYTES, &mut *file);
+                write_event_json(event, &mut out).await?;
+                out.write_all(b"\n").await?;
+                out.flush().await?;
+            }
+        }
+    }
+    file.write_all(&pending).await?;
+    // tokio's File completes writes in the background; flush surfaces their errors.
+    file.flush().await?;
+    file.sync_data().await
+}
+
+async fn open(path: &Path) -> std::io::Result<File> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::handlers::test_event;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    fn inline(seq: i64, body: &'static [u8], is_json: bool) -> HandlerEvent {
+        test_event(
+            seq,
+            EventBody::Inline(bytes::Bytes::from_static(body)),
+            is_json,
+        )
+    }
+
+    fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.ends_with('\n'));
+        text.lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_events_all_land_as_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dirs/events.jsonl");
+        let handler = Arc::new(FileHandler::new(&path));
+        let mut tasks = tokio::task::JoinSet::new();
+        for seq in 0..500 {
+            let handler = Arc::clone(&handler);
+            tasks.spawn(async move {
+                let event = inline(seq, br#"{"label":"x\ny","n":1}"#, true);
+                handler.handle(&event).await
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 500);
+        let mut seqs: Vec<i64> = lines.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..500).collect::<Vec<_>>());
+        assert!(lines.iter().all(|l| l["body"]["label"] == "x\ny"));
+    }
+
+    #[tokio::test]
+    async fn a_large_file_body_is_copied_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut blob = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        let items: Vec<String> = (0..200_000).map(|i| format!("item-{i}-ü")).collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "items": items })).unwrap();
+        assert!(body.len() > 2 << 20);
+        blob.write_all(&body).unwrap();
+        let path = dir.path().join("events.jsonl");
+        let handler = FileHandler::new(&path);
+        handler.handle(&inline(1, b"{}", true)).await.unwrap();
+        let event = test_event(
+            2,
+            EventBody::File {
+                path: blob.path().to_owned(),
+                len: body.len() as u64,
+            },
+            true,
+        );
+        handler.handle(&event).await.unwrap();
+        handler.handle(&inline(3, b"{}", true)).await.unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 3);
+        let expected: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(lines[1]["body"], expected);
+        assert_eq!(lines[2]["seq"], 3);
+    }
+
+    #[tokio::test]
+    async fn a_non_json_body_is_kept_as_a_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let handler = FileHandler::new(&path);
+        handler
+            .handle(&inline(1, b"plain text\nwith \"quotes\"", false))
+            .await
+            .unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines[0]["body"], "plain text\nwith \"quotes\"");
+    }
+
+    #[tokio::test]
+    async fn a_missing_body_file_is_retryable_and_leaves_no_partial_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let handler = FileHandler::new(&path);
+        let gone = test_event(
+            1,
+            EventBody::File {
+                path: dir.path().join("no-such-blob"),
+                len: 10,
+            },
+            true,
+        );
+        let err = handler.handle(&gone).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Retryable(_)), "{err:?}");
+        handler.handle(&inline(2, b"{}", true)).await.unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["seq"], 2);
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_path_is_retryable() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: opening it for appending fails.
+        let handler = FileHandler::new(dir.path());
+        let err = handler.handle(&inline(1, b"{}", true)).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Retryable(_)), "{err:?}");
+    }
+}

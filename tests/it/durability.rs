@@ -1,0 +1,119 @@
+//! A 2xx means the delivery is on disk: kill -9 right after a run of answers loses none, and
+//! SIGTERM lets open requests finish.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+#[test]
+fn every_acknowledged_delivery_survives_kill_9_and_a_restart() {
+    let mut server = TestServer::with_base("");
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = server.url("/webhooks/labelbox");
+    let dir = server.dir.path().to_owned();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (acked, count, stop, url, dir) =
+                (acked.clone(), count.clone(), stop.clone(), url.clone(), dir.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let id = format!("ckill{w:02}{n:018}");
+                    let body = format!(
+                        r#"{{"id":"clabel{w}{n}","updatedAt":"2026-01-01T00:00:{:02}Z","label":"{{}}"}}"#,
+                        n % 60
+                    );
+                    let file = body_file(&dir, &format!("w{w}.json"), body.as_bytes());
+                    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body.as_bytes()));
+                    let id_header = format!("X-Labelbox-Id: {id}");
+                    let answer = curl(
+                        &url,
+                        &[
+                            "-H", "Content-Type: application/json",
+                            "-H", "X-Labelbox-Event: LABEL_UPDATED",
+                            "-H", &id_header,
+                            "-H", &sig,
+                            "--data-binary", &file,
+                        ],
+                    );
+                    if answer.status == 202 {
+                        acked.lock().expect("lock").push(id);
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count.load(Ordering::SeqCst) < 60 {
+        assert!(Instant::now() < deadline, "too few deliveries acknowledged");
+        std::thread::park_timeout(Duration::from_millis(5));
+    }
+    // Killed while the workers are still sending.
+    server.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    let acked = acked.lock().expect("lock").clone();
+    assert!(acked.len() >= 60);
+    // Read by the CLI straight from the store, with the server dead...
+    let stored: std::collections::HashSet<String> = server
+        .events()
+        .iter()
+        .map(|e| e["delivery_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    // ...and the server comes back on the same store and knows them as duplicates.
+    server.restart();
+    let again = deliver(&server, &acked[0], "LABEL_UPDATED", b"{}");
+    assert_eq!(again.status, 202, "same id, other body: a new delivery");
+    assert_eq!(curl(&server.url("/readyz"), &[]).status, 200);
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_then_exits_0() {
+    use std::io::{Read, Write};
+    let mut server = TestServer::with_base("");
+    let addr = server.base_url.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let sig = sha1_sig(SECRET, LABEL_UPDATED);
+    let head = format!(
+        "POST /webhooks/labelbox HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-Labelbox-Event: LABEL_UPDATED\r\nX-Labelbox-Id: cterm1\r\nX-Hub-Signature: {sig}\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n",
+        LABEL_UPDATED.len()
+    );
+    stream.write_all(head.as_bytes()).expect("write");
+    stream.write_all(&LABEL_UPDATED[..100]).expect("write");
+    // Make sure the server has the request before the signal: the headers were answered by
+    // nothing yet, so wait until the log shows the server is still up, then signal.
+    let pid = server.pid();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    // Wait (bounded) for the shutdown to begin, then finish the body.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.logs().contains("shutting down") {
+        assert!(Instant::now() < deadline, "no shutdown log");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    stream.write_all(&LABEL_UPDATED[100..]).expect("write rest");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(server.status_of("cterm1").is_some(), true);
+}

@@ -1,0 +1,313 @@
+//! Starts the real `labelhook` binary on port 0 in a temporary directory and drives it with
+//! curl, as an operator would.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The secret every test endpoint is configured with (through `LH_TEST_SECRET`).
+pub const SECRET: &str = "test-secret-1";
+/// A second, rotated-in secret configured inline on the endpoint.
+pub const ROTATED_SECRET: &str = "test-secret-2";
+/// How long the binary may take to print its `listening on` line.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub const LABEL_UPDATED: &[u8] = include_bytes!("../fixtures/label_updated.json");
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_labelhook")
+}
+
+/// The config used unless a test gives its own: loopback allowed, one endpoint, two secrets.
+pub fn base_config(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+body_timeout = "30s"
+
+[network]
+allowlist = ["127.0.0.1/32"]
+
+[store]
+url = "sqlite://STORE_DIR/labelhook.db"
+
+[[endpoint]]
+name = "labelbox"
+secrets = [{{ env = "LH_TEST_SECRET" }}, {{ value = "{ROTATED_SECRET}" }}]
+
+{extra}
+"#
+    )
+}
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub base_url: String,
+    pub admin_url: Option<String>,
+    child: Option<Child>,
+    stderr_path: PathBuf,
+}
+
+impl TestServer {
+    /// Writes `config` (with `STORE_DIR` replaced by the temp dir) and starts the server.
+    pub fn start(config: &str) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("labelhook.toml");
+        std::fs::write(
+            &config_path,
+            config.replace("STORE_DIR", &dir.path().display().to_string()),
+        )
+        .expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let mut server = TestServer {
+            dir,
+            config_path,
+            base_url: String::new(),
+            admin_url: None,
+            child: None,
+            stderr_path,
+        };
+        server.boot();
+        server
+    }
+
+    pub fn with_base(extra: &str) -> TestServer {
+        Self::start(&base_config(extra))
+    }
+
+    /// Starts the binary and waits for its `listening on` line (bounded, no sleeping).
+    fn boot(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .expect("stderr log");
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("LH_TEST_SECRET", SECRET)
+            .env("RUST_LOG", "info")
+            .env_remove("LABELHOOK_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn labelhook");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        self.base_url = url.to_owned();
+                        // The admin line, when there is one, follows at once.
+                        if let Ok(next) = rx.recv_timeout(Duration::from_millis(200)) {
+                            self.admin_url =
+                                next.strip_prefix("admin listening on ").map(str::to_owned);
+                        }
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "labelhook did not print its listening line in time; stderr:\n{}",
+                    self.logs()
+                ),
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "labelhook did not stop after SIGTERM"
+            );
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the binary again on the same config and store (a new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.boot();
+    }
+
+    /// Runs a CLI command against this server's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("LH_TEST_SECRET", SECRET)
+            .env_remove("LABELHOOK_CONFIG")
+            .output()
+            .expect("run labelhook")
+    }
+
+    /// `events list --json` as parsed objects.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["events", "list", "--json", "--limit", "100000"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    }
+
+    pub fn status_of(&self, delivery_id: &str) -> Option<String> {
+        self.events()
+            .into_iter()
+            .find(|e| e["delivery_id"] == delivery_id)
+            .map(|e| e["status"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Polls (bounded) until `delivery_id` has `status`.
+    pub fn wait_for_status(&self, delivery_id: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.status_of(delivery_id);
+            if now.as_deref() == Some(status) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{delivery_id} stayed {now:?}, expected {status}; logs:\n{}",
+                self.logs()
+            );
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// An HTTP answer as curl saw it.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub headers: String,
+}
+
+/// Runs curl with `args` against `url`, returning status, headers and body.
+pub fn curl(url: &str, args: &[&str]) -> Answer {
+    let dir = tempfile::tempdir().expect("temp");
+    let headers_path = dir.path().join("headers");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-o", "-", "-D"])
+        .arg(&headers_path)
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Answer {
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        headers: std::fs::read_to_string(headers_path).unwrap_or_default(),
+    }
+}
+
+/// `sha1=<hex>` as Labelbox computes it.
+pub fn sha1_sig(secret: &str, body: &[u8]) -> String {
+    labelhook::ingress::signature::sign(
+        secret.as_bytes(),
+        body,
+        labelhook::ingress::signature::Algorithm::Sha1,
+    )
+}
+
+pub fn sha256_sig(secret: &str, body: &[u8]) -> String {
+    labelhook::ingress::signature::sign(
+        secret.as_bytes(),
+        body,
+        labelhook::ingress::signature::Algorithm::Sha256,
+    )
+}
+
+/// Writes `body` to a file curl can post with `--data-binary @file`.
+pub fn body_file(dir: &Path, name: &str, body: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("write body");
+    format!("@{}", path.display())
+}
+
+/// Posts a signed delivery the way Labelbox does (SHA-1 header only).
+pub fn deliver(server: &TestServer, id: &str, topic: &str, body: &[u8]) -> Answer {
+    let file = body_file(server.dir.path(), &format!("body-{id}.json"), body);
+    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
+    let event = format!("X-Labelbox-Event: {topic}");
+    let id_header = format!("X-Labelbox-Id: {id}");
+    curl(
+        &server.url("/webhooks/labelbox"),
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            &sig,
+            "-H",
+            &event,
+            "-H",
+            &id_header,
+            "--data-binary",
+            &file,
+        ],
+    )
+}

@@ -1,0 +1,7 @@
+//! Tests against the real binary: started on port 0, driven with curl and its own CLI.
+
+mod helpers;
+
+mod cli;
+mod durability;
+mod ingress;
