@@ -251,6 +251,35 @@ impl ParseError {
 /// A missing topic is treated as unknown: whether that is acceptable is the ingress's call (a
 /// model-run callback carries no topic header, so its route passes `Some("MODEL_RUN")`).
 pub fn parse(topic: Option<&str>, body: &[u8]) -> Result<Event, ParseError> {
+    parse_from(topic, body)
+}
+
+/// [`parse`] for a body read from `reader` (a blob file): the body is never held in memory
+/// whole, and large values such as the `label` string are skipped as they stream past.
+pub fn parse_reader<R: std::io::Read>(topic: Option<&str>, reader: R) -> Result<Event, ParseError> {
+    parse_from(topic, Reader(reader))
+}
+
+/// Where a body comes from: a slice in memory, or a reader.
+trait BodySource {
+    fn read<T: serde::de::DeserializeOwned>(self) -> Result<T, ParseError>;
+}
+
+impl BodySource for &[u8] {
+    fn read<T: serde::de::DeserializeOwned>(self) -> Result<T, ParseError> {
+        serde_json::from_slice(self).map_err(|e| ParseError::from_json(&e))
+    }
+}
+
+struct Reader<R>(R);
+
+impl<R: std::io::Read> BodySource for Reader<R> {
+    fn read<T: serde::de::DeserializeOwned>(self) -> Result<T, ParseError> {
+        serde_json::from_reader(self.0).map_err(|e| ParseError::from_json(&e))
+    }
+}
+
+fn parse_from(topic: Option<&str>, body: impl BodySource) -> Result<Event, ParseError> {
     let topic = topic.map_or(Topic::Unknown, Topic::parse);
     match topic {
         Topic::LabelCreated | Topic::LabelUpdated | Topic::LabelDeleted => parse_label(topic, body),
@@ -261,7 +290,7 @@ pub fn parse(topic: Option<&str>, body: &[u8]) -> Result<Event, ParseError> {
         Topic::ModelRun => parse_model_run(body),
         Topic::Unknown => {
             // Any JSON value will do; IgnoredAny validates it without building it.
-            from_body::<IgnoredAny>(body)?;
+            body.read::<IgnoredAny>()?;
             Ok(Event {
                 topic,
                 kind: EventKind::Unknown,
@@ -359,8 +388,8 @@ struct ExportLabelDetails {
     updated_at: OptStr,
 }
 
-fn parse_label(topic: Topic, body: &[u8]) -> Result<Event, ParseError> {
-    let body = from_body::<Obj<LabelBody>>(body)?.0.unwrap_or_default();
+fn parse_label(topic: Topic, body: impl BodySource) -> Result<Event, ParseError> {
+    let body = body.read::<Obj<LabelBody>>()?.0.unwrap_or_default();
     // Detected by shape because no header says which format a webhook uses (LABELBOX.md 2.5).
     let is_v2 = body.data_row.0.is_some() && body.projects.0.is_some();
     let label = if is_v2 {
@@ -446,8 +475,8 @@ struct WorkflowBody {
     action: OptStr,
 }
 
-fn parse_workflow(body: &[u8]) -> Result<Event, ParseError> {
-    let b = from_body::<Obj<WorkflowBody>>(body)?.0.unwrap_or_default();
+fn parse_workflow(body: impl BodySource) -> Result<Event, ParseError> {
+    let b = body.read::<Obj<WorkflowBody>>()?.0.unwrap_or_default();
     let camel = b.data_row_obj_camel.0.map(|d| d.id).unwrap_or_default();
     let snake = b.data_row_obj_snake.0.map(|d| d.id).unwrap_or_default();
     let data_row_id = first_id(&[&camel, &snake, &b.data_row_id_camel, &b.data_row_id]);
@@ -497,8 +526,8 @@ struct ReviewBody {
     created_at: OptStr,
 }
 
-fn parse_review(topic: Topic, body: &[u8]) -> Result<Event, ParseError> {
-    let b = from_body::<Obj<ReviewBody>>(body)?.0.unwrap_or_default();
+fn parse_review(topic: Topic, body: impl BodySource) -> Result<Event, ParseError> {
+    let b = body.read::<Obj<ReviewBody>>()?.0.unwrap_or_default();
     let label = b.label.0.map(|l| l.id).unwrap_or_default();
     let project = b.project.0.map(|p| p.id).unwrap_or_default();
     let project_id = first_id(&[&project, &b.project_id_camel, &b.project_id]);
@@ -532,8 +561,8 @@ struct ModelRunBody {
     model_type: OptStr,
 }
 
-fn parse_model_run(body: &[u8]) -> Result<Event, ParseError> {
-    let b = from_body::<Obj<ModelRunBody>>(body)?.0.unwrap_or_default();
+fn parse_model_run(body: impl BodySource) -> Result<Event, ParseError> {
+    let b = body.read::<Obj<ModelRunBody>>()?.0.unwrap_or_default();
     // Both are required by Labelbox's own reference receiver (LABELBOX.md 3.5).
     let model_run_id = b
         .model_run_id

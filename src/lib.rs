@@ -3,12 +3,14 @@
 //!
 //! One delivery's way, module by module: [`server`] (listeners, timeouts) → [`ingress`]
 //! (client IP, allowlist, streamed body, HMAC → `VerifiedDelivery`) → [`store`] (group commit,
-//! fsync, then the 2xx) → `dispatch` (claim, [`events`] parse, [`ordering`] gate, route) →
-//! `handlers`. [`cli`] holds the commands; nothing in the library depends on it.
+//! fsync, then the 2xx) → [`dispatch`] (claim, [`events`] parse, [`ordering`] gate, route) →
+//! [`handlers`]. [`cli`] holds the commands; nothing in the library depends on it.
 
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod events;
+pub mod handlers;
 pub mod ingress;
 pub mod ordering;
 pub mod server;
@@ -35,6 +37,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Handler(#[from] handlers::BuildError),
 }
 
 /// A built service: listeners bound (so the real ports are known), store opened.
@@ -43,6 +47,7 @@ pub struct Application {
     store: Arc<dyn Store>,
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
+    handlers: handlers::Registry,
 }
 
 impl Application {
@@ -56,6 +61,7 @@ impl Application {
             // The store may be down at start; the sweep runs again at the next start.
             Err(e) => tracing::warn!(error = %e, "could not sweep orphan blob files"),
         }
+        let handlers = handlers::Registry::from_config(&config)?;
         let server = &config.settings.server;
         let listener = bind(server.listen).await?;
         let admin_listener = match server.admin_listen {
@@ -67,6 +73,7 @@ impl Application {
             store,
             listener,
             admin_listener,
+            handlers,
         })
     }
 
@@ -88,6 +95,12 @@ impl Application {
         self.store.clone()
     }
 
+    /// The handlers routes can name: the configured ones, plus any registered here before
+    /// `run_until_stopped` (a Rust program embedding labelhook plugs its own in this way).
+    pub fn handlers_mut(&mut self) -> &mut handlers::Registry {
+        &mut self.handlers
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests and
     /// closes the store after its last commit.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
@@ -95,6 +108,9 @@ impl Application {
         let state = IngressState::new(&self.config, self.store.clone());
         let model_path = settings.model_training.as_ref().map(|m| m.path.as_str());
         let stop = CancellationToken::new();
+        let stop_dispatch = CancellationToken::new();
+        let dispatcher = dispatch::Dispatcher::new(&self.config, self.store.clone(), self.handlers);
+        let dispatching = tokio::spawn(dispatcher.run(stop_dispatch.clone()));
         let mut servers = tokio::task::JoinSet::new();
         let separate_admin = self.admin_listener.is_some();
         servers.spawn(server::serve(
@@ -117,6 +133,14 @@ impl Application {
         tracing::info!("shutting down: no new connections, finishing open requests");
         stop.cancel();
         while servers.join_next().await.is_some() {}
+        // Every accepted delivery is stored; now let running handlers finish.
+        stop_dispatch.cancel();
+        if tokio::time::timeout(settings.server.shutdown_timeout, dispatching)
+            .await
+            .is_err()
+        {
+            tracing::warn!("handlers still running at shutdown; they run again after restart");
+        }
         self.store.close().await;
         tracing::info!("stopped");
     }

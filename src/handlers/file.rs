@@ -4,9 +4,9 @@
 //! An fsync per event would cap throughput at the disk's sync rate, so one writer task owns the
 //! file and is fed through a channel: it takes every line queued so far, writes them, calls
 //! `sync_data` once, and then answers each caller (group commit). Inline bodies are rendered by
-//! the caller; blob-file bodies are streamed by the writer itself in chunks, so no body is ever
-//! held whole in memory. A failed batch is cut off the file again, so a half-written line never
-//! corrupts the lines after it.
+//! the caller; blob-file bodies are streamed by the writer itself in chunks, each in a batch of
+//! its own, so no body is ever held whole in memory. A failed batch is cut off the file again,
+//! so a half-written line never corrupts the lines after it.
 
 use std::path::{Path, PathBuf};
 
@@ -116,19 +116,34 @@ async fn run_writer(path: PathBuf, mut rx: mpsc::Receiver<Job>) {
     let mut file: Option<File> = None;
     let mut jobs = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut jobs, BATCH_MAX).await > 0 {
-        let outcome = write_batch(&path, &mut file, &jobs).await;
-        if outcome.is_err() {
-            // Reopen next time: after a failed write the handle's state is not trusted.
-            file = None;
+        // Streamed bodies go alone: a long copy should not hold up the small lines, and an
+        // unreadable blob should fail only its own event.
+        let (streamed, rendered): (Vec<Job>, Vec<Job>) = jobs
+            .drain(..)
+            .partition(|job| matches!(job.line, Line::Streamed(_)));
+        if !rendered.is_empty() {
+            commit(&path, &mut file, rendered).await;
         }
-        for job in jobs.drain(..) {
-            let answer = match &outcome {
-                Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-            };
-            // The caller may have given up waiting; its line is on disk either way.
-            let _ = job.done.send(answer);
+        for job in streamed {
+            commit(&path, &mut file, vec![job]).await;
         }
+    }
+}
+
+/// Writes and syncs `jobs`, then answers each of them.
+async fn commit(path: &Path, file: &mut Option<File>, jobs: Vec<Job>) {
+    let outcome = write_batch(path, file, &jobs).await;
+    if outcome.is_err() {
+        // Reopen next time: after a failed write the handle's state is not trusted.
+        *file = None;
+    }
+    for job in jobs {
+        let answer = match &outcome {
+            Ok(()) => Ok(()),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        };
+        // The caller may have given up waiting; its line is on disk either way.
+        let _ = job.done.send(answer);
     }
 }
 
@@ -287,6 +302,32 @@ mod tests {
         let lines = read_lines(&path);
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["seq"], 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_unreadable_blob_fails_only_its_own_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let handler = Arc::new(FileHandler::new(&path));
+        let mut tasks = tokio::task::JoinSet::new();
+        for seq in 0..100 {
+            let handler = Arc::clone(&handler);
+            let event = if seq == 50 {
+                let body = EventBody::File {
+                    path: dir.path().join("no-such-blob"),
+                    len: 10,
+                };
+                test_event(seq, body, true)
+            } else {
+                inline(seq, b"{}", true)
+            };
+            tasks.spawn(async move { (seq, handler.handle(&event).await) });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (seq, result) = joined.unwrap();
+            assert_eq!(result.is_err(), seq == 50, "{seq}: {result:?}");
+        }
+        assert_eq!(read_lines(&path).len(), 99);
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Config, HandlerKind, HandlerSettings};
 
@@ -340,7 +340,7 @@ impl BodyChunks {
         if self.remaining == 0 {
             return Ok(None);
         }
-        let n = read_some(&mut self.file, &mut self.buf).await?;
+        let n = self.file.read(&mut self.buf).await?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -350,10 +350,6 @@ impl BodyChunks {
         self.remaining -= n as u64;
         Ok(self.buf.get(..n))
     }
-}
-
-async fn read_some<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
-    reader.read(buf).await
 }
 
 /// Turns bytes into the inside of a JSON string, piece by piece, with the result of

@@ -22,6 +22,7 @@ pub use blob::{BlobDir, BlobWriter, StagedBlob};
 
 use crate::config::Config;
 use crate::ingress::VerifiedDelivery;
+use crate::ordering::{Change, Verdict, Version};
 
 /// Milliseconds since the Unix epoch: how the store keeps time.
 pub type UnixMillis = i64;
@@ -222,6 +223,83 @@ pub enum ReplayTarget {
     Status(Status),
 }
 
+/// A stored delivery waiting to be parsed and gated.
+#[derive(Debug, Clone)]
+pub struct Ungated {
+    pub seq: i64,
+    pub topic: Option<String>,
+    pub body: StoredBody,
+}
+
+/// What the dispatcher learned from parsing one delivery, and which handlers its routes want.
+/// The store decides fresh or stale with [`crate::ordering::decide`] inside the transaction that
+/// records it, so two deliveries of one entity can never both be judged against stale state.
+#[derive(Debug, Clone)]
+pub struct GateRequest {
+    pub seq: i64,
+    pub entity: Option<String>,
+    pub version: Option<Version>,
+    pub change: Change,
+    pub project_id: Option<String>,
+    /// Why the body could not be parsed, if it could not (the delivery becomes `unrecognized`).
+    pub parse_error: Option<String>,
+    /// False for unknown topics (also `unrecognized`).
+    pub recognized: bool,
+    /// Handlers to run when the event is fresh.
+    pub handlers_if_fresh: Vec<String>,
+    /// Handlers to run when it is stale (routes with `deliver_stale`).
+    pub handlers_if_stale: Vec<String>,
+}
+
+/// A delivery claimed for dispatch, with the handler runs that are due.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub seq: i64,
+    pub delivery_id: String,
+    pub topic: Option<String>,
+    pub entity: Option<String>,
+    pub version: Option<Version>,
+    pub project_id: Option<String>,
+    pub fresh: bool,
+    pub body_is_json: bool,
+    pub received_at: UnixMillis,
+    pub body: StoredBody,
+    pub runs: Vec<DueRun>,
+}
+
+/// One handler to call for a claimed delivery.
+#[derive(Debug, Clone)]
+pub struct DueRun {
+    pub handler: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// How one attempt ended, as the dispatcher decided from the handler's answer.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    Ok,
+    /// Failed; try again at `next_at`.
+    Retry {
+        next_at: UnixMillis,
+        error: String,
+    },
+    /// Failed for good (permanent error or out of attempts): dead-lettered for this handler.
+    Dead {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptResult {
+    pub handler: String,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    pub started_at: UnixMillis,
+    pub finished_at: UnixMillis,
+    pub outcome: AttemptOutcome,
+}
+
 /// The fields of a [`VerifiedDelivery`] that the store writes, taken apart.
 #[derive(Debug)]
 pub struct NewDelivery {
@@ -255,6 +333,37 @@ pub trait Store: Send + Sync + 'static {
 
     /// Puts deliveries back in the dispatch queue; returns how many.
     async fn replay(&self, target: &ReplayTarget) -> Result<u64, StoreError>;
+
+    /// Deliveries not yet parsed and gated, oldest first.
+    async fn next_ungated(&self, limit: u32) -> Result<Vec<Ungated>, StoreError>;
+
+    /// Decides fresh or stale against the entity's last applied state and records, in one
+    /// transaction: the decision, the entity's new state, the delivery's status and lane
+    /// position, and a pending run per selected handler.
+    async fn record_gate(&self, gate: &GateRequest) -> Result<Verdict, StoreError>;
+
+    /// Leases up to `limit` deliveries with due handler runs, never two of one entity at a
+    /// time and each only after everything before it in its entity's lane is finished.
+    async fn claim(
+        &self,
+        owner: &str,
+        lease: std::time::Duration,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Records a claimed delivery's attempts, sets its status, and releases its lease.
+    async fn record_attempts(
+        &self,
+        seq: i64,
+        results: &[AttemptResult],
+    ) -> Result<Status, StoreError>;
+
+    /// Gives up the leases of a previous run of this process (after a crash), so its work is
+    /// taken again at once instead of when the leases run out.
+    async fn release_stale_leases(&self) -> Result<u64, StoreError>;
+
+    /// Deliveries with work left (pending handler runs or not yet gated).
+    async fn queue_depth(&self) -> Result<u64, StoreError>;
 
     /// Removes blob files that no delivery names (left by a crash between write and commit).
     /// Only for a process that owns the store: not while another server writes to it.

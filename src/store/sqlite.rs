@@ -25,12 +25,13 @@ use sqlx::{ConnectOptions, Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 
 use super::{
-    format_millis, now_millis, Accepted, AttemptRecord, BlobDir, DeliveryDetail, DeliverySummary,
-    HandlerRun, IncomingBody, ListQuery, NewDelivery, ReplayTarget, Status, Store, StoreError,
-    StoredBody,
+    format_millis, now_millis, Accepted, AttemptOutcome, AttemptRecord, AttemptResult, BlobDir,
+    Claimed, DeliveryDetail, DeliverySummary, DueRun, GateRequest, HandlerRun, IncomingBody,
+    ListQuery, NewDelivery, ReplayTarget, Status, Store, StoreError, StoredBody, Ungated,
 };
 use crate::config::{sqlite_path, StoreSettings};
 use crate::ingress::VerifiedDelivery;
+use crate::ordering::{self, Applied, Change, Verdict, Version};
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: [&str; 1] = [include_str!("migrations/sqlite/0001_init.sql")];
@@ -224,7 +225,8 @@ impl Writer {
                     let _ = reply.send(Ok(()));
                 }
                 if any_new {
-                    self.work.notify_waiters();
+                    // One permit is kept even when the dispatcher is busy, so no wake-up is lost.
+                    self.work.notify_one();
                 }
             }
             Err(e) => {
@@ -381,6 +383,20 @@ fn migrate(conn: &mut SqliteConnection) -> BoxFuture<'_, Result<(), StoreError>>
     })
 }
 
+/// The body columns of a row (`body`, `body_path`, `body_len`).
+fn stored_body(row: &SqliteRow) -> Result<StoredBody, StoreError> {
+    Ok(match row.try_get::<Option<String>, _>("body_path")? {
+        Some(path) => StoredBody::File {
+            path: PathBuf::from(path),
+            len: row.try_get::<i64, _>("body_len")?.max(0) as u64,
+        },
+        None => StoredBody::Inline(Bytes::from(
+            row.try_get::<Option<Vec<u8>>, _>("body")?
+                .unwrap_or_default(),
+        )),
+    })
+}
+
 const SUMMARY_COLUMNS: &str = "seq, delivery_id, endpoint, topic, entity, version, status, \
     received_at, body_len, id_conflict";
 
@@ -453,16 +469,7 @@ impl Store for SqliteStore {
             let headers: String = row.try_get("headers")?;
             let headers = serde_json::from_str(&headers)
                 .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?;
-            let body = match row.try_get::<Option<String>, _>("body_path")? {
-                Some(path) => StoredBody::File {
-                    path: PathBuf::from(path),
-                    len: summary.body_len,
-                },
-                None => StoredBody::Inline(Bytes::from(
-                    row.try_get::<Option<Vec<u8>>, _>("body")?
-                        .unwrap_or_default(),
-                )),
-            };
+            let body = stored_body(row)?;
             let handlers = sqlx::query(
                 "SELECT handler, state, attempts, next_at, last_error FROM handler_runs \
                  WHERE delivery_seq = ?1 ORDER BY handler",
@@ -554,6 +561,288 @@ impl Store for SqliteStore {
 
     async fn sweep_orphan_blobs(&self) -> Result<usize, StoreError> {
         self.sweep_blobs().await
+    }
+
+    async fn next_ungated(&self, limit: u32) -> Result<Vec<Ungated>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, topic, body, body_path, body_len FROM deliveries \
+             WHERE gated = 0 ORDER BY seq LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Ungated {
+                    seq: row.try_get("seq")?,
+                    topic: row.try_get("topic")?,
+                    body: stored_body(row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_gate(&self, gate: &GateRequest) -> Result<Verdict, StoreError> {
+        let now = now_millis();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let conn: &mut SqliteConnection = &mut tx;
+        let (verdict, lane_pos) = match &gate.entity {
+            None => (Verdict::Fresh, None),
+            Some(entity) => {
+                let last = sqlx::query(
+                    "SELECT version, change, lane_next FROM entities WHERE entity = ?1",
+                )
+                .bind(entity)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let (last, lane_pos) = match last {
+                    None => (None, 0_i64),
+                    Some(row) => {
+                        let change: String = row.try_get("change")?;
+                        let applied = Applied {
+                            version: row
+                                .try_get::<Option<i64>, _>("version")?
+                                .map(Version::from_nanos),
+                            change: Change::parse(&change)
+                                .ok_or_else(|| StoreError::Corrupt(format!("change {change:?}")))?,
+                        };
+                        (Some(applied), row.try_get("lane_next")?)
+                    }
+                };
+                let (verdict, applied) = ordering::decide(last.as_ref(), gate.version, gate.change);
+                // A stale event keeps the entity's state but still takes a lane position, so a
+                // route that delivers stale events sees them in arrival order too.
+                let state = applied.or(last).unwrap_or(Applied {
+                    version: gate.version,
+                    change: gate.change,
+                });
+                sqlx::query(
+                    "INSERT INTO entities (entity, version, change, lane_next, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (entity) DO UPDATE SET version = excluded.version, \
+                     change = excluded.change, lane_next = excluded.lane_next, \
+                     updated_at = excluded.updated_at",
+                )
+                .bind(entity)
+                .bind(state.version.map(Version::as_nanos))
+                .bind(state.change.as_str())
+                .bind(lane_pos + 1)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+                (verdict, Some(lane_pos))
+            }
+        };
+        let fresh = verdict.is_fresh();
+        let handlers = if fresh {
+            &gate.handlers_if_fresh
+        } else {
+            &gate.handlers_if_stale
+        };
+        let status = if gate.parse_error.is_some() || !gate.recognized {
+            Status::Unrecognized
+        } else if !fresh {
+            Status::Stale
+        } else if handlers.is_empty() {
+            Status::Delivered
+        } else {
+            Status::Pending
+        };
+        for handler in handlers {
+            sqlx::query(
+                "INSERT INTO handler_runs (delivery_seq, handler, state, attempts, next_at) \
+                 VALUES (?1, ?2, 'pending', 0, ?3) ON CONFLICT DO NOTHING",
+            )
+            .bind(gate.seq)
+            .bind(handler)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE deliveries SET gated = 1, entity = ?2, version = ?3, change = ?4, \
+             project_id = ?5, fresh = ?6, lane_pos = ?7, parse_error = ?8, status = ?9, \
+             due_at = ?10 WHERE seq = ?1",
+        )
+        .bind(gate.seq)
+        .bind(&gate.entity)
+        .bind(gate.version.map(Version::as_nanos))
+        .bind(gate.change.as_str())
+        .bind(&gate.project_id)
+        .bind(fresh)
+        .bind(lane_pos)
+        .bind(&gate.parse_error)
+        .bind(status.as_str())
+        .bind((!handlers.is_empty()).then_some(now))
+        .execute(&mut *conn)
+        .await?;
+        tx.commit().await?;
+        Ok(verdict)
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let now = now_millis();
+        let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let conn: &mut SqliteConnection = &mut tx;
+        // Lane rule: a delivery waits while anything before it in its entity's lane has work
+        // left (running, or waiting for a retry). Different entities never wait for each other.
+        let rows = sqlx::query(
+            "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2 WHERE seq IN ( \
+                 SELECT d.seq FROM deliveries d \
+                 WHERE d.gated = 1 AND d.due_at IS NOT NULL AND d.due_at <= ?3 \
+                   AND (d.lease_until IS NULL OR d.lease_until < ?3) \
+                   AND (d.entity IS NULL OR NOT EXISTS ( \
+                       SELECT 1 FROM deliveries e WHERE e.entity = d.entity \
+                         AND e.due_at IS NOT NULL AND e.lane_pos < d.lane_pos)) \
+                 ORDER BY d.due_at, d.seq LIMIT ?4) \
+             RETURNING seq, delivery_id, topic, entity, version, project_id, fresh, \
+                 parse_error, received_at, body, body_path, body_len",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get("seq")?;
+            let runs = sqlx::query(
+                "SELECT handler, attempts FROM handler_runs \
+                 WHERE delivery_seq = ?1 AND state = 'pending' AND next_at <= ?2 ORDER BY handler",
+            )
+            .bind(seq)
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(DueRun {
+                    handler: r.try_get("handler")?,
+                    attempts: r.try_get::<i64, _>("attempts")?.max(0) as u32,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            claimed.push(Claimed {
+                seq,
+                delivery_id: row.try_get("delivery_id")?,
+                topic: row.try_get("topic")?,
+                entity: row.try_get("entity")?,
+                version: row
+                    .try_get::<Option<i64>, _>("version")?
+                    .map(Version::from_nanos),
+                project_id: row.try_get("project_id")?,
+                fresh: row.try_get::<Option<bool>, _>("fresh")?.unwrap_or(true),
+                body_is_json: row.try_get::<Option<String>, _>("parse_error")?.is_none(),
+                received_at: row.try_get("received_at")?,
+                body: stored_body(row)?,
+                runs,
+            });
+        }
+        tx.commit().await?;
+        // Returned oldest first so that a caller running them in order keeps arrival order.
+        claimed.sort_by_key(|c| c.seq);
+        Ok(claimed)
+    }
+
+    async fn record_attempts(
+        &self,
+        seq: i64,
+        results: &[AttemptResult],
+    ) -> Result<Status, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let conn: &mut SqliteConnection = &mut tx;
+        for r in results {
+            let (state, next_at, error, outcome) = match &r.outcome {
+                AttemptOutcome::Ok => ("done", None, None, "ok"),
+                AttemptOutcome::Retry { next_at, error } => {
+                    ("pending", Some(*next_at), Some(error.as_str()), "retry")
+                }
+                AttemptOutcome::Dead { error } => ("dead", None, Some(error.as_str()), "dead"),
+            };
+            sqlx::query(
+                "UPDATE handler_runs SET state = ?3, attempts = ?4, next_at = ?5, \
+                 last_error = COALESCE(?6, last_error) WHERE delivery_seq = ?1 AND handler = ?2",
+            )
+            .bind(seq)
+            .bind(&r.handler)
+            .bind(state)
+            .bind(i64::from(r.attempt))
+            .bind(next_at)
+            .bind(error)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "INSERT INTO attempts (delivery_seq, handler, attempt, started_at, finished_at, \
+                 outcome, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .bind(seq)
+            .bind(&r.handler)
+            .bind(i64::from(r.attempt))
+            .bind(r.started_at)
+            .bind(r.finished_at)
+            .bind(outcome)
+            .bind(error)
+            .execute(&mut *conn)
+            .await?;
+        }
+        let row = sqlx::query(
+            "SELECT MIN(CASE WHEN state = 'pending' THEN next_at END) AS next_due, \
+                    SUM(state = 'dead') AS dead, d.status AS status \
+             FROM deliveries d LEFT JOIN handler_runs h ON h.delivery_seq = d.seq \
+             WHERE d.seq = ?1",
+        )
+        .bind(seq)
+        .fetch_one(&mut *conn)
+        .await?;
+        let next_due: Option<i64> = row.try_get("next_due")?;
+        let dead: Option<i64> = row.try_get("dead")?;
+        let current: String = row.try_get("status")?;
+        let current: Status = current.parse().map_err(StoreError::Corrupt)?;
+        let status = match (next_due, dead.unwrap_or(0) > 0, current) {
+            (Some(_), _, current) => current,
+            (None, true, _) => Status::Dead,
+            (None, false, Status::Pending) => Status::Delivered,
+            (None, false, current) => current,
+        };
+        sqlx::query(
+            "UPDATE deliveries SET status = ?2, due_at = ?3, lease_owner = NULL, \
+             lease_until = NULL WHERE seq = ?1",
+        )
+        .bind(seq)
+        .bind(status.as_str())
+        .bind(next_due)
+        .execute(&mut *conn)
+        .await?;
+        tx.commit().await?;
+        Ok(status)
+    }
+
+    async fn release_stale_leases(&self) -> Result<u64, StoreError> {
+        // One server per SQLite file: any lease found at start belongs to a dead process.
+        let done = sqlx::query(
+            "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL \
+             WHERE lease_owner IS NOT NULL",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn queue_depth(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM deliveries WHERE due_at IS NOT NULL) \
+                  + (SELECT COUNT(*) FROM deliveries WHERE gated = 0)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
     }
 
     async fn wait_for_work(&self, max_wait: Duration) {
