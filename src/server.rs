@@ -7,7 +7,6 @@
 //! Shutdown: stop accepting, let in-flight requests finish (bounded by
 //! `server.shutdown_timeout`), then the caller drains the dispatcher and closes the store.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -175,27 +174,22 @@ pub async fn serve(
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    async {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let kind = tokio::signal::unix::SignalKind::terminate();
+        let Ok(mut term) = tokio::signal::unix::signal(kind) else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
         }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
     }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 /// A bound listener's address, as printed in the `listening on` line.

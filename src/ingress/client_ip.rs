@@ -124,9 +124,16 @@ mod tests {
     }
 
     /// (peer, headers, trusted proxies, expected client)
+    type Case = (
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static [&'static str],
+        &'static str,
+    );
+
     #[test]
     fn client_ip_resolution_table() {
-        let cases: &[(&str, &[(&'static str, &'static str)], &[&str], &str)] = &[
+        let cases: &[Case] = &[
             // No proxy configured: the peer, whatever the headers claim.
             ("35.223.142.181", &[], &[], "35.223.142.181"),
             (

@@ -432,7 +432,7 @@ fn store_unavailable_gets_503_with_retry_after_and_recovers_by_itself() {
         deliver(&server, "cdown1", "LABEL_UPDATED", LABEL_UPDATED).status,
         202
     );
-    assert_eq!(server.status_of("cdown1").is_some(), true);
+    assert!(server.status_of("cdown1").is_some());
 }
 
 #[test]

@@ -3,5 +3,7 @@
 mod helpers;
 
 mod cli;
+mod dispatch;
 mod durability;
 mod ingress;
+mod ordering;
