@@ -213,8 +213,24 @@ impl Dispatcher {
     async fn round(self: &Arc<Self>, running: &mut JoinSet<()>) -> Result<bool, StoreError> {
         let ungated = self.store.next_ungated(GATE_BATCH).await?;
         let gated_any = !ungated.is_empty();
-        for delivery in ungated {
-            self.gate(delivery).await?;
+        if gated_any {
+            let mut requests = Vec::with_capacity(ungated.len());
+            for delivery in ungated {
+                requests.push(self.gate_request(delivery).await);
+            }
+            // One op for the whole batch: decided in arrival order, committed together.
+            let verdicts = self.store.record_gates(requests.clone()).await?;
+            for (request, verdict) in requests.iter().zip(verdicts) {
+                if !verdict.is_fresh() {
+                    metrics::counter!("labelhook_stale_events_total", "topic" => request.topic_label)
+                        .increment(1);
+                    tracing::info!(
+                        seq = request.seq,
+                        entity = request.entity.as_deref(),
+                        "stale event"
+                    );
+                }
+            }
         }
         let room = self.concurrency.saturating_sub(running.len());
         if room == 0 {
@@ -236,11 +252,11 @@ impl Dispatcher {
         Ok(gated_any || claimed_all)
     }
 
-    /// Parses one delivery and records the gate's decision.
-    async fn gate(&self, delivery: Ungated) -> Result<(), StoreError> {
+    /// Parses one delivery and picks its handlers for either verdict of the gate.
+    async fn gate_request(&self, delivery: Ungated) -> GateRequest {
         let topic = delivery.topic.clone().unwrap_or_default();
-        let parsed = parse_body(delivery.topic.as_deref(), &delivery.body).await;
-        let request = match parsed {
+        let topic_label = topic_label(&topic);
+        match parse_body(delivery.topic.as_deref(), &delivery.body).await {
             Ok(event) => {
                 let recognized = event.topic.is_known();
                 let project = event.project_id.clone();
@@ -264,6 +280,7 @@ impl Dispatcher {
                     project_id: project,
                     parse_error: None,
                     recognized,
+                    topic_label,
                 }
             }
             Err(error) => GateRequest {
@@ -276,19 +293,9 @@ impl Dispatcher {
                 project_id: None,
                 parse_error: Some(error),
                 recognized: false,
+                topic_label,
             },
-        };
-        let verdict = self.store.record_gate(&request).await?;
-        if !verdict.is_fresh() {
-            metrics::counter!("labelhook_stale_events_total", "topic" => topic_label(&topic))
-                .increment(1);
-            tracing::info!(
-                seq = delivery.seq,
-                entity = request.entity.as_deref(),
-                "stale event"
-            );
         }
-        Ok(())
     }
 
     /// Calls every due handler of one claimed delivery and records the attempts.

@@ -58,6 +58,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
     /// A stored value the program cannot read back (written by a newer version?).
@@ -255,6 +257,19 @@ pub struct GateRequest {
     pub handlers_if_fresh: Vec<String>,
     /// Handlers to run when it is stale (routes with `deliver_stale`).
     pub handlers_if_stale: Vec<String>,
+    /// The canonical topic, for metrics.
+    pub topic_label: &'static str,
+}
+
+impl GateRequest {
+    /// The handlers for the gate's verdict.
+    pub fn handlers(&self, fresh: bool) -> &[String] {
+        if fresh {
+            &self.handlers_if_fresh
+        } else {
+            &self.handlers_if_stale
+        }
+    }
 }
 
 /// A delivery claimed for dispatch, with the handler runs that are due.
@@ -343,10 +358,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deliveries not yet parsed and gated, oldest first.
     async fn next_ungated(&self, limit: u32) -> Result<Vec<Ungated>, StoreError>;
 
-    /// Decides fresh or stale against the entity's last applied state and records, in one
-    /// transaction: the decision, the entity's new state, the delivery's status and lane
-    /// position, and a pending run per selected handler.
-    async fn record_gate(&self, gate: &GateRequest) -> Result<Verdict, StoreError>;
+    /// For each delivery, in order: decides fresh or stale against the entity's last applied
+    /// state and records, in the same transaction, the decision, the entity's new state, the
+    /// delivery's status and lane position, and a pending run per selected handler.
+    async fn record_gates(&self, gates: Vec<GateRequest>) -> Result<Vec<Verdict>, StoreError>;
 
     /// Leases up to `limit` deliveries with due handler runs, never two of one entity at a
     /// time and each only after everything before it in its entity's lane is finished.

@@ -22,15 +22,21 @@ CREATE TABLE deliveries (
     project_id   TEXT,
     fresh        INTEGER,
     lane_pos     INTEGER,                       -- order within the entity's lane
+    -- 1 while queued behind an earlier delivery of the same entity (not due until promoted).
+    waiting      INTEGER NOT NULL DEFAULT 0,
     parse_error  TEXT,
-    -- Dispatch queue: due_at is NULL once nothing is left to do.
+    -- Dispatch queue: set when the gate selected handlers, NULL once nothing is left to do.
     due_at       INTEGER,
     lease_owner  TEXT,
     lease_until  INTEGER,
     UNIQUE (delivery_id, body_sha256)
 );
-CREATE INDEX deliveries_due ON deliveries (due_at) WHERE due_at IS NOT NULL;
-CREATE INDEX deliveries_lane ON deliveries (entity, lane_pos) WHERE due_at IS NOT NULL;
+-- The dispatcher's three questions, each answered from a small partial index: what is not
+-- gated yet, what is due (only the head of each entity's lane ever is), and what waits next
+-- in a lane.
+CREATE INDEX deliveries_ungated ON deliveries (seq) WHERE gated = 0;
+CREATE INDEX deliveries_due ON deliveries (due_at, seq) WHERE due_at IS NOT NULL;
+CREATE INDEX deliveries_waiting ON deliveries (entity, lane_pos) WHERE waiting = 1;
 CREATE INDEX deliveries_status ON deliveries (status, seq);
 CREATE INDEX deliveries_id ON deliveries (delivery_id);
 
@@ -63,6 +69,9 @@ CREATE TABLE entities (
     version      INTEGER,
     change       TEXT    NOT NULL,
     lane_next    INTEGER NOT NULL,
+    -- lane_pos of the delivery at the head of the lane (being handled or waiting for a
+    -- retry); NULL when nothing of this entity has work left.
+    active_pos   INTEGER,
     updated_at   INTEGER NOT NULL
 );
 

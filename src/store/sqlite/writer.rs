@@ -1,0 +1,232 @@
+//! The writer: the only connection that writes, on a thread of its own, and the group commit.
+//!
+//! Requests queue up on a bounded channel. The writer takes whatever is waiting (up to
+//! `commit_batch_max`), runs it in one transaction, commits (one fsync of the WAL), and only
+//! then answers each request. Deliveries, gate decisions, claims and attempt records all share
+//! these commits, so there is never a second writer waiting on SQLite's lock.
+//!
+//! It talks to SQLite directly (rusqlite) on a dedicated thread rather than through sqlx's
+//! async driver, which hands every statement to a worker thread and back: at a dozen statements
+//! per delivery those hand-offs, not the disk, were the limit (see BENCHMARKS.md).
+//!
+//! When the database cannot be opened or written (directory missing, read-only, disk full),
+//! the writer answers `Unavailable` and opens a fresh connection for the next batch, so the
+//! service recovers by itself when the disk does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::ops::{Op, Output};
+use crate::store::{BlobDir, IncomingBody, NewDelivery, StoreError};
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: [&str; 1] = [include_str!("migrations/0001_init.sql")];
+/// How long the writer waits for a lock held by another process (the CLI's reads).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Prepared statements kept per connection; the writer uses about twenty.
+const STATEMENT_CACHE: usize = 64;
+
+/// One queued write and where its answer goes.
+pub struct Request {
+    pub op: Op,
+    pub reply: oneshot::Sender<Result<Output, StoreError>>,
+}
+
+pub enum WriteRequest {
+    Write(Request),
+    /// Commit what is queued, then stop.
+    Close(oneshot::Sender<()>),
+}
+
+pub struct Writer {
+    pub path: PathBuf,
+    pub conn: Option<Connection>,
+    pub batch_max: usize,
+    pub blobs: BlobDir,
+    /// Woken after a commit that gave the dispatcher something new to do.
+    pub work: Arc<Notify>,
+}
+
+impl Writer {
+    /// The writer thread's loop; returns when closed or when every sender is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>, ready: oneshot::Sender<()>) {
+        if let Err(e) = self.connection() {
+            tracing::warn!(error = %e, "store not available yet; will retry");
+        }
+        let _ = ready.send(());
+        let mut batch = Vec::with_capacity(self.batch_max);
+        let mut close = None;
+        while close.is_none() {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut next = Some(first);
+            // Whatever is already waiting joins this commit.
+            while let Some(request) = next.take() {
+                match request {
+                    WriteRequest::Write(r) => batch.push(r),
+                    WriteRequest::Close(done) => close = Some(done),
+                }
+                if close.is_none() && batch.len() < self.batch_max {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(std::mem::take(&mut batch));
+            }
+        }
+        rx.close();
+        // Whatever raced in behind the close is refused, not lost: senders retry.
+        while let Ok(late) = rx.try_recv() {
+            if let WriteRequest::Write(r) = late {
+                let _ = r.reply.send(Err(StoreError::Unavailable(
+                    "store is shutting down".into(),
+                )));
+            }
+        }
+        self.conn = None;
+        if let Some(done) = close {
+            let _ = done.send(());
+        }
+    }
+
+    fn connection(&mut self) -> Result<&mut Connection, StoreError> {
+        if self.conn.is_none() {
+            self.conn = Some(open(&self.path)?);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("no connection".into()))
+    }
+
+    /// Writes one batch, then answers every request in it.
+    fn commit(&mut self, batch: Vec<Request>) {
+        match self.write(&batch) {
+            Ok(results) => {
+                let mut new_work = false;
+                for (request, result) in batch.into_iter().zip(results) {
+                    new_work |= match &result {
+                        Ok(Output::Accepted(a)) => !a.duplicate,
+                        Ok(Output::Replayed(n)) => *n > 0,
+                        _ => false,
+                    };
+                    if let (
+                        Op::Accept(NewDelivery {
+                            body: IncomingBody::Blob(blob),
+                            ..
+                        }),
+                        Ok(Output::Accepted(a)),
+                    ) = (request.op, &result)
+                    {
+                        // A duplicate's blob is dropped (and removed); a new one is kept.
+                        if !a.duplicate {
+                            blob.keep();
+                        }
+                    }
+                    let _ = request.reply.send(result);
+                }
+                if new_work {
+                    // One permit is kept even when the dispatcher is busy: no wake-up is lost.
+                    self.work.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = batch.len(), "store commit failed");
+                // Start from a fresh connection next time: the file may have come back.
+                self.conn = None;
+                let message = e.to_string();
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+
+    /// Runs every op of the batch in one transaction. The outer error means nothing was
+    /// committed; an inner error means that op alone was rolled back.
+    fn write(&mut self, batch: &[Request]) -> Result<Vec<Result<Output, StoreError>>, StoreError> {
+        let any_blob = batch.iter().any(|r| {
+            matches!(
+                &r.op,
+                Op::Accept(NewDelivery {
+                    body: IncomingBody::Blob(_),
+                    ..
+                })
+            )
+        });
+        if any_blob {
+            // The blob files are fsync'd; their directory entries must be too before a row
+            // names them.
+            self.blobs.sync_dir()?;
+        }
+        let conn = self.connection()?;
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(batch.len());
+        for request in batch {
+            let result = if request.op.needs_savepoint() {
+                let savepoint = tx.savepoint()?;
+                let result = request.op.run(&savepoint);
+                if result.is_ok() {
+                    savepoint.commit()?;
+                }
+                // Dropped uncommitted, the savepoint rolls back this op alone.
+                result
+            } else {
+                request.op.run(&tx)
+            };
+            results.push(result);
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+}
+
+/// Opens (creating it and its directory when missing) and migrates the database.
+fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let unavailable = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
+    let mut conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    // FULL: in WAL mode every commit fsyncs the log. NORMAL would lose commits on power loss.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(unavailable)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Applies the migrations not yet applied, under the write lock so two processes starting at
+/// once do not both run them.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(0);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {applied} is newer than this program ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
