@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{Config, ConfigError, Settings, DEFAULT_CONFIG_PATH};
-use crate::ingress::signature::{sign, Algorithm};
+use crate::ingress::signature::{sign, sign_reader, Algorithm};
 use crate::store::{ListQuery, ReplayTarget, Status, StoreError, StoredBody};
 use crate::{server, telemetry, Application, StartError};
 
@@ -156,16 +156,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::CheckConfig => check_config(&cli.config, &env),
         Command::Sign(args) => {
             let secret = read_secret(&args.secret, &env)?;
-            let body = read_input(args.file.as_deref())?;
             let algorithm = if args.sha256 {
                 Algorithm::Sha256
             } else {
                 Algorithm::Sha1
             };
-            println!(
-                "{}",
-                sign(secret.expose_secret().as_bytes(), &body, algorithm)
-            );
+            let key = secret.expose_secret().as_bytes();
+            // Streamed: a body of hundreds of MB is signed without reading it into memory.
+            let signature = match args.file.as_deref() {
+                None => sign_reader(key, std::io::stdin().lock(), algorithm)?,
+                Some(p) if p == Path::new("-") => {
+                    sign_reader(key, std::io::stdin().lock(), algorithm)?
+                }
+                Some(p) => sign_reader(key, std::fs::File::open(p)?, algorithm)?,
+            };
+            println!("{signature}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Send(args) => send(args, &env).await,
@@ -232,18 +237,14 @@ fn read_secret(args: &SecretArgs, env: &HashMap<String, String>) -> Result<Secre
     }
 }
 
-fn read_input(file: Option<&Path>) -> Result<Vec<u8>, CliError> {
-    match file {
-        None => read_stdin(),
-        Some(p) if p == Path::new("-") => read_stdin(),
-        Some(p) => Ok(std::fs::read(p)?),
+fn read_input(file: &Path) -> Result<Vec<u8>, CliError> {
+    if file == Path::new("-") {
+        let mut body = Vec::new();
+        std::io::stdin().read_to_end(&mut body)?;
+        Ok(body)
+    } else {
+        Ok(std::fs::read(file)?)
     }
-}
-
-fn read_stdin() -> Result<Vec<u8>, CliError> {
-    let mut body = Vec::new();
-    std::io::stdin().read_to_end(&mut body)?;
-    Ok(body)
 }
 
 /// A cuid-shaped id like Labelbox's (`c` and 24 lowercase letters or digits).
@@ -257,7 +258,7 @@ fn new_delivery_id() -> String {
 
 async fn send(args: SendArgs, env: &HashMap<String, String>) -> Result<ExitCode, CliError> {
     let secret = read_secret(&args.secret, env)?;
-    let body = read_input(Some(&args.file))?;
+    let body = read_input(&args.file)?;
     let key = secret.expose_secret().as_bytes();
     let id = args.id.unwrap_or_else(new_delivery_id);
     let response = reqwest::Client::new()

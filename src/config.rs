@@ -129,7 +129,7 @@ impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             url: "sqlite://data/labelhook.db".to_owned(),
-            inline_body_max_bytes: 1 << 20,
+            inline_body_max_bytes: 64 * 1024,
             commit_batch_max: 256,
         }
     }

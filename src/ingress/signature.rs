@@ -137,21 +137,43 @@ impl BodyMac {
 
 /// The header value Labelbox would send for `body` (`sha1=<hex>` or `sha256=<hex>`).
 pub fn sign(secret: &[u8], body: &[u8], algorithm: Algorithm) -> String {
+    // Reading from a slice cannot fail.
+    sign_reader(secret, body, algorithm).unwrap_or_default()
+}
+
+/// [`sign`] for a body read from `input` in chunks, so a body of any size is signed in
+/// constant memory.
+pub fn sign_reader(
+    secret: &[u8],
+    input: impl std::io::Read,
+    algorithm: Algorithm,
+) -> std::io::Result<String> {
     let digest = match algorithm {
-        Algorithm::Sha1 => {
-            let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(secret)
-                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-            mac.update(body);
-            hex::encode(mac.finalize().into_bytes())
-        }
-        Algorithm::Sha256 => {
-            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-            mac.update(body);
-            hex::encode(mac.finalize().into_bytes())
-        }
+        Algorithm::Sha1 => hex_mac::<Hmac<Sha1>>(secret, input)?,
+        Algorithm::Sha256 => hex_mac::<Hmac<Sha256>>(secret, input)?,
     };
-    format!("{}{digest}", algorithm.prefix())
+    Ok(format!("{}{digest}", algorithm.prefix()))
+}
+
+/// Bytes read per call while signing a stream.
+const SIGN_CHUNK_BYTES: usize = 1 << 20;
+
+fn hex_mac<M: Mac + hmac::digest::KeyInit>(
+    secret: &[u8],
+    mut input: impl std::io::Read,
+) -> std::io::Result<String> {
+    let mut mac = <M as hmac::digest::KeyInit>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut buffer = vec![0; SIGN_CHUNK_BYTES];
+    loop {
+        match input.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => mac.update(&buffer[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(hex::encode(mac.finalize().into_bytes()))
 }
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ pub struct SqliteStore {
     blobs: BlobDir,
     work: Arc<Notify>,
     writer_task: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropping it stops the checkpointer thread.
+    checkpointer: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 impl SqliteStore {
@@ -66,6 +68,11 @@ impl SqliteStore {
         let batch_max = settings.commit_batch_max.max(1);
         let (tx, rx) = mpsc::channel(batch_max * 16);
         let work = Arc::new(Notify::new());
+        let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel();
+        let checkpoint_path = path.clone();
+        std::thread::Builder::new()
+            .name("labelhook-store-checkpointer".into())
+            .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
         let writer = Writer {
             path,
             conn: None,
@@ -85,6 +92,7 @@ impl SqliteStore {
             blobs,
             work,
             writer_task: Mutex::new(Some(task)),
+            checkpointer: std::sync::Mutex::new(Some(stop_checkpoints)),
         })
     }
 
@@ -130,7 +138,7 @@ fn unexpected(output: Output) -> StoreError {
     StoreError::Corrupt(format!("unexpected writer output {output:?}"))
 }
 
-/// The body columns of a row (`body`, `body_path`, `body_len`).
+/// The body columns of a row (`inline_body` from `bodies`, `body_path`, `body_len`).
 fn stored_body(row: &SqliteRow) -> Result<StoredBody, StoreError> {
     Ok(match row.try_get::<Option<String>, _>("body_path")? {
         Some(path) => StoredBody::File {
@@ -138,13 +146,14 @@ fn stored_body(row: &SqliteRow) -> Result<StoredBody, StoreError> {
             len: row.try_get::<i64, _>("body_len")?.max(0) as u64,
         },
         None => StoredBody::Inline(Bytes::from(
-            row.try_get::<Option<Vec<u8>>, _>("body")?
+            row.try_get::<Option<Vec<u8>>, _>("inline_body")?
                 .unwrap_or_default(),
         )),
     })
 }
 
-const SUMMARY_COLUMNS: &str = "seq, delivery_id, endpoint, topic, entity, version, status, \
+const SUMMARY_COLUMNS: &str =
+    "d.seq AS seq, delivery_id, endpoint, topic, entity, version, status, \
     received_at, body_len, id_conflict";
 
 fn summary(row: &SqliteRow) -> Result<DeliverySummary, StoreError> {
@@ -185,7 +194,7 @@ impl Store for SqliteStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM deliveries \
+            "SELECT {SUMMARY_COLUMNS} FROM deliveries d \
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR topic = ?2) \
              ORDER BY seq DESC LIMIT ?3"
         );
@@ -200,8 +209,9 @@ impl Store for SqliteStore {
 
     async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, body, body_path, fresh, parse_error \
-             FROM deliveries WHERE delivery_id = ?1 ORDER BY seq"
+            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, b.body AS inline_body, body_path, fresh, \
+             parse_error FROM deliveries d LEFT JOIN bodies b ON b.seq = d.seq \
+             WHERE delivery_id = ?1 ORDER BY d.seq"
         );
         let rows = sqlx::query(&sql)
             .bind(delivery_id)
@@ -286,8 +296,9 @@ impl Store for SqliteStore {
 
     async fn next_ungated(&self, limit: u32) -> Result<Vec<Ungated>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, topic, body, body_path, body_len FROM deliveries \
-             WHERE gated = 0 ORDER BY seq LIMIT ?1",
+            "SELECT d.seq, topic, b.body AS inline_body, body_path, body_len \
+             FROM deliveries d LEFT JOIN bodies b ON b.seq = d.seq \
+             WHERE gated = 0 ORDER BY d.seq LIMIT ?1",
         )
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -364,6 +375,9 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        if let Ok(mut stop) = self.checkpointer.lock() {
+            stop.take();
+        }
         let (reply, done) = oneshot::channel();
         // `send` waits for room: close must reach the writer even when the queue is full.
         if self.writer.send(WriteRequest::Close(reply)).await.is_ok() {

@@ -6,7 +6,7 @@
 //! thousands of times a second.
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::ordering::{self, Applied, Change, Verdict, Version};
 use crate::store::{
@@ -92,7 +92,7 @@ impl Op {
 fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
     let headers = serde_json::to_string(&d.headers)
         .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?;
-    let (body, body_path, body_len): (Option<&[u8]>, Option<String>, i64) = match &d.body {
+    let (inline, body_path, body_len): (Option<&[u8]>, Option<String>, i64) = match &d.body {
         IncomingBody::Inline(bytes) => (Some(bytes), None, bytes.len() as i64),
         IncomingBody::Blob(blob) => (
             None,
@@ -104,9 +104,9 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
     let inserted = conn
         .prepare_cached(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, body, body_path, body_len, received_at, status) \
+                 client_ip, headers, body_path, body_len, received_at, status) \
              SELECT ?1, ?2, EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = ?1 AND body_sha256 <> ?2), \
-                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 WHERE true \
+                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE true \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
              RETURNING seq, id_conflict",
         )?
@@ -118,7 +118,6 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
                 d.topic,
                 d.client_ip.to_string(),
                 headers,
-                body,
                 body_path,
                 body_len,
                 d.received_at,
@@ -128,11 +127,17 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
         )
         .optional()?;
     match inserted {
-        Some((seq, id_conflict)) => Ok(Accepted {
-            seq,
-            duplicate: false,
-            id_conflict,
-        }),
+        Some((seq, id_conflict)) => {
+            if let Some(body) = inline {
+                conn.prepare_cached("INSERT INTO bodies (seq, body) VALUES (?1, ?2)")?
+                    .execute(params![seq, body])?;
+            }
+            Ok(Accepted {
+                seq,
+                duplicate: false,
+                id_conflict,
+            })
+        }
         None => {
             let seq = conn
                 .prepare_cached(
@@ -247,15 +252,23 @@ fn record_gate(conn: &Connection, gate: &GateRequest) -> Result<Verdict, StoreEr
     Ok(verdict)
 }
 
-/// The body columns of a row, in the order `body, body_path, body_len` from `first`.
-fn body_at(row: &Row<'_>, first: usize) -> rusqlite::Result<StoredBody> {
-    Ok(match row.get::<_, Option<String>>(first + 1)? {
+/// A claimed row's body: the blob file it names, or its row in `bodies`.
+fn body_of(
+    conn: &Connection,
+    seq: i64,
+    path: Option<String>,
+    len: i64,
+) -> Result<StoredBody, StoreError> {
+    Ok(match path {
         Some(path) => StoredBody::File {
             path: path.into(),
-            len: row.get::<_, i64>(first + 2)?.max(0) as u64,
+            len: len.max(0) as u64,
         },
         None => StoredBody::Inline(Bytes::from(
-            row.get::<_, Option<Vec<u8>>>(first)?.unwrap_or_default(),
+            conn.prepare_cached("SELECT body FROM bodies WHERE seq = ?1")?
+                .query_row([seq], |row| row.get::<_, Vec<u8>>(0))
+                .optional()?
+                .unwrap_or_default(),
         )),
     })
 }
@@ -278,12 +291,13 @@ fn claim(
                    AND (d.lease_until IS NULL OR d.lease_until < ?3) \
                  ORDER BY d.due_at, d.seq LIMIT ?4) \
              RETURNING seq, delivery_id, topic, entity, version, project_id, fresh, \
-                 parse_error, received_at, body, body_path, body_len",
+                 parse_error, received_at, body_path, body_len",
         )?
         .query_map(
             params![owner, now.saturating_add(lease_ms), now, i64::from(limit)],
             |row| {
-                Ok(Claimed {
+                let body_location = (row.get::<_, Option<String>>(9)?, row.get::<_, i64>(10)?);
+                let claimed = Claimed {
                     seq: row.get(0)?,
                     delivery_id: row.get(1)?,
                     topic: row.get(2)?,
@@ -293,12 +307,19 @@ fn claim(
                     fresh: row.get::<_, Option<bool>>(6)?.unwrap_or(true),
                     body_is_json: row.get::<_, Option<String>>(7)?.is_none(),
                     received_at: row.get(8)?,
-                    body: body_at(row, 9)?,
+                    body: StoredBody::Inline(Bytes::new()),
                     runs: Vec::new(),
-                })
+                };
+                Ok((claimed, body_location))
             },
         )?
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .map(|(mut claimed, (path, len))| {
+            claimed.body = body_of(conn, claimed.seq, path, len)?;
+            Ok(claimed)
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let mut due_runs = conn.prepare_cached(
         "SELECT handler, attempts FROM handler_runs \
          WHERE delivery_seq = ?1 AND state = 'pending' AND next_at <= ?2 ORDER BY handler",

@@ -29,6 +29,8 @@ const MIGRATIONS: [&str; 1] = [include_str!("migrations/0001_init.sql")];
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Prepared statements kept per connection; the writer uses about twenty.
 const STATEMENT_CACHE: usize = 64;
+/// How often the checkpointer copies the WAL back into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// One queued write and where its answer goes.
 pub struct Request {
@@ -207,8 +209,30 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
         .map_err(unavailable)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(unavailable)?;
+    // Checkpoints (copying the WAL into the database file, with its own fsync) are done by
+    // the checkpointer thread, not inside the writer's commits where every request waits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(unavailable)?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// The checkpointer thread: every `CHECKPOINT_INTERVAL`, a passive checkpoint (it never blocks
+/// the writer) on a connection of its own, until `stop` says so or is dropped.
+pub fn run_checkpointer(path: PathBuf, stop: std::sync::mpsc::Receiver<()>) {
+    let mut conn: Option<Connection> = None;
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(CHECKPOINT_INTERVAL)
+    {
+        if conn.is_none() && path.exists() {
+            conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE).ok();
+        }
+        let Some(c) = &conn else { continue };
+        if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "checkpoint failed; reopening");
+            conn = None;
+        }
+    }
 }
 
 /// Applies the migrations not yet applied, under the write lock so two processes starting at

@@ -9,7 +9,6 @@ CREATE TABLE deliveries (
     topic        TEXT,
     client_ip    TEXT    NOT NULL,
     headers      TEXT    NOT NULL,              -- JSON [[name, value], ...], signatures redacted
-    body         BLOB,                          -- small bodies
     body_path    TEXT,                          -- large bodies: a blob file beside the database
     body_len     INTEGER NOT NULL,
     received_at  INTEGER NOT NULL,              -- unix milliseconds
@@ -38,7 +37,13 @@ CREATE INDEX deliveries_ungated ON deliveries (seq) WHERE gated = 0;
 CREATE INDEX deliveries_due ON deliveries (due_at, seq) WHERE due_at IS NOT NULL;
 CREATE INDEX deliveries_waiting ON deliveries (entity, lane_pos) WHERE waiting = 1;
 CREATE INDEX deliveries_status ON deliveries (status, seq);
-CREATE INDEX deliveries_id ON deliveries (delivery_id);
+
+-- Small bodies, apart from the rows the dispatcher updates several times: SQLite rewrites a
+-- whole row on UPDATE, and the body is most of it.
+CREATE TABLE bodies (
+    seq  INTEGER PRIMARY KEY REFERENCES deliveries (seq),
+    body BLOB    NOT NULL
+);
 
 -- One row per (delivery, handler) that a route selected.
 CREATE TABLE handler_runs (
