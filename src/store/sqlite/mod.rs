@@ -71,7 +71,7 @@ impl SqliteStore {
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel();
         let checkpoint_path = path.clone();
         std::thread::Builder::new()
-            .name("labelhook-store-checkpointer".into())
+            .name("lh-checkpoint".into())
             .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
         let writer = Writer {
             path,
@@ -83,7 +83,7 @@ impl SqliteStore {
         // The writer opens (and migrates) right away so that readers find the schema.
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = std::thread::Builder::new()
-            .name("labelhook-store-writer".into())
+            .name("lh-store-writer".into())
             .spawn(move || writer.run(rx, ready_tx))?;
         let _ = ready_rx.await;
         Ok(Self {

@@ -209,6 +209,9 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
         .map_err(unavailable)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(unavailable)?;
+    // Savepoints (one per op) keep their undo pages in memory rather than in a temp file.
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(unavailable)?;
     // Checkpoints (copying the WAL into the database file, with its own fsync) are done by
     // the checkpointer thread, not inside the writer's commits where every request waits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)
