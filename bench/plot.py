@@ -8,6 +8,8 @@ import math
 import sys
 from collections import defaultdict
 
+from sizes import human
+
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 series = defaultdict(list)
 for size, name, rps in rows:
@@ -28,14 +30,6 @@ def px(size):
 
 def py(rate):
     return T + (1 - (math.log10(rate) - y0) / (y1 - y0)) * (H - T - B)
-
-
-def human(n):
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.0f} GiB"
 
 
 colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]

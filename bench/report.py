@@ -7,6 +7,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
+from sizes import human
+
 (results_path, out_path, huge_size, huge_code, growth_mib, ack_s, handled_s, archived,
  openssl_s, ours_s, hmac_ratio, same_digest, disk, secs) = sys.argv[1:]
 
@@ -39,14 +41,6 @@ def commit():
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def human(n):
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.0f} GiB"
 
 
 def ratio(size):

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{Config, ConfigError, Settings, DEFAULT_CONFIG_PATH};
 use crate::ingress::signature::{sign, sign_reader, Algorithm};
-use crate::store::{ListQuery, ReplayTarget, Status, StoreError, StoredBody};
+use crate::store::{ListQuery, Payload, ReplayTarget, Status, StoreError};
 use crate::{server, telemetry, Application, StartError};
 
 /// The secret `sign` and `send` use when no option names one.
@@ -396,7 +396,7 @@ async fn events_with(
                 }
                 writeln!(out, "body ({} bytes):", d.body.len())?;
                 match &d.body {
-                    StoredBody::File { path, len } if *len > SHOW_BODY_MAX_BYTES => {
+                    Payload::File { path, len } if *len > SHOW_BODY_MAX_BYTES => {
                         writeln!(out, "  (stored in {})", path.display())?;
                     }
                     body => {

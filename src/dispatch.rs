@@ -21,11 +21,12 @@ use wildmatch::WildMatch;
 
 use crate::config::{Config, RouteSettings};
 use crate::events::{self, Topic};
-use crate::handlers::{EventBody, HandlerError, HandlerEvent, Registry};
+use crate::handlers::{HandlerError, HandlerEvent, Registry};
 use crate::ordering::Change;
+use crate::payload::Payload;
 use crate::store::{
     format_millis, now_millis, AttemptOutcome, AttemptResult, Claimed, GateRequest, Store,
-    StoreError, StoredBody, Ungated, UnixMillis,
+    StoreError, Ungated, UnixMillis,
 };
 
 /// Deliveries parsed and gated per round.
@@ -310,13 +311,7 @@ impl Dispatcher {
             project_id: claimed.project_id.clone(),
             received_at: format_millis(claimed.received_at),
             body_is_json: claimed.body_is_json,
-            body: match &claimed.body {
-                StoredBody::Inline(bytes) => EventBody::Inline(bytes.clone()),
-                StoredBody::File { path, len } => EventBody::File {
-                    path: path.clone(),
-                    len: *len,
-                },
-            },
+            body: claimed.body.clone(),
         };
         let attempts = claimed.runs.iter().map(|run| {
             let event = &event;
@@ -412,10 +407,10 @@ fn outcome_of(
 }
 
 /// Parses a stored body. Small bodies are parsed in memory; blob files on a blocking thread.
-async fn parse_body(topic: Option<&str>, body: &StoredBody) -> Result<events::Event, String> {
+async fn parse_body(topic: Option<&str>, body: &Payload) -> Result<events::Event, String> {
     match body {
-        StoredBody::Inline(bytes) => events::parse(topic, bytes).map_err(|e| e.to_string()),
-        StoredBody::File { path, .. } => {
+        Payload::Inline(bytes) => events::parse(topic, bytes).map_err(|e| e.to_string()),
+        Payload::File { path, .. } => {
             let path = path.clone();
             let topic = topic.map(str::to_owned);
             tokio::task::spawn_blocking(move || {

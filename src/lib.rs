@@ -13,6 +13,7 @@ pub mod events;
 pub mod handlers;
 pub mod ingress;
 pub mod ordering;
+pub mod payload;
 pub mod server;
 pub mod store;
 pub mod telemetry;

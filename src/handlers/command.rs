@@ -216,7 +216,7 @@ fn describe(status: ExitStatus) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::handlers::{test_event, EventBody};
+    use crate::handlers::{test_event, Payload};
     use std::time::Instant;
 
     fn sh(script: &str, timeout: Duration) -> CommandHandler {
@@ -227,7 +227,7 @@ mod tests {
     fn event() -> HandlerEvent {
         test_event(
             4,
-            EventBody::Inline(bytes::Bytes::from_static(br#"{"id":"ckabc"}"#)),
+            Payload::Inline(bytes::Bytes::from_static(br#"{"id":"ckabc"}"#)),
             true,
         )
     }
@@ -318,7 +318,7 @@ mod tests {
         let big = "x".repeat(1 << 20);
         let event = test_event(
             5,
-            EventBody::Inline(bytes::Bytes::from(big.into_bytes())),
+            Payload::Inline(bytes::Bytes::from(big.into_bytes())),
             false,
         );
         sh("exit 0", DEFAULT_TIMEOUT).handle(&event).await.unwrap();

@@ -15,7 +15,7 @@ use tokio::fs::{File, OpenOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
-use super::{write_event_json, BuildError, EventBody, Handler, HandlerError, HandlerEvent};
+use super::{write_event_json, BuildError, Handler, HandlerError, HandlerEvent, Payload};
 use crate::config::HandlerSettings;
 
 /// Lines waiting for the writer; callers wait (back-pressure) beyond this.
@@ -80,7 +80,7 @@ impl FileHandler {
 impl Handler for FileHandler {
     async fn handle(&self, event: &HandlerEvent) -> Result<(), HandlerError> {
         let line = match event.body {
-            EventBody::Inline(_) => {
+            Payload::Inline(_) => {
                 let mut buf = Vec::new();
                 write_event_json(event, &mut buf)
                     .await
@@ -88,7 +88,7 @@ impl Handler for FileHandler {
                 buf.push(b'\n');
                 Line::Rendered(buf)
             }
-            EventBody::File { .. } => Line::Streamed(Box::new(event.clone())),
+            Payload::File { .. } => Line::Streamed(Box::new(event.clone())),
         };
         let (done, answer) = oneshot::channel();
         let stopped =
@@ -205,7 +205,7 @@ mod tests {
     fn inline(seq: i64, body: &'static [u8], is_json: bool) -> HandlerEvent {
         test_event(
             seq,
-            EventBody::Inline(bytes::Bytes::from_static(body)),
+            Payload::Inline(bytes::Bytes::from_static(body)),
             is_json,
         )
     }
@@ -255,7 +255,7 @@ mod tests {
         handler.handle(&inline(1, b"{}", true)).await.unwrap();
         let event = test_event(
             2,
-            EventBody::File {
+            Payload::File {
                 path: blob.path().to_owned(),
                 len: body.len() as u64,
             },
@@ -290,7 +290,7 @@ mod tests {
         let handler = FileHandler::new(&path);
         let gone = test_event(
             1,
-            EventBody::File {
+            Payload::File {
                 path: dir.path().join("no-such-blob"),
                 len: 10,
             },
@@ -313,7 +313,7 @@ mod tests {
         for seq in 0..100 {
             let handler = Arc::clone(&handler);
             let event = if seq == 50 {
-                let body = EventBody::File {
+                let body = Payload::File {
                     path: dir.path().join("no-such-blob"),
                     len: 10,
                 };

@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
 use sha2::Sha256;
 
-use super::{BodyChunks, BuildError, EventBody, Handler, HandlerError, HandlerEvent};
+use super::{BodyChunks, BuildError, Handler, HandlerError, HandlerEvent, Payload};
 use crate::config::HandlerSettings;
 
 /// Per-attempt limit when `timeout` is not set.
@@ -111,7 +111,7 @@ impl HttpHandler {
     async fn signatures(
         &self,
         secret: &SecretString,
-        body: &EventBody,
+        body: &Payload,
     ) -> Result<(String, String), HandlerError> {
         let key = secret.expose_secret().as_bytes();
         let mut sha1 = Hmac::<Sha1>::new_from_slice(key)
@@ -119,11 +119,11 @@ impl HttpHandler {
         let mut sha256 = Hmac::<Sha256>::new_from_slice(key)
             .map_err(|_| HandlerError::Permanent("the signing secret is unusable".to_owned()))?;
         match body {
-            EventBody::Inline(bytes) => {
+            Payload::Inline(bytes) => {
                 sha1.update(bytes);
                 sha256.update(bytes);
             }
-            EventBody::File { path, len } => {
+            Payload::File { path, len } => {
                 let mut chunks = BodyChunks::open(path, *len)
                     .await
                     .map_err(|e| self.body_error(&e))?;
@@ -209,8 +209,8 @@ impl Handler for HttpHandler {
             headers.insert("x-hub-signature-256", text_header(&sha256, "signature")?);
         }
         let body = match &event.body {
-            EventBody::Inline(bytes) => Body::from(bytes.clone()),
-            EventBody::File { path, len } => {
+            Payload::Inline(bytes) => Body::from(bytes.clone()),
+            Payload::File { path, len } => {
                 let chunks = BodyChunks::open(path, *len)
                     .await
                     .map_err(|e| self.body_error(&e))?;
@@ -324,7 +324,7 @@ mod tests {
     }
 
     fn json_event(body: &'static [u8]) -> HandlerEvent {
-        test_event(1, EventBody::Inline(Bytes::from_static(body)), true)
+        test_event(1, Payload::Inline(Bytes::from_static(body)), true)
     }
 
     fn verify(headers: &AxumHeaders, body: &[u8]) {
@@ -377,7 +377,7 @@ mod tests {
         blob.write_all(&body).unwrap();
         let event = test_event(
             5,
-            EventBody::File {
+            Payload::File {
                 path: blob.path().to_owned(),
                 len: body.len() as u64,
             },

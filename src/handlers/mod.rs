@@ -16,7 +16,7 @@ mod http;
 mod log;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use secrecy::SecretString;
@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Config, HandlerKind, HandlerSettings};
+pub use crate::payload::Payload;
 
 pub use command::CommandHandler;
 pub use file::FileHandler;
@@ -53,35 +54,10 @@ pub struct HandlerEvent {
     pub received_at: String,
     /// `false` for authentic but unparseable bodies.
     pub body_is_json: bool,
-    pub body: EventBody,
+    pub body: Payload,
 }
 
 /// The delivery's raw body.
-#[derive(Debug, Clone)]
-pub enum EventBody {
-    Inline(bytes::Bytes),
-    /// Large bodies live in a file; never read them whole into memory.
-    File {
-        path: PathBuf,
-        len: u64,
-    },
-}
-
-impl EventBody {
-    /// Length of the body in bytes.
-    pub fn len(&self) -> u64 {
-        match self {
-            EventBody::Inline(bytes) => bytes.len() as u64,
-            EventBody::File { len, .. } => *len,
-        }
-    }
-
-    /// `true` for an empty body.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Outcome of a failed attempt; the dispatcher retries only [`HandlerError::Retryable`].
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
@@ -265,7 +241,7 @@ pub async fn write_event_json<W: AsyncWrite + Unpin>(
     head.extend_from_slice(b",\"body\":");
     out.write_all(&head).await?;
     match &event.body {
-        EventBody::Inline(bytes) => {
+        Payload::Inline(bytes) => {
             let mut buf = Vec::with_capacity(bytes.len() + 2);
             if event.body_is_json && is_json(bytes) {
                 buf.extend_from_slice(bytes);
@@ -277,7 +253,7 @@ pub async fn write_event_json<W: AsyncWrite + Unpin>(
             }
             out.write_all(&buf).await?;
         }
-        EventBody::File { path, len } => {
+        Payload::File { path, len } => {
             let mut chunks = BodyChunks::open(path, *len).await?;
             // An empty "JSON" body would leave `"body":}`; a string keeps the line valid.
             if event.body_is_json && *len > 0 {
@@ -445,7 +421,7 @@ fn escape_into(s: &str, out: &mut Vec<u8>) {
 
 /// Builds an event for tests in this module and its children.
 #[cfg(test)]
-pub(crate) fn test_event(seq: i64, body: EventBody, body_is_json: bool) -> HandlerEvent {
+pub(crate) fn test_event(seq: i64, body: Payload, body_is_json: bool) -> HandlerEvent {
     HandlerEvent {
         seq,
         delivery_id: format!("delivery-{seq}"),
@@ -477,7 +453,7 @@ mod tests {
     fn inline(body: &[u8], is_json: bool) -> HandlerEvent {
         test_event(
             1,
-            EventBody::Inline(bytes::Bytes::copy_from_slice(body)),
+            Payload::Inline(bytes::Bytes::copy_from_slice(body)),
             is_json,
         )
     }
@@ -541,7 +517,7 @@ mod tests {
         text.push_str(&"y\"".repeat(100_000));
         let json = serde_json::to_vec(&serde_json::json!({ "text": text })).unwrap();
         file.write_all(&json).unwrap();
-        let body = EventBody::File {
+        let body = Payload::File {
             path: file.path().to_owned(),
             len: json.len() as u64,
         };
@@ -555,7 +531,7 @@ mod tests {
     async fn a_truncated_body_file_is_an_error() {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(b"{}").unwrap();
-        let body = EventBody::File {
+        let body = Payload::File {
             path: file.path().to_owned(),
             len: 10,
         };

@@ -11,7 +11,6 @@ pub mod sqlite;
 
 use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -23,6 +22,7 @@ pub use blob::{BlobDir, BlobWriter, StagedBlob};
 use crate::config::Config;
 use crate::ingress::VerifiedDelivery;
 use crate::ordering::{Change, Verdict, Version};
+pub use crate::payload::Payload;
 
 /// Milliseconds since the Unix epoch: how the store keeps time.
 pub type UnixMillis = i64;
@@ -162,34 +162,6 @@ pub struct DeliverySummary {
     pub id_conflict: bool,
 }
 
-/// A stored body, read back.
-#[derive(Debug, Clone)]
-pub enum StoredBody {
-    Inline(Bytes),
-    File { path: PathBuf, len: u64 },
-}
-
-impl StoredBody {
-    pub fn len(&self) -> u64 {
-        match self {
-            StoredBody::Inline(b) => b.len() as u64,
-            StoredBody::File { len, .. } => *len,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The whole body in memory; for bodies the caller knows to be small enough.
-    pub async fn read_all(&self) -> std::io::Result<Bytes> {
-        match self {
-            StoredBody::Inline(b) => Ok(b.clone()),
-            StoredBody::File { path, .. } => tokio::fs::read(path).await.map(Bytes::from),
-        }
-    }
-}
-
 /// One handler's progress with one delivery.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HandlerRun {
@@ -217,7 +189,7 @@ pub struct DeliveryDetail {
     pub summary: DeliverySummary,
     pub client_ip: String,
     pub headers: Vec<(String, String)>,
-    pub body: StoredBody,
+    pub body: Payload,
     pub fresh: Option<bool>,
     pub parse_error: Option<String>,
     pub handlers: Vec<HandlerRun>,
@@ -236,7 +208,7 @@ pub enum ReplayTarget {
 pub struct Ungated {
     pub seq: i64,
     pub topic: Option<String>,
-    pub body: StoredBody,
+    pub body: Payload,
 }
 
 /// What the dispatcher learned from parsing one delivery, and which handlers its routes want.
@@ -284,7 +256,7 @@ pub struct Claimed {
     pub fresh: bool,
     pub body_is_json: bool,
     pub received_at: UnixMillis,
-    pub body: StoredBody,
+    pub body: Payload,
     pub runs: Vec<DueRun>,
 }
 

@@ -4,6 +4,16 @@ use std::process::Command;
 
 use crate::helpers::*;
 
+/// `labelhook check-config --config PATH` with `LH_UNSET_VARIABLE` surely unset.
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(path)
+        .env_remove("LH_UNSET_VARIABLE")
+        .output()
+        .expect("run")
+}
+
 #[test]
 fn check_config_names_the_key_of_every_problem_and_never_prints_a_secret() {
     let dir = tempfile::tempdir().expect("temp");
@@ -25,12 +35,7 @@ handlers = ["missing"]
 "#,
     )
     .expect("write");
-    let out = Command::new(bin())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env_remove("LH_UNSET_VARIABLE")
-        .output()
-        .expect("run");
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(1));
     let text = format!(
         "{}{}",
@@ -47,23 +52,14 @@ handlers = ["missing"]
         "[[endpoint]]\nname = \"labelbox\"\nsecrets = [{ env = \"LH_UNSET_VARIABLE\" }]\n",
     )
     .expect("write");
-    let out = Command::new(bin())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env_remove("LH_UNSET_VARIABLE")
-        .output()
-        .expect("run");
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("endpoint[0].secrets[0].env"), "{stderr}");
 
     // Unknown keys are errors that name the key.
     std::fs::write(&path, "[server]\nlisten_port = 8080\n").expect("write");
-    let out = Command::new(bin())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_port"));
 }

@@ -343,19 +343,7 @@ model_types = ["bounding_box"]
     let models = curl(&server.url("/model-training/models"), &[]);
     assert_eq!(models.body, r#"{"bounding_box":{}}"#);
     let body = include_bytes!("../fixtures/model_run.json");
-    let file = body_file(server.dir.path(), "run.json", body);
-    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
-    let run = curl(
-        &server.url("/model-training/model_run"),
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            &sig,
-            "--data-binary",
-            &file,
-        ],
-    );
+    let run = post_model_run(&server, body, Some(SECRET));
     assert_eq!(run.status, 202, "{}", run.body);
     let archived = wait_for_lines(&server.dir.path().join("events.jsonl"), 1);
     assert_eq!(archived[0]["topic"], "MODEL_RUN");

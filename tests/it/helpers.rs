@@ -311,3 +311,44 @@ pub fn deliver(server: &TestServer, id: &str, topic: &str, body: &[u8]) -> Answe
         ],
     )
 }
+
+/// Posts a signed delivery with chunked transfer encoding (no Content-Length), so any size limit
+/// is found while the body streams.
+pub fn deliver_chunked(server: &TestServer, id: &str, body: &[u8]) -> Answer {
+    let file = body_file(server.dir.path(), &format!("chunked-{id}.json"), body);
+    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
+    let id_header = format!("X-Labelbox-Id: {id}");
+    curl(
+        &server.url("/webhooks/labelbox"),
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "X-Labelbox-Event: LABEL_UPDATED",
+            "-H",
+            &id_header,
+            "-H",
+            &sig,
+            "--data-binary",
+            &file,
+        ],
+    )
+}
+
+/// Posts a model-training callback, signed with `secret` when one is given.
+pub fn post_model_run(server: &TestServer, body: &[u8], secret: Option<&str>) -> Answer {
+    let file = body_file(server.dir.path(), "model-run.json", body);
+    let sig = secret.map(|s| format!("X-Hub-Signature: {}", sha1_sig(s, body)));
+    let mut args = vec![
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &file,
+    ];
+    if let Some(sig) = &sig {
+        args.extend(["-H", sig.as_str()]);
+    }
+    curl(&server.url("/model-training/model_run"), &args)
+}

@@ -283,47 +283,11 @@ fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
     assert_eq!(declared.status, 413, "{}", declared.body);
     assert_eq!(declared.body, r#"{"error":"body too large"}"#);
     // Chunked: no Content-Length, so the limit is found while streaming.
-    let file = body_file(server.dir.path(), "big.json", LABEL_UPDATED);
-    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, LABEL_UPDATED));
-    let streamed = curl(
-        &server.url("/webhooks/labelbox"),
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            "Transfer-Encoding: chunked",
-            "-H",
-            "X-Labelbox-Event: LABEL_UPDATED",
-            "-H",
-            "X-Labelbox-Id: cbig2",
-            "-H",
-            &sig,
-            "--data-binary",
-            &file,
-        ],
-    );
+    let streamed = deliver_chunked(&server, "cbig2", LABEL_UPDATED);
     assert_eq!(streamed.status, 413, "{}", streamed.body);
     // A small chunked body under the limit is fine.
     let small = br#"{"id":"csmall","updatedAt":"2026-01-01T00:00:00Z"}"#;
-    let file = body_file(server.dir.path(), "small.json", small);
-    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, small));
-    let ok = curl(
-        &server.url("/webhooks/labelbox"),
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            "Transfer-Encoding: chunked",
-            "-H",
-            "X-Labelbox-Event: LABEL_UPDATED",
-            "-H",
-            "X-Labelbox-Id: csmall",
-            "-H",
-            &sig,
-            "--data-binary",
-            &file,
-        ],
-    );
+    let ok = deliver_chunked(&server, "csmall", small);
     assert_eq!(ok.status, 202, "{}", ok.body);
     assert_eq!(stored_ids(&server), vec!["csmall"]);
 }
@@ -516,29 +480,9 @@ model_types = ["image_single_classification", "bounding_box"]
     );
 
     let body = include_bytes!("../fixtures/model_run.json");
-    let file = body_file(server.dir.path(), "run.json", body);
-    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
-    let run = curl(
-        &server.url("/model-training/model_run"),
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            &sig,
-            "--data-binary",
-            &file,
-        ],
-    );
+    let run = post_model_run(&server, body, Some(SECRET));
     assert_eq!(run.status, 202, "{}", run.body);
-    let unsigned = curl(
-        &server.url("/model-training/model_run"),
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            &file,
-        ],
-    );
+    let unsigned = post_model_run(&server, body, None);
     assert_eq!(unsigned.status, 401);
     let events = server.events();
     assert_eq!(events.len(), 1);

@@ -27,8 +27,8 @@ use self::ops::{Op, Output};
 use self::writer::{Request, WriteRequest, Writer};
 use super::{
     format_millis, Accepted, AttemptRecord, AttemptResult, BlobDir, Claimed, DeliveryDetail,
-    DeliverySummary, GateRequest, HandlerRun, ListQuery, ReplayTarget, Status, Store, StoreError,
-    StoredBody, Ungated,
+    DeliverySummary, GateRequest, HandlerRun, ListQuery, Payload, ReplayTarget, Status, Store,
+    StoreError, Ungated,
 };
 use crate::config::{sqlite_path, StoreSettings};
 use crate::ingress::VerifiedDelivery;
@@ -139,13 +139,13 @@ fn unexpected(output: Output) -> StoreError {
 }
 
 /// The body columns of a row (`inline_body` from `bodies`, `body_path`, `body_len`).
-fn stored_body(row: &SqliteRow) -> Result<StoredBody, StoreError> {
+fn stored_body(row: &SqliteRow) -> Result<Payload, StoreError> {
     Ok(match row.try_get::<Option<String>, _>("body_path")? {
-        Some(path) => StoredBody::File {
+        Some(path) => Payload::File {
             path: PathBuf::from(path),
             len: row.try_get::<i64, _>("body_len")?.max(0) as u64,
         },
-        None => StoredBody::Inline(Bytes::from(
+        None => Payload::Inline(Bytes::from(
             row.try_get::<Option<Vec<u8>>, _>("inline_body")?
                 .unwrap_or_default(),
         )),

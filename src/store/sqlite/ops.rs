@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::ordering::{self, Applied, Change, Verdict, Version};
 use crate::store::{
     now_millis, Accepted, AttemptOutcome, AttemptResult, Claimed, DueRun, GateRequest,
-    IncomingBody, NewDelivery, ReplayTarget, Status, StoreError, StoredBody,
+    IncomingBody, NewDelivery, Payload, ReplayTarget, Status, StoreError,
 };
 
 /// A write, as queued for the writer.
@@ -258,13 +258,13 @@ fn body_of(
     seq: i64,
     path: Option<String>,
     len: i64,
-) -> Result<StoredBody, StoreError> {
+) -> Result<Payload, StoreError> {
     Ok(match path {
-        Some(path) => StoredBody::File {
+        Some(path) => Payload::File {
             path: path.into(),
             len: len.max(0) as u64,
         },
-        None => StoredBody::Inline(Bytes::from(
+        None => Payload::Inline(Bytes::from(
             conn.prepare_cached("SELECT body FROM bodies WHERE seq = ?1")?
                 .query_row([seq], |row| row.get::<_, Vec<u8>>(0))
                 .optional()?
@@ -307,7 +307,7 @@ fn claim(
                     fresh: row.get::<_, Option<bool>>(6)?.unwrap_or(true),
                     body_is_json: row.get::<_, Option<String>>(7)?.is_none(),
                     received_at: row.get(8)?,
-                    body: StoredBody::Inline(Bytes::new()),
+                    body: Payload::Inline(Bytes::new()),
                     runs: Vec::new(),
                 };
                 Ok((claimed, body_location))
