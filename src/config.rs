@@ -668,6 +668,13 @@ impl HandlerSettings {
                 );
             }
         }
+        if self.kind == HandlerKind::Nats {
+            // Keys are still checked above so a config written for the coming handler is right.
+            problem(
+                format!("handler[{i}].kind"),
+                "\"nats\" is not available in this build yet (log, file, http, command are)",
+            );
+        }
         if self.argv.as_ref().is_some_and(Vec::is_empty) {
             problem(format!("handler[{i}].argv"), "must name a program");
         }
@@ -839,6 +846,15 @@ handlers = ["nope"]
         ] {
             assert!(message.contains(key), "{key} missing in {message}");
         }
+    }
+
+    #[test]
+    fn the_nats_handler_is_refused_until_it_exists() {
+        let text = format!(
+            "{MINIMAL}\n[[handler]]\nname = \"bus\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n"
+        );
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert!(message.contains("handler[0].kind"), "{message}");
     }
 
     #[test]

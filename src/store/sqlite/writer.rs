@@ -31,6 +31,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const STATEMENT_CACHE: usize = 64;
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// WAL pages after which the writer checkpoints at commit time. Under constant writes only a
+/// writer can restart the WAL (a background checkpoint never catches up with it), so without
+/// this the WAL would grow without bound; by then the checkpointer thread has copied most
+/// pages already, so the writer's share is small.
+const WRITER_CHECKPOINT_PAGES: u32 = 4096;
+/// After a WAL restart the file is cut back to this size instead of staying at its peak.
+const WAL_KEEP_BYTES: u64 = 64 * 1024 * 1024;
 
 /// One queued write and where its answer goes.
 pub struct Request {
@@ -212,9 +219,11 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     // Savepoints (one per op) keep their undo pages in memory rather than in a temp file.
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(unavailable)?;
-    // Checkpoints (copying the WAL into the database file, with its own fsync) are done by
-    // the checkpointer thread, not inside the writer's commits where every request waits.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)
+    // Checkpoints (copying the WAL into the database file, with its own fsync) are mostly done
+    // by the checkpointer thread, not inside the writer's commits where every request waits.
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)
         .map_err(unavailable)?;
     migrate(&mut conn)?;
     Ok(conn)
