@@ -414,10 +414,17 @@ async fn events_with(
                 (None, Some(status)) => ReplayTarget::Status(status),
                 (None, None) => return Err(CliError::Failed("give an id or --status".into())),
             };
-            let count = store.replay(&target).await?;
-            writeln!(out, "replayed {count} deliveries")?;
+            let outcome = store.replay(&target).await?;
+            writeln!(out, "replayed {} deliveries", outcome.replayed)?;
+            if outcome.running > 0 {
+                writeln!(
+                    out,
+                    "left {} alone: being handled right now (replay them once they finish)",
+                    outcome.running
+                )?;
+            }
             Ok(
-                if count == 0 && matches!(target, ReplayTarget::DeliveryId(_)) {
+                if outcome.replayed == 0 && matches!(target, ReplayTarget::DeliveryId(_)) {
                     ExitCode::FAILURE
                 } else {
                     ExitCode::SUCCESS

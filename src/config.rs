@@ -22,6 +22,9 @@ use serde::Deserialize;
 /// Where the config file is looked for when neither `--config` nor `LABELHOOK_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "config/labelhook.toml";
 
+/// Largest `store.inline_body_max_bytes`: SQLite rows stay far below its blob limits.
+pub const MAX_INLINE_BODY_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Labelbox's published egress addresses (LABELBOX.md section 5), the default allowlist.
 pub const LABELBOX_EGRESS: [&str; 4] = [
     "35.223.142.181/32",
@@ -97,8 +100,22 @@ pub struct NetworkSettings {
     pub allowlist: Vec<IpNet>,
     /// Skip the allowlist entirely; must be said explicitly.
     pub allow_all: bool,
-    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    /// Peers whose forwarding header is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// The one header the trusted proxies maintain: the other is ignored, since a proxy passes
+    /// a header it does not maintain through unchanged, as the client wrote it.
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// Which forwarding header carries the client address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For`, what nginx, ingress-nginx, AWS and GCP load balancers append to.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
 }
 
 impl Default for NetworkSettings {
@@ -110,6 +127,7 @@ impl Default for NetworkSettings {
                 .collect(),
             allow_all: false,
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
         }
     }
 }
@@ -450,14 +468,21 @@ impl Settings {
         })?;
         let settings: Settings = serde_path_to_error::deserialize(raw).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::Invalid(vec![Problem {
-                key: if key == "." {
-                    "(top level)".to_owned()
-                } else {
-                    key
-                },
-                message: e.inner().to_string(),
-            }])
+            // serde's messages quote the offending value, which under a secrets key may be
+            // the secret itself.
+            let message = if key.contains("secrets") {
+                "has the wrong form: a list like [{ env = \"VAR\" }, { file = \"/path\" }] \
+                 (the value is not shown)"
+                    .to_owned()
+            } else {
+                e.inner().to_string()
+            };
+            let key = if key == "." {
+                "(top level)".to_owned()
+            } else {
+                key
+            };
+            ConfigError::Invalid(vec![Problem { key, message }])
         })?;
         let mut problems = Vec::new();
         settings.validate(&mut problems);
@@ -480,6 +505,12 @@ impl Settings {
         }
         if self.server.queue_capacity == 0 {
             problem("server.queue_capacity".into(), "must be greater than 0");
+        }
+        if self.store.inline_body_max_bytes > MAX_INLINE_BODY_BYTES {
+            problem(
+                "store.inline_body_max_bytes".into(),
+                "must be at most 16777216 (16 MiB); larger bodies belong in blob files",
+            );
         }
         if self.store.commit_batch_max == 0 {
             problem("store.commit_batch_max".into(), "must be greater than 0");
@@ -536,6 +567,16 @@ impl Settings {
                 problem(
                     "model_training.path".into(),
                     "must start with '/', not end with '/', and not be under /webhooks",
+                );
+            }
+            let plain = mt
+                .path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+            if !plain || mt.path.contains("//") {
+                problem(
+                    "model_training.path".into(),
+                    "may only hold letters, digits, '/', '-', '_' and '.'",
                 );
             }
             if ["/healthz", "/readyz", "/metrics"].contains(&mt.path.as_str()) {
@@ -846,6 +887,14 @@ handlers = ["nope"]
         ] {
             assert!(message.contains(key), "{key} missing in {message}");
         }
+    }
+
+    #[test]
+    fn a_malformed_secrets_key_is_named_without_its_value() {
+        let text = "[[endpoint]]\nname = \"lb\"\nsecrets = \"hunter2\"\n";
+        let message = problems(load_str(text, &[]));
+        assert!(message.contains("endpoint[0].secrets"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
     }
 
     #[test]

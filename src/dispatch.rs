@@ -148,6 +148,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// How long one handler attempt may take: half the lease.
+    fn attempt_limit(&self) -> Duration {
+        self.lease / 2
+    }
+
     pub fn new(config: &Config, store: Arc<dyn Store>, registry: Registry) -> Self {
         let s = &config.settings;
         let policies = s
@@ -212,39 +217,20 @@ impl Dispatcher {
 
     /// One gate pass and one claim pass. True when there may be more work right away.
     async fn round(self: &Arc<Self>, running: &mut JoinSet<()>) -> Result<bool, StoreError> {
-        let ungated = self.store.next_ungated(GATE_BATCH).await?;
-        let gated_any = !ungated.is_empty();
-        if gated_any {
-            let mut requests = Vec::with_capacity(ungated.len());
-            for delivery in ungated {
-                requests.push(self.gate_request(delivery).await);
+        // A failure to gate must not stop the claims: retries and other lanes go on.
+        let gated_any = match self.gate_round().await {
+            Ok(gated) => gated,
+            Err(e) => {
+                tracing::warn!(error = %e, "gating failed; retrying next round");
+                false
             }
-            // One op for the whole batch: decided in arrival order, committed together.
-            let verdicts = self.store.record_gates(requests.clone()).await?;
-            for (request, verdict) in requests.iter().zip(verdicts) {
-                if !verdict.is_fresh() {
-                    metrics::counter!("labelhook_stale_events_total", "topic" => request.topic_label)
-                        .increment(1);
-                    tracing::info!(
-                        seq = request.seq,
-                        entity = request.entity.as_deref(),
-                        "stale event"
-                    );
-                }
-            }
-        }
+        };
         let room = self.concurrency.saturating_sub(running.len());
         if room == 0 {
             return Ok(gated_any);
         }
-        let claimed = self
-            .store
-            .claim(
-                &self.owner,
-                self.lease,
-                u32::try_from(room).unwrap_or(u32::MAX),
-            )
-            .await?;
+        let limit = u32::try_from(room).unwrap_or(u32::MAX);
+        let claimed = self.store.claim(&self.owner, self.lease, limit).await?;
         let claimed_all = claimed.len() == room;
         for delivery in claimed {
             let this = self.clone();
@@ -253,50 +239,83 @@ impl Dispatcher {
         Ok(gated_any || claimed_all)
     }
 
-    /// Parses one delivery and picks its handlers for either verdict of the gate.
-    async fn gate_request(&self, delivery: Ungated) -> GateRequest {
-        let topic = delivery.topic.clone().unwrap_or_default();
-        let topic_label = topic_label(&topic);
-        match parse_body(delivery.topic.as_deref(), &delivery.body).await {
-            Ok(event) => {
-                let recognized = event.topic.is_known();
-                let project = event.project_id.clone();
-                GateRequest {
-                    seq: delivery.seq,
-                    handlers_if_fresh: self.routes.select(
-                        &topic,
-                        recognized,
-                        project.as_deref(),
-                        true,
-                    ),
-                    handlers_if_stale: self.routes.select(
-                        &topic,
-                        recognized,
-                        project.as_deref(),
-                        false,
-                    ),
-                    entity: event.entity,
-                    version: event.version,
-                    change: event.change,
-                    project_id: project,
-                    parse_error: None,
-                    recognized,
-                    topic_label,
+    /// Parses and gates the next batch of new deliveries. True when there were any.
+    async fn gate_round(&self) -> Result<bool, StoreError> {
+        let ungated = self.store.next_ungated(GATE_BATCH).await?;
+        if ungated.is_empty() {
+            return Ok(false);
+        }
+        let mut requests = Vec::with_capacity(ungated.len());
+        for delivery in &ungated {
+            match self.gate_request(delivery).await {
+                Ok(request) => requests.push(request),
+                // The body could not be read (a passing I/O error): it stays ungated and is
+                // tried again, rather than being judged unparseable for good.
+                Err(e) => {
+                    tracing::warn!(seq = delivery.seq, error = %e, "cannot read the body; will retry");
                 }
             }
-            Err(error) => GateRequest {
-                seq: delivery.seq,
-                handlers_if_fresh: self.routes.select(&topic, false, None, true),
-                handlers_if_stale: Vec::new(),
-                entity: None,
-                version: None,
-                change: Change::Updated,
-                project_id: None,
-                parse_error: Some(error),
-                recognized: false,
-                topic_label,
-            },
         }
+        // One op for the whole batch: decided in arrival order, committed together.
+        let verdicts = self.store.record_gates(requests.clone()).await?;
+        for (request, verdict) in requests.iter().zip(verdicts) {
+            if verdict.is_some_and(|v| !v.is_fresh()) {
+                metrics::counter!("labelhook_stale_events_total", "topic" => request.topic_label)
+                    .increment(1);
+                let entity = request.entity.as_deref();
+                tracing::info!(seq = request.seq, entity, "stale event");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Parses one delivery and picks its handlers for either verdict of the gate. Errors only
+    /// when the body cannot be read.
+    async fn gate_request(&self, delivery: &Ungated) -> std::io::Result<GateRequest> {
+        let topic = delivery.topic.clone().unwrap_or_default();
+        let topic_label = topic_label(&topic);
+        Ok(
+            match parse_body(delivery.topic.as_deref(), &delivery.body).await? {
+                Ok(event) => {
+                    let recognized = event.topic.is_known();
+                    let project = event.project_id.clone();
+                    GateRequest {
+                        seq: delivery.seq,
+                        handlers_if_fresh: self.routes.select(
+                            &topic,
+                            recognized,
+                            project.as_deref(),
+                            true,
+                        ),
+                        handlers_if_stale: self.routes.select(
+                            &topic,
+                            recognized,
+                            project.as_deref(),
+                            false,
+                        ),
+                        entity: event.entity,
+                        version: event.version,
+                        change: event.change,
+                        project_id: project,
+                        parse_error: None,
+                        recognized,
+                        topic_label,
+                    }
+                }
+                Err(error) => GateRequest {
+                    seq: delivery.seq,
+                    handlers_if_fresh: self.routes.select(&topic, false, None, true),
+                    handlers_if_stale: Vec::new(),
+                    entity: None,
+                    version: None,
+                    change: Change::Updated,
+                    project_id: None,
+                    parse_error: Some(error),
+                    recognized: false,
+                    topic_label,
+                },
+            },
+        )
     }
 
     /// Calls every due handler of one claimed delivery and records the attempts.
@@ -319,7 +338,18 @@ impl Dispatcher {
                 let attempt = run.attempts + 1;
                 let started_at = now_millis();
                 let result = match self.registry.get(&run.handler) {
-                    Some(handler) => handler.handle(event).await,
+                    // Bounded well inside the lease, so that no attempt is still running when
+                    // another worker may take the delivery again.
+                    Some(handler) => {
+                        let limit = self.attempt_limit();
+                        tokio::time::timeout(limit, handler.handle(event))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(HandlerError::Retryable(format!(
+                                    "attempt took longer than {limit:?} (half of dispatch.lease)"
+                                )))
+                            })
+                    }
                     None => Err(HandlerError::Permanent(format!(
                         "no handler named {:?} is configured",
                         run.handler
@@ -364,9 +394,17 @@ impl Dispatcher {
         // run again after the lease runs out, which is safe but noisy).
         let mut pause = STORE_ERROR_PAUSE;
         loop {
-            match self.store.record_attempts(claimed.seq, &results).await {
+            let recorded = self
+                .store
+                .record_attempts(claimed.seq, &self.owner, &results)
+                .await;
+            match recorded {
                 Ok(status) => {
                     tracing::debug!(delivery_id = %claimed.delivery_id, %status, "dispatched");
+                    return;
+                }
+                Err(e @ StoreError::LeaseLost(_)) => {
+                    tracing::warn!(error = %e, "attempts not recorded");
                     return;
                 }
                 Err(e) if pause < Duration::from_secs(30) => {
@@ -406,20 +444,24 @@ fn outcome_of(
     }
 }
 
-/// Parses a stored body. Small bodies are parsed in memory; blob files on a blocking thread.
-async fn parse_body(topic: Option<&str>, body: &Payload) -> Result<events::Event, String> {
+/// Parses a stored body: the outer error when it cannot be read (try again later), the inner
+/// one when it is not a valid event (for good). Small bodies are parsed in memory, blob files
+/// streamed on a blocking thread.
+async fn parse_body(
+    topic: Option<&str>,
+    body: &Payload,
+) -> std::io::Result<Result<events::Event, String>> {
     match body {
-        Payload::Inline(bytes) => events::parse(topic, bytes).map_err(|e| e.to_string()),
+        Payload::Inline(bytes) => Ok(events::parse(topic, bytes).map_err(|e| e.to_string())),
         Payload::File { path, .. } => {
             let path = path.clone();
             let topic = topic.map(str::to_owned);
             tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-                events::parse_reader(topic.as_deref(), std::io::BufReader::new(file))
-                    .map_err(|e| e.to_string())
+                let reader = std::io::BufReader::new(std::fs::File::open(&path)?);
+                Ok(events::parse_reader(topic.as_deref(), reader).map_err(|e| e.to_string()))
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(std::io::Error::other)?
         }
     }
 }

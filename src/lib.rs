@@ -56,6 +56,13 @@ impl Application {
         // Installed before the first request so that no count is lost.
         telemetry::metrics_handle();
         let store = store::open(&config).await?;
+        match store.lock_for_serving().await {
+            Ok(()) => {}
+            Err(e @ StoreError::Locked(_)) => return Err(e.into()),
+            // The store's directory is unreachable right now: start anyway (503 until it
+            // comes back), as for any other store outage.
+            Err(e) => tracing::warn!(error = %e, "could not take the store's lock file"),
+        }
         match store.sweep_orphan_blobs().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed blob files of unanswered deliveries"),

@@ -26,6 +26,9 @@ use crate::config::HandlerSettings;
 
 /// Per-attempt limit when `timeout` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upload rate a large body is given time for, on top of `timeout`: a 1 GiB label must not
+/// time out merely for being large.
+const MIN_UPLOAD_BYTES_PER_SECOND: u64 = 1024 * 1024;
 
 /// Forwards events to one URL.
 pub struct HttpHandler {
@@ -87,7 +90,7 @@ impl HttpHandler {
         }
         let client = Client::builder()
             .redirect(redirect::Policy::none())
-            .timeout(timeout)
+            .connect_timeout(timeout)
             .build()
             .map_err(|source| BuildError::HttpClient {
                 name: name.clone(),
@@ -226,9 +229,12 @@ impl Handler for HttpHandler {
                 ))
             }
         };
+        let limit =
+            self.timeout + Duration::from_secs(event.body.len() / MIN_UPLOAD_BYTES_PER_SECOND);
         let response = self
             .client
             .post(self.url.clone())
+            .timeout(limit)
             .headers(headers)
             .body(body)
             .send()

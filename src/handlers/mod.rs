@@ -630,10 +630,11 @@ argv = [\"true\"]
 
     #[test]
     fn nats_handlers_are_refused_by_name() {
-        let toml = format!(
-            "{ENDPOINT}\n[[handler]]\nname = \"bus\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n"
-        );
-        let config = load_config(&toml, &[("LB_SECRET", "s")]);
+        // check-config refuses kind = "nats" already; a config built in code reaches here.
+        let toml = format!("{ENDPOINT}\n[[handler]]\nname = \"bus\"\nkind = \"log\"\n");
+        let mut config = load_config(&toml, &[("LB_SECRET", "s")]);
+        config.settings.handler[0].kind = HandlerKind::Nats;
+        config.settings.handler[0].url = Some("nats://127.0.0.1:4222".to_owned());
         let message = Registry::from_config(&config).unwrap_err().to_string();
         assert!(message.contains("\"bus\""), "{message}");
         assert!(

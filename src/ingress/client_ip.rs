@@ -1,9 +1,11 @@
 //! Who is delivering: the client address behind any trusted proxies, and the allowlist check.
 //!
-//! The TCP peer is the truth unless it is a trusted proxy. Only then are `X-Forwarded-For` and
-//! `Forwarded` read, from the right (the hop nearest to us), skipping trusted proxies; the first
-//! untrusted address is the client. A header sent by an untrusted peer is ignored, since anyone
-//! can write one. An unparsable hop ends the walk at the last trusted address we reached, so a
+//! The TCP peer is the truth unless it is a trusted proxy. Only then is the forwarding header
+//! the proxies maintain (`network.forwarded_header`: `X-Forwarded-For` or `Forwarded`, never
+//! both: a proxy passes the other through as the client wrote it) read from the right (the hop
+//! nearest to us), skipping trusted proxies; the first untrusted address is the client. A header
+//! sent by an untrusted peer is ignored, since anyone can write one. An unparsable hop (or a
+//! header line that is not text) ends the walk at the last trusted address reached, so a
 //! malformed header can never make an untrusted client look allowed.
 
 use std::net::IpAddr;
@@ -11,15 +13,25 @@ use std::net::IpAddr;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
+use crate::config::ForwardedHeader;
+
 /// The client address of a request.
-pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> IpAddr {
+pub fn resolve(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted_proxies: &[IpNet],
+    header: ForwardedHeader,
+) -> IpAddr {
     let peer = canonical(peer);
     let is_trusted = |ip: IpAddr| trusted_proxies.iter().any(|net| net.contains(&ip));
     if !is_trusted(peer) {
         return peer;
     }
     // Hops as written by the proxies, left (oldest) to right (nearest).
-    let hops = forwarded_hops(headers);
+    let hops = match header {
+        ForwardedHeader::XForwardedFor => x_forwarded_for_hops(headers),
+        ForwardedHeader::Forwarded => forwarded_hops(headers),
+    };
     let mut client = peer;
     for hop in hops.iter().rev() {
         match hop {
@@ -35,34 +47,42 @@ pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> 
     client
 }
 
-/// Reads `Forwarded` (RFC 7239) when present, else `X-Forwarded-For`. `None` marks a hop that
-/// could not be read (obfuscated identifiers, garbage).
+/// Hops of RFC 7239 `Forwarded`, oldest first. `None` marks a hop that could not be read
+/// (obfuscated identifiers, garbage, a line that is not text).
 fn forwarded_hops(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let forwarded: Vec<&str> = headers
-        .get_all("forwarded")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if !forwarded.is_empty() {
-        return forwarded
-            .iter()
-            .flat_map(|v| v.split(','))
-            .map(|element| {
-                element
-                    .split(';')
-                    .filter_map(|pair| pair.split_once('='))
-                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
-                    .and_then(|(_, v)| parse_node(v.trim().trim_matches('"')))
-            })
-            .collect();
-    }
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|hop| parse_node(hop.trim()))
+    header_lines(headers, "forwarded")
+        .flat_map(|line| match line {
+            None => vec![None],
+            Some(line) => line
+                .split(',')
+                .map(|element| {
+                    element
+                        .split(';')
+                        .filter_map(|pair| pair.split_once('='))
+                        .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
+                        .and_then(|(_, v)| parse_node(v.trim().trim_matches('"')))
+                })
+                .collect(),
+        })
         .collect()
+}
+
+/// Hops of `X-Forwarded-For`, oldest first, `None` for what could not be read.
+fn x_forwarded_for_hops(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    header_lines(headers, "x-forwarded-for")
+        .flat_map(|line| match line {
+            None => vec![None],
+            Some(line) => line.split(',').map(|hop| parse_node(hop.trim())).collect(),
+        })
+        .collect()
+}
+
+/// Every line of a header, `None` for a line that is not visible ASCII.
+fn header_lines<'a>(
+    headers: &'a HeaderMap,
+    name: &'static str,
+) -> impl Iterator<Item = Option<&'a str>> {
+    headers.get_all(name).iter().map(|v| v.to_str().ok())
 }
 
 /// An address, possibly with a port: `1.2.3.4`, `1.2.3.4:80`, `[::1]`, `[::1]:80`, `::1`.
@@ -239,13 +259,56 @@ mod tests {
             ),
         ];
         for (peer, hdrs, trusted, expected) in cases {
-            let got = resolve(ip(peer), &headers(hdrs), &nets(trusted));
+            let which = if hdrs.iter().any(|(k, _)| *k == "forwarded") {
+                ForwardedHeader::Forwarded
+            } else {
+                ForwardedHeader::XForwardedFor
+            };
+            let got = resolve(ip(peer), &headers(hdrs), &nets(trusted), which);
             assert_eq!(
                 got,
                 ip(expected),
                 "peer {peer} headers {hdrs:?} trusted {trusted:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_header_the_proxy_does_not_maintain_is_ignored() {
+        // The proxy appends to X-Forwarded-For and passes the client's own Forwarded through.
+        let spoofed = headers(&[
+            ("forwarded", "for=35.223.142.181"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ]);
+        let trusted = nets(&["10.0.0.0/8"]);
+        let got = resolve(
+            ip("10.0.0.5"),
+            &spoofed,
+            &trusted,
+            ForwardedHeader::XForwardedFor,
+        );
+        assert_eq!(got, ip("198.51.100.7"));
+    }
+
+    #[test]
+    fn a_line_that_is_not_text_stops_the_walk() {
+        let mut map = HeaderMap::new();
+        map.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("35.223.142.181"),
+        );
+        map.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff junk, 10.0.0.7").expect("opaque header"),
+        );
+        let trusted = nets(&["10.0.0.0/8"]);
+        let got = resolve(
+            ip("10.0.0.5"),
+            &map,
+            &trusted,
+            ForwardedHeader::XForwardedFor,
+        );
+        assert_eq!(got, ip("10.0.0.5"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::body::{self, BodyError};
 use super::client_ip::{self, Allowlist};
 use super::signature::{BodyMac, ClaimedSignature, SignatureError};
 use super::VerifiedDelivery;
-use crate::config::{Config, Secrets};
+use crate::config::{Config, ForwardedHeader, Secrets};
 use crate::events::Topic;
 use crate::store::{now_millis, Status, Store, StoreError};
 
@@ -150,6 +150,7 @@ struct Inner {
     model_types: Vec<String>,
     allowlist: Allowlist,
     trusted_proxies: Vec<IpNet>,
+    forwarded_header: ForwardedHeader,
     max_body_bytes: u64,
     inline_body_max_bytes: u64,
     body_timeout: Duration,
@@ -187,6 +188,7 @@ impl IngressState {
                 .unwrap_or_default(),
             allowlist: Allowlist::new(s.network.allowlist.clone(), s.network.allow_all),
             trusted_proxies: s.network.trusted_proxies.clone(),
+            forwarded_header: s.network.forwarded_header,
             max_body_bytes: s.server.max_body_bytes,
             inline_body_max_bytes: s.store.inline_body_max_bytes,
             body_timeout: s.server.body_timeout,
@@ -200,7 +202,12 @@ impl IngressState {
 
     /// The client address, checked against the allowlist.
     fn allowed_client(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<IpAddr, IpAddr> {
-        let client = client_ip::resolve(peer.ip(), headers, &self.0.trusted_proxies);
+        let client = client_ip::resolve(
+            peer.ip(),
+            headers,
+            &self.0.trusted_proxies,
+            self.0.forwarded_header,
+        );
         if self.0.allowlist.allows(client) {
             Ok(client)
         } else {

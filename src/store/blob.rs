@@ -9,12 +9,15 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::AsyncWriteExt;
 
 /// Bytes gathered before one write call, so a large body costs few syscalls.
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Files younger than this are never swept: they may belong to a request still in flight.
+const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 static NEXT_BLOB: AtomicU64 = AtomicU64::new(0);
 
@@ -32,9 +35,20 @@ impl BlobDir {
         &self.path
     }
 
+    /// The file a row's `blob_name` refers to.
+    pub fn resolve(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
     /// Starts a new blob with a name no other process or request uses.
     pub async fn create(&self) -> io::Result<BlobWriter> {
-        tokio::fs::create_dir_all(&self.path).await?;
+        if !tokio::fs::try_exists(&self.path).await.unwrap_or(false) {
+            tokio::fs::create_dir_all(&self.path).await?;
+            // The new directory's own entry must survive a power loss too.
+            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                tokio::fs::File::open(parent).await?.sync_all().await?;
+            }
+        }
         let name = format!(
             "{}-{}-{}.body",
             std::process::id(),
@@ -55,8 +69,9 @@ impl BlobDir {
         std::fs::File::open(&self.path)?.sync_all()
     }
 
-    /// Removes blob files that no row names (left by a crash between write and commit).
-    pub fn sweep_orphans(&self, referenced: &HashSet<PathBuf>) -> io::Result<usize> {
+    /// Removes blob files that no row names (left by a crash between write and commit), when
+    /// they are older than `SWEEP_GRACE`. `referenced` holds file names.
+    pub fn sweep_orphans(&self, referenced: &HashSet<String>) -> io::Result<usize> {
         let entries = match std::fs::read_dir(&self.path) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -64,9 +79,16 @@ impl BlobDir {
         };
         let mut removed = 0;
         for entry in entries {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "body") && !referenced.contains(&path) {
-                std::fs::remove_file(&path)?;
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let old = entry
+                .metadata()?
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > SWEEP_GRACE);
+            if name.ends_with(".body") && old && !referenced.contains(&name) {
+                std::fs::remove_file(entry.path())?;
                 removed += 1;
             }
         }
@@ -125,6 +147,15 @@ pub struct StagedBlob {
 impl StagedBlob {
     pub fn path(&self) -> &Path {
         &self.guard.path
+    }
+
+    /// The file name a row records.
+    pub fn name(&self) -> String {
+        self.guard
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> u64 {

@@ -67,6 +67,13 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported store url: {0}")]
     UnsupportedUrl(String),
+    /// Attempts of a claim that is no longer this process's (its lease ran out and the
+    /// delivery was taken again, or it was replayed); they are not recorded.
+    #[error("delivery {0} is no longer claimed by this process")]
+    LeaseLost(i64),
+    /// Another process serves this database.
+    #[error("{0}")]
+    Locked(String),
 }
 
 /// Where a delivery stands, as `events list` shows it.
@@ -194,6 +201,14 @@ pub struct DeliveryDetail {
     pub parse_error: Option<String>,
     pub handlers: Vec<HandlerRun>,
     pub attempts: Vec<AttemptRecord>,
+}
+
+/// What `events replay` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    pub replayed: u64,
+    /// Matching deliveries being handled at this moment, left alone.
+    pub running: u64,
 }
 
 /// What `events replay` puts back in the queue.
@@ -324,8 +339,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored delivery with this id (one, or several when bodies differed).
     async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError>;
 
-    /// Puts deliveries back in the dispatch queue; returns how many.
-    async fn replay(&self, target: &ReplayTarget) -> Result<u64, StoreError>;
+    /// Puts deliveries back in the dispatch queue (not those being handled right now).
+    async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError>;
 
     /// Deliveries not yet parsed and gated, oldest first.
     async fn next_ungated(&self, limit: u32) -> Result<Vec<Ungated>, StoreError>;
@@ -333,7 +348,11 @@ pub trait Store: Send + Sync + 'static {
     /// For each delivery, in order: decides fresh or stale against the entity's last applied
     /// state and records, in the same transaction, the decision, the entity's new state, the
     /// delivery's status and lane position, and a pending run per selected handler.
-    async fn record_gates(&self, gates: Vec<GateRequest>) -> Result<Vec<Verdict>, StoreError>;
+    /// A gate that fails is left undecided (`None`) for the next round; the others stand.
+    async fn record_gates(
+        &self,
+        gates: Vec<GateRequest>,
+    ) -> Result<Vec<Option<Verdict>>, StoreError>;
 
     /// Leases up to `limit` deliveries with due handler runs, never two of one entity at a
     /// time and each only after everything before it in its entity's lane is finished.
@@ -345,11 +364,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Records a claimed delivery's attempts, sets its status, and releases its lease.
+    /// [`StoreError::LeaseLost`] when `owner` no longer holds the claim.
     async fn record_attempts(
         &self,
         seq: i64,
+        owner: &str,
         results: &[AttemptResult],
     ) -> Result<Status, StoreError>;
+
+    /// Holds the store for this server process: a second server on the same database fails
+    /// to start instead of sharing it unsafely.
+    async fn lock_for_serving(&self) -> Result<(), StoreError>;
 
     /// Gives up the leases of a previous run of this process (after a crash), so its work is
     /// taken again at once instead of when the leases run out.
@@ -374,9 +399,12 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     let url = &config.settings.store.url;
     if crate::config::sqlite_path(url).is_some() {
-        Ok(Arc::new(
-            sqlite::SqliteStore::open(&config.settings.store).await?,
-        ))
+        let store = sqlite::SqliteStore::open(
+            &config.settings.store,
+            config.settings.server.queue_capacity,
+        )
+        .await?;
+        Ok(Arc::new(store))
     } else {
         Err(StoreError::UnsupportedUrl(url.clone()))
     }

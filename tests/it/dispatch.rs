@@ -236,9 +236,14 @@ max_attempts = 3
 backoff = "50ms"
 secrets = [{{ value = "forward-secret" }}]
 
+[[handler]]
+name = "archive"
+kind = "file"
+path = "STORE_DIR/events.jsonl"
+
 [[route]]
 topics = ["LABEL_*"]
-handlers = ["forward"]
+handlers = ["forward", "archive"]
 "#
     )));
     let body = label_body("2026-11-20T10:00:00Z");
@@ -275,6 +280,9 @@ handlers = ["forward"]
     );
     assert!(head.contains("x-labelbox-id: cdead1"), "{head}");
     server.wait_for_status("cdead1", "delivered");
+    // The handler that had succeeded is not run again by the replay.
+    let archived = lines(&server.dir.path().join("events.jsonl"));
+    assert_eq!(archived.len(), 1, "{archived:?}");
 }
 
 #[test]

@@ -117,3 +117,42 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0() {
     assert!(status.success(), "exit status {status:?}");
     assert!(server.status_of("cterm1").is_some());
 }
+
+#[test]
+fn a_second_server_on_the_same_database_refuses_to_start() {
+    let server = TestServer::with_base("");
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&server.config_path)
+        .env("LH_TEST_SECRET", SECRET)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another labelhook server is using"), "{stderr}");
+    // The first one is unharmed.
+    assert_eq!(curl(&server.url("/readyz"), &[]).status, 200);
+}
+
+#[test]
+fn a_body_kept_in_a_blob_file_survives_a_restart_with_the_store_url_spelled_differently() {
+    let config = base_config("").replace(
+        "url = \"sqlite://STORE_DIR/labelhook.db\"",
+        "url = \"sqlite://STORE_DIR/labelhook.db\"\ninline_body_max_bytes = 1024",
+    );
+    let mut server = TestServer::start(&config);
+    assert!(LABEL_UPDATED.len() > 1024);
+    assert_eq!(deliver(&server, "cblob1", "LABEL_UPDATED", LABEL_UPDATED).status, 202);
+    let blobs = server.dir.path().join("labelhook.db.blobs");
+    assert_eq!(std::fs::read_dir(&blobs).expect("blob dir").count(), 1);
+    // Same database, another spelling of its path.
+    let text = std::fs::read_to_string(&server.config_path).expect("config");
+    let respelled = text.replace("/labelhook.db\"", "/./labelhook.db\"");
+    assert_ne!(text, respelled);
+    std::fs::write(&server.config_path, respelled).expect("write");
+    server.restart();
+    let shown = server.cli(&["events", "show", "cblob1"]);
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    let body = String::from_utf8_lossy(LABEL_UPDATED);
+    assert!(stdout.contains(body.trim()), "{stdout}");
+}

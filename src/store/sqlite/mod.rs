@@ -27,8 +27,8 @@ use self::ops::{Op, Output};
 use self::writer::{Request, WriteRequest, Writer};
 use super::{
     format_millis, Accepted, AttemptRecord, AttemptResult, BlobDir, Claimed, DeliveryDetail,
-    DeliverySummary, GateRequest, HandlerRun, ListQuery, Payload, ReplayTarget, Status, Store,
-    StoreError, Ungated,
+    DeliverySummary, GateRequest, HandlerRun, ListQuery, Payload, ReplayOutcome, ReplayTarget,
+    Status, Store, StoreError, Ungated,
 };
 use crate::config::{sqlite_path, StoreSettings};
 use crate::ingress::VerifiedDelivery;
@@ -40,6 +40,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_CONNECTIONS: u32 = 4;
 
 pub struct SqliteStore {
+    path: PathBuf,
+    /// Held by `serve` for its lifetime (see `lock_for_serving`).
+    serving_lock: std::sync::Mutex<Option<std::fs::File>>,
     writer: mpsc::Sender<WriteRequest>,
     pool: SqlitePool,
     blobs: BlobDir,
@@ -52,21 +55,19 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Starts the writer. Never fails for an unreachable database: that is reported by
     /// `check_ready` and `accept` until it can be opened.
-    pub async fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
+    pub async fn open(settings: &StoreSettings, queue_capacity: usize) -> Result<Self, StoreError> {
         let path = sqlite_path(&settings.url)
             .ok_or_else(|| StoreError::UnsupportedUrl(settings.url.clone()))?;
         let options = connect_options(&path);
-        let blobs = BlobDir::new(
-            path.parent()
-                .unwrap_or_else(|| Path::new("."))
-                .join("blobs"),
-        );
+        // One blob directory per database, so that two databases side by side never sweep
+        // each other's files.
+        let blobs = BlobDir::new(PathBuf::from(format!("{}.blobs", path.display())));
         // Readers are lazy so that a missing database does not stop the service from starting.
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS)
             .connect_lazy_with(options.clone());
         let batch_max = settings.commit_batch_max.max(1);
-        let (tx, rx) = mpsc::channel(batch_max * 16);
+        let (tx, rx) = mpsc::channel(queue_capacity.max(1));
         let work = Arc::new(Notify::new());
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel();
         let checkpoint_path = path.clone();
@@ -74,7 +75,7 @@ impl SqliteStore {
             .name("lh-checkpoint".into())
             .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
         let writer = Writer {
-            path,
+            path: path.clone(),
             conn: None,
             batch_max,
             blobs: blobs.clone(),
@@ -87,6 +88,8 @@ impl SqliteStore {
             .spawn(move || writer.run(rx, ready_tx))?;
         let _ = ready_rx.await;
         Ok(Self {
+            path,
+            serving_lock: std::sync::Mutex::new(None),
             writer: tx,
             pool,
             blobs,
@@ -138,11 +141,11 @@ fn unexpected(output: Output) -> StoreError {
     StoreError::Corrupt(format!("unexpected writer output {output:?}"))
 }
 
-/// The body columns of a row (`inline_body` from `bodies`, `body_path`, `body_len`).
-fn stored_body(row: &SqliteRow) -> Result<Payload, StoreError> {
-    Ok(match row.try_get::<Option<String>, _>("body_path")? {
-        Some(path) => Payload::File {
-            path: PathBuf::from(path),
+/// The body columns of a row (`inline_body` from `bodies`, `blob_name`, `body_len`).
+fn stored_body(row: &SqliteRow, blobs: &BlobDir) -> Result<Payload, StoreError> {
+    Ok(match row.try_get::<Option<String>, _>("blob_name")? {
+        Some(name) => Payload::File {
+            path: blobs.resolve(&name),
             len: row.try_get::<i64, _>("body_len")?.max(0) as u64,
         },
         None => Payload::Inline(Bytes::from(
@@ -209,7 +212,7 @@ impl Store for SqliteStore {
 
     async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, b.body AS inline_body, body_path, fresh, \
+            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, b.body AS inline_body, blob_name, fresh, \
              parse_error FROM deliveries d LEFT JOIN bodies b ON b.seq = d.seq \
              WHERE delivery_id = ?1 ORDER BY d.seq"
         );
@@ -223,7 +226,7 @@ impl Store for SqliteStore {
             let headers: String = row.try_get("headers")?;
             let headers = serde_json::from_str(&headers)
                 .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?;
-            let body = stored_body(row)?;
+            let body = stored_body(row, &self.blobs)?;
             let handlers = sqlx::query(
                 "SELECT handler, state, attempts, next_at, last_error FROM handler_runs \
                  WHERE delivery_seq = ?1 ORDER BY handler",
@@ -275,28 +278,27 @@ impl Store for SqliteStore {
         Ok(details)
     }
 
-    async fn replay(&self, target: &ReplayTarget) -> Result<u64, StoreError> {
+    async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
         match self.write(Op::Replay(target.clone()), true).await? {
-            Output::Replayed(n) => Ok(n),
+            Output::Replayed(outcome) => Ok(outcome),
             other => Err(unexpected(other)),
         }
     }
 
     async fn sweep_orphan_blobs(&self) -> Result<usize, StoreError> {
-        let rows = sqlx::query("SELECT body_path FROM deliveries WHERE body_path IS NOT NULL")
+        let rows = sqlx::query("SELECT blob_name FROM deliveries WHERE blob_name IS NOT NULL")
             .fetch_all(&self.pool)
             .await?;
-        let referenced: HashSet<PathBuf> = rows
+        let referenced: HashSet<String> = rows
             .iter()
             .filter_map(|r| r.try_get::<String, _>(0).ok())
-            .map(PathBuf::from)
             .collect();
         Ok(self.blobs.sweep_orphans(&referenced)?)
     }
 
     async fn next_ungated(&self, limit: u32) -> Result<Vec<Ungated>, StoreError> {
         let rows = sqlx::query(
-            "SELECT d.seq, topic, b.body AS inline_body, body_path, body_len \
+            "SELECT d.seq, topic, b.body AS inline_body, blob_name, body_len \
              FROM deliveries d LEFT JOIN bodies b ON b.seq = d.seq \
              WHERE gated = 0 ORDER BY d.seq LIMIT ?1",
         )
@@ -308,13 +310,16 @@ impl Store for SqliteStore {
                 Ok(Ungated {
                     seq: row.try_get("seq")?,
                     topic: row.try_get("topic")?,
-                    body: stored_body(row)?,
+                    body: stored_body(row, &self.blobs)?,
                 })
             })
             .collect()
     }
 
-    async fn record_gates(&self, gates: Vec<GateRequest>) -> Result<Vec<Verdict>, StoreError> {
+    async fn record_gates(
+        &self,
+        gates: Vec<GateRequest>,
+    ) -> Result<Vec<Option<Verdict>>, StoreError> {
         match self.write(Op::Gate(gates), true).await? {
             Output::Gated(verdicts) => Ok(verdicts),
             other => Err(unexpected(other)),
@@ -341,16 +346,45 @@ impl Store for SqliteStore {
     async fn record_attempts(
         &self,
         seq: i64,
+        owner: &str,
         results: &[AttemptResult],
     ) -> Result<Status, StoreError> {
         let op = Op::Record {
             seq,
+            owner: owner.to_owned(),
             results: results.to_vec(),
         };
         match self.write(op, true).await? {
             Output::Recorded(status) => Ok(status),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn lock_for_serving(&self) -> Result<(), StoreError> {
+        let lock_path = PathBuf::from(format!("{}.lock", self.path.display()));
+        if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(format!(
+                    "another labelhook server is using {} (one server per SQLite database; \
+                     use PostgreSQL for several)",
+                    self.path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        if let Ok(mut held) = self.serving_lock.lock() {
+            *held = Some(file);
+        }
+        Ok(())
     }
 
     async fn release_stale_leases(&self) -> Result<u64, StoreError> {
@@ -363,6 +397,7 @@ impl Store for SqliteStore {
     async fn queue_depth(&self) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar(
             "SELECT (SELECT COUNT(*) FROM deliveries WHERE due_at IS NOT NULL) \
+                  + (SELECT COUNT(*) FROM deliveries WHERE waiting = 1) \
                   + (SELECT COUNT(*) FROM deliveries WHERE gated = 0)",
         )
         .fetch_one(&self.pool)

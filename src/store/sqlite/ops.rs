@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::ordering::{self, Applied, Change, Verdict, Version};
 use crate::store::{
-    now_millis, Accepted, AttemptOutcome, AttemptResult, Claimed, DueRun, GateRequest,
-    IncomingBody, NewDelivery, Payload, ReplayTarget, Status, StoreError,
+    now_millis, Accepted, AttemptOutcome, AttemptResult, BlobDir, Claimed, DueRun, GateRequest,
+    IncomingBody, NewDelivery, Payload, ReplayOutcome, ReplayTarget, Status, StoreError,
 };
 
 /// A write, as queued for the writer.
@@ -28,6 +28,9 @@ pub enum Op {
     },
     Record {
         seq: i64,
+        /// The claim's owner: a record from a claim that was lost (lease expired and taken
+        /// again, or the delivery replayed meanwhile) is refused.
+        owner: String,
         results: Vec<AttemptResult>,
     },
     Replay(ReplayTarget),
@@ -39,21 +42,23 @@ pub enum Op {
 pub enum Output {
     Accepted(Accepted),
     Probed,
-    Gated(Vec<Verdict>),
+    /// Per gate, in order: its verdict, or `None` when it failed and stays ungated.
+    Gated(Vec<Option<Verdict>>),
     Claimed(Vec<Claimed>),
     Recorded(Status),
-    Replayed(u64),
+    Replayed(ReplayOutcome),
     Released(u64),
 }
 
 impl Op {
-    /// Single statements are atomic by themselves and skip the savepoint.
+    /// Single statements are atomic by themselves and skip the savepoint; `Gate` keeps one
+    /// per delivery itself, so that one failing gate does not undo the others.
     pub fn needs_savepoint(&self) -> bool {
-        !matches!(self, Op::Accept(_) | Op::Probe | Op::ReleaseLeases)
+        !matches!(self, Op::Probe | Op::ReleaseLeases | Op::Gate(_))
     }
 
     /// Runs the op on the writer's connection (inside the open transaction).
-    pub fn run(&self, conn: &Connection) -> Result<Output, StoreError> {
+    pub fn run(&self, conn: &Connection, blobs: &BlobDir) -> Result<Output, StoreError> {
         match self {
             Op::Accept(d) => insert(conn, d).map(Output::Accepted),
             Op::Probe => {
@@ -61,19 +66,34 @@ impl Op {
                     .execute([now_millis()])?;
                 Ok(Output::Probed)
             }
-            Op::Gate(gates) => gates
-                .iter()
-                .map(|gate| record_gate(conn, gate))
-                .collect::<Result<_, _>>()
-                .map(Output::Gated),
+            Op::Gate(gates) => {
+                let mut verdicts = Vec::with_capacity(gates.len());
+                for gate in gates {
+                    conn.execute_batch("SAVEPOINT gate")?;
+                    match record_gate(conn, gate) {
+                        Ok(verdict) => {
+                            conn.execute_batch("RELEASE gate")?;
+                            verdicts.push(Some(verdict));
+                        }
+                        Err(e) => {
+                            conn.execute_batch("ROLLBACK TO gate; RELEASE gate")?;
+                            tracing::error!(seq = gate.seq, error = %e, "gate failed; left for the next round");
+                            verdicts.push(None);
+                        }
+                    }
+                }
+                Ok(Output::Gated(verdicts))
+            }
             Op::Claim {
                 owner,
                 lease_ms,
                 limit,
-            } => claim(conn, owner, *lease_ms, *limit).map(Output::Claimed),
-            Op::Record { seq, results } => {
-                record_attempts(conn, *seq, results).map(Output::Recorded)
-            }
+            } => claim(conn, blobs, owner, *lease_ms, *limit).map(Output::Claimed),
+            Op::Record {
+                seq,
+                owner,
+                results,
+            } => record_attempts(conn, *seq, owner, results).map(Output::Recorded),
             Op::Replay(target) => replay(conn, target).map(Output::Replayed),
             Op::ReleaseLeases => {
                 // One server per SQLite file: a lease found at start is a dead process's.
@@ -92,19 +112,15 @@ impl Op {
 fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
     let headers = serde_json::to_string(&d.headers)
         .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?;
-    let (inline, body_path, body_len): (Option<&[u8]>, Option<String>, i64) = match &d.body {
+    let (inline, blob_name, body_len): (Option<&[u8]>, Option<String>, i64) = match &d.body {
         IncomingBody::Inline(bytes) => (Some(bytes), None, bytes.len() as i64),
-        IncomingBody::Blob(blob) => (
-            None,
-            Some(blob.path().display().to_string()),
-            blob.len() as i64,
-        ),
+        IncomingBody::Blob(blob) => (None, Some(blob.name()), blob.len() as i64),
     };
     // One statement: the dedup (unique key), the id-conflict flag and the row.
     let inserted = conn
         .prepare_cached(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, body_path, body_len, received_at, status) \
+                 client_ip, headers, blob_name, body_len, received_at, status) \
              SELECT ?1, ?2, EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = ?1 AND body_sha256 <> ?2), \
                  ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE true \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
@@ -118,7 +134,7 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
                 d.topic,
                 d.client_ip.to_string(),
                 headers,
-                body_path,
+                blob_name,
                 body_len,
                 d.received_at,
                 d.status.as_str(),
@@ -255,26 +271,29 @@ fn record_gate(conn: &Connection, gate: &GateRequest) -> Result<Verdict, StoreEr
 /// A claimed row's body: the blob file it names, or its row in `bodies`.
 fn body_of(
     conn: &Connection,
+    blobs: &BlobDir,
     seq: i64,
-    path: Option<String>,
+    blob_name: Option<String>,
     len: i64,
 ) -> Result<Payload, StoreError> {
-    Ok(match path {
-        Some(path) => Payload::File {
-            path: path.into(),
+    Ok(match blob_name {
+        Some(name) => Payload::File {
+            path: blobs.resolve(&name),
             len: len.max(0) as u64,
         },
         None => Payload::Inline(Bytes::from(
             conn.prepare_cached("SELECT body FROM bodies WHERE seq = ?1")?
                 .query_row([seq], |row| row.get::<_, Vec<u8>>(0))
                 .optional()?
-                .unwrap_or_default(),
+                // Never an empty body in its place: that would hand handlers a wrong event.
+                .ok_or_else(|| StoreError::Corrupt(format!("delivery {seq} has no body")))?,
         )),
     })
 }
 
 fn claim(
     conn: &Connection,
+    blobs: &BlobDir,
     owner: &str,
     lease_ms: i64,
     limit: u32,
@@ -291,7 +310,7 @@ fn claim(
                    AND (d.lease_until IS NULL OR d.lease_until < ?3) \
                  ORDER BY d.due_at, d.seq LIMIT ?4) \
              RETURNING seq, delivery_id, topic, entity, version, project_id, fresh, \
-                 parse_error, received_at, body_path, body_len",
+                 parse_error, received_at, blob_name, body_len",
         )?
         .query_map(
             params![owner, now.saturating_add(lease_ms), now, i64::from(limit)],
@@ -316,7 +335,7 @@ fn claim(
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .map(|(mut claimed, (path, len))| {
-            claimed.body = body_of(conn, claimed.seq, path, len)?;
+            claimed.body = body_of(conn, blobs, claimed.seq, path, len)?;
             Ok(claimed)
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
@@ -342,8 +361,15 @@ fn claim(
 fn record_attempts(
     conn: &Connection,
     seq: i64,
+    owner: &str,
     results: &[AttemptResult],
 ) -> Result<Status, StoreError> {
+    let holder = conn
+        .prepare_cached("SELECT lease_owner FROM deliveries WHERE seq = ?1")?
+        .query_row([seq], |row| row.get::<_, Option<String>>(0))?;
+    if holder.as_deref() != Some(owner) {
+        return Err(StoreError::LeaseLost(seq));
+    }
     let mut update_run = conn.prepare_cached(
         "UPDATE handler_runs SET state = ?3, attempts = ?4, next_at = ?5, \
          last_error = COALESCE(?6, last_error) WHERE delivery_seq = ?1 AND handler = ?2",
@@ -434,31 +460,46 @@ fn finish_in_lane(conn: &Connection, seq: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn replay(conn: &Connection, target: &ReplayTarget) -> Result<u64, StoreError> {
-    let seqs: Vec<i64> = match target {
+fn replay(conn: &Connection, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
+    let now = now_millis();
+    let rows: Vec<(i64, bool)> = match target {
         ReplayTarget::DeliveryId(id) => conn
-            .prepare_cached("SELECT seq FROM deliveries WHERE delivery_id = ?1")?
-            .query_map([id], |row| row.get(0))?
+            .prepare_cached(
+                "SELECT seq, COALESCE(lease_until > ?2, 0) FROM deliveries WHERE delivery_id = ?1",
+            )?
+            .query_map(params![id, now], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?,
         ReplayTarget::Status(status) => conn
-            .prepare_cached("SELECT seq FROM deliveries WHERE status = ?1")?
-            .query_map([status.as_str()], |row| row.get(0))?
+            .prepare_cached(
+                "SELECT seq, COALESCE(lease_until > ?2, 0) FROM deliveries WHERE status = ?1",
+            )?
+            .query_map(params![status.as_str(), now], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
             .collect::<Result<_, _>>()?,
     };
-    let mut forget_runs =
-        conn.prepare_cached("DELETE FROM handler_runs WHERE delivery_seq = ?1")?;
-    // Back to the start: gated again (the entity may have moved on meanwhile) and every
-    // handler run again with fresh attempts.
+    // Runs that succeeded stay done; the others start over with fresh attempts.
+    let mut forget_runs = conn
+        .prepare_cached("DELETE FROM handler_runs WHERE delivery_seq = ?1 AND state <> 'done'")?;
+    // Back to the gate: the entity may have moved on meanwhile, and the ordering promise holds
+    // for replays too (a replayed event older than what was applied since becomes `stale`).
     let mut reset = conn.prepare_cached(
         "UPDATE deliveries SET gated = 0, fresh = NULL, lane_pos = NULL, waiting = 0, \
          status = CASE WHEN status = 'unrecognized' THEN status ELSE 'pending' END, \
          due_at = NULL, lease_owner = NULL, lease_until = NULL WHERE seq = ?1",
     )?;
-    for seq in &seqs {
+    let mut outcome = ReplayOutcome::default();
+    for (seq, running) in rows {
+        if running {
+            // Being handled right now: replaying it would run it twice at once.
+            outcome.running += 1;
+            continue;
+        }
         // A replayed lane head steps aside first, or it would wait behind itself.
-        finish_in_lane(conn, *seq)?;
+        finish_in_lane(conn, seq)?;
         forget_runs.execute([seq])?;
         reset.execute([seq])?;
+        outcome.replayed += 1;
     }
-    Ok(seqs.len() as u64)
+    Ok(outcome)
 }

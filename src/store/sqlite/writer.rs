@@ -120,7 +120,7 @@ impl Writer {
                 for (request, result) in batch.into_iter().zip(results) {
                     new_work |= match &result {
                         Ok(Output::Accepted(a)) => !a.duplicate,
-                        Ok(Output::Replayed(n)) => *n > 0,
+                        Ok(Output::Replayed(outcome)) => outcome.replayed > 0,
                         _ => false,
                     };
                     if let (
@@ -174,20 +174,21 @@ impl Writer {
             // names them.
             self.blobs.sync_dir()?;
         }
+        let blobs = self.blobs.clone();
         let conn = self.connection()?;
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
         for request in batch {
             let result = if request.op.needs_savepoint() {
                 let savepoint = tx.savepoint()?;
-                let result = request.op.run(&savepoint);
+                let result = request.op.run(&savepoint, &blobs);
                 if result.is_ok() {
                     savepoint.commit()?;
                 }
                 // Dropped uncommitted, the savepoint rolls back this op alone.
                 result
             } else {
-                request.op.run(&tx)
+                request.op.run(&tx, &blobs)
             };
             results.push(result);
         }

@@ -9,7 +9,7 @@ CREATE TABLE deliveries (
     topic        TEXT,
     client_ip    TEXT    NOT NULL,
     headers      TEXT    NOT NULL,              -- JSON [[name, value], ...], signatures redacted
-    body_path    TEXT,                          -- large bodies: a blob file beside the database
+    blob_name    TEXT,                          -- large bodies: a file in the blob directory
     body_len     INTEGER NOT NULL,
     received_at  INTEGER NOT NULL,              -- unix milliseconds
     status       TEXT    NOT NULL,              -- pending|delivered|stale|dead|unrecognized
