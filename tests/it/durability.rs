@@ -129,7 +129,10 @@ fn a_second_server_on_the_same_database_refuses_to_start() {
         .expect("run");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("another labelhook server is using"), "{stderr}");
+    assert!(
+        stderr.contains("another labelhook server is using"),
+        "{stderr}"
+    );
     // The first one is unharmed.
     assert_eq!(curl(&server.url("/readyz"), &[]).status, 200);
 }
@@ -142,7 +145,10 @@ fn a_body_kept_in_a_blob_file_survives_a_restart_with_the_store_url_spelled_diff
     );
     let mut server = TestServer::start(&config);
     assert!(LABEL_UPDATED.len() > 1024);
-    assert_eq!(deliver(&server, "cblob1", "LABEL_UPDATED", LABEL_UPDATED).status, 202);
+    assert_eq!(
+        deliver(&server, "cblob1", "LABEL_UPDATED", LABEL_UPDATED).status,
+        202
+    );
     let blobs = server.dir.path().join("labelhook.db.blobs");
     assert_eq!(std::fs::read_dir(&blobs).expect("blob dir").count(), 1);
     // Same database, another spelling of its path.
