@@ -151,8 +151,9 @@ fn send_delivers_like_labelbox_and_healthcheck_reports_the_server() {
     let health = |url: &str| {
         Command::new(bin())
             .args(["healthcheck", "--url", url])
-            .status()
+            .output()
             .expect("run")
+            .status
     };
     assert!(health(&server.base_url).success());
     let url = server.base_url.clone();
