@@ -98,6 +98,18 @@ w(f"| HMAC-SHA1 >= 0.8 x OpenSSL on the same bytes | `labelhook sign` {float(our
   f"`openssl dgst -sha1 -hmac` {float(openssl_s):.3f} s on the same {human(int(huge_size))} "
   f"(best of 3): {hmac_ratio} x, same digest: {same_digest} | "
   f"{'reached' if float(hmac_ratio) >= 0.8 and same_digest == 'yes' else 'not reached'} |\n")
+w("""How each target was measured, all by `bench/run.sh`:
+
+- rows 1 and 2: `../shared/bench/run-anchors.sh PAYLOAD SECS` with `LABELHOOK_CMD` serving
+  `bench/labelhook.toml` on a fresh store, for the 2 KiB and 300 KiB payloads of
+  `../shared/bench/payloads/`;
+- row 3: `bench/make_payload.py` writes a 512 MiB LABEL_UPDATED body, `curl -T` posts it signed
+  to `labelhook serve --config bench/labelhook.toml`, the script waits for the `file` handler's
+  line to be complete, and the growth is `VmHWM` after minus `VmRSS` before, from
+  `/proc/PID/status`;
+- row 4: `openssl dgst -sha1 -hmac bench-secret` and `labelhook sign` on the same 512 MiB file,
+  best wall time of three each.
+""")
 
 w("## Where the time goes\n")
 w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from `/proc`:
@@ -109,8 +121,9 @@ w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from
   write (deliveries, gate decisions, claims, attempt records) sharing one group commit, talking
   to SQLite directly with cached statements; bodies in a table of their own so the
   dispatcher's updates do not rewrite them; WAL checkpoints on a separate thread; only the head
-  of an entity's lane is ever due, so a claim never scans the backlog. That took the 2 KiB rate
-  from about 5,000 to about 11,000 per second and the p99 from 835 ms to under 10 ms.
+  of an entity's lane is ever due, so a claim never scans the backlog; a WAL kept bounded. In
+  the runs during that work the 2 KiB rate went from about 5,000 to 11,000-14,000 per second and
+  the p99 from 835 ms to 10-20 ms.
 - **What limits 2 KiB deliveries now** is that single writer thread: about 50 us of CPU per
   delivery (the insert with its dedup key and indexes, the gate, the claim, the attempt record,
   each a B-tree update written to the WAL) plus the fsync of each batch. The two cores are
