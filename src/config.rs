@@ -72,8 +72,13 @@ pub struct ServerSettings {
     /// The whole body must arrive within this, or the request gets 408.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
-    /// Deliveries waiting for the store writer; above this, new ones get 503.
+    /// Writes waiting for the store writer; above this, new deliveries get 503.
     pub queue_capacity: usize,
+    /// Bodies being written to blob files at once. Their signature is only known once they
+    /// have arrived, so this bounds the disk an unauthenticated sender can take to
+    /// `max_spilling_bodies * max_body_bytes`; further large bodies wait their turn (within
+    /// `body_timeout`) with their bytes left in the socket.
+    pub max_spilling_bodies: usize,
     /// How long shutdown waits for in-flight requests before closing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -88,6 +93,7 @@ impl Default for ServerSettings {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(300),
             queue_capacity: 4096,
+            max_spilling_bodies: 4,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -502,6 +508,12 @@ impl Settings {
         };
         if self.server.max_body_bytes == 0 {
             problem("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.server.max_spilling_bodies == 0 {
+            problem(
+                "server.max_spilling_bodies".into(),
+                "must be greater than 0",
+            );
         }
         if self.server.queue_capacity == 0 {
             problem("server.queue_capacity".into(), "must be greater than 0");

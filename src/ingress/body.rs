@@ -4,9 +4,12 @@
 //! Memory stays flat whatever the size: at most `inline_max` bytes are buffered before the body
 //! spills to disk, and the hashers see each chunk once.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::signature::BodyMac;
 use crate::store::{BlobDir, BlobWriter, IncomingBody};
@@ -30,18 +33,33 @@ pub struct ReceivedBody {
 
 enum Buffer {
     Memory(Vec<Bytes>, usize),
-    Disk(BlobWriter),
+    /// Holds one of the spill permits until the whole body has arrived.
+    Disk(BlobWriter, OwnedSemaphorePermit),
 }
 
-/// Reads `body` to its end, feeding `mac`. Refuses anything over `limit` as soon as it is
-/// crossed; spills to `blobs` once more than `inline_max` bytes arrived.
+/// Where and how much a body may take.
+pub struct BodyLimits<'a> {
+    /// Larger bodies are refused (413) as soon as the limit is crossed.
+    pub max_bytes: u64,
+    /// Larger bodies are written to a blob file as they arrive.
+    pub inline_max: u64,
+    pub blobs: &'a BlobDir,
+    /// One permit per body being written to disk at a time.
+    pub spill_permits: &'a Arc<Semaphore>,
+}
+
+/// Reads `body` to its end, feeding `mac`, within `limits`.
 pub async fn receive(
     body: Body,
-    limit: u64,
-    inline_max: u64,
-    blobs: &BlobDir,
+    limits: &BodyLimits<'_>,
     mac: &mut BodyMac,
 ) -> Result<ReceivedBody, BodyError> {
+    let BodyLimits {
+        max_bytes: limit,
+        inline_max,
+        blobs,
+        spill_permits,
+    } = *limits;
     let mut stream = body.into_data_stream();
     let mut hasher = Sha256::new();
     let mut total: u64 = 0;
@@ -61,22 +79,28 @@ pub async fn receive(
                 Buffer::Memory(chunks, len)
             }
             Buffer::Memory(chunks, _) => {
+                // Waiting here leaves the rest of the body in the socket: backpressure, not
+                // disk, for senders beyond the limit.
+                let permit = Arc::clone(spill_permits)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| BodyError::Read("shutting down".into()))?;
                 let mut writer = blobs.create().await?;
                 for earlier in chunks {
                     writer.write(&earlier).await?;
                 }
                 writer.write(&chunk).await?;
-                Buffer::Disk(writer)
+                Buffer::Disk(writer, permit)
             }
-            Buffer::Disk(mut writer) => {
+            Buffer::Disk(mut writer, permit) => {
                 writer.write(&chunk).await?;
-                Buffer::Disk(writer)
+                Buffer::Disk(writer, permit)
             }
         };
     }
     let content = match buffer {
         Buffer::Memory(chunks, len) => IncomingBody::Inline(concat(chunks, len)),
-        Buffer::Disk(writer) => IncomingBody::Blob(writer.finish().await?),
+        Buffer::Disk(writer, _permit) => IncomingBody::Blob(writer.finish().await?),
     };
     Ok(ReceivedBody {
         content,

@@ -153,6 +153,7 @@ struct Inner {
     forwarded_header: ForwardedHeader,
     max_body_bytes: u64,
     inline_body_max_bytes: u64,
+    spill_permits: Arc<tokio::sync::Semaphore>,
     body_timeout: Duration,
     store: Arc<dyn Store>,
 }
@@ -191,6 +192,7 @@ impl IngressState {
             forwarded_header: s.network.forwarded_header,
             max_body_bytes: s.server.max_body_bytes,
             inline_body_max_bytes: s.store.inline_body_max_bytes,
+            spill_permits: Arc::new(tokio::sync::Semaphore::new(s.server.max_spilling_bodies)),
             body_timeout: s.server.body_timeout,
             store,
         }))
@@ -355,18 +357,16 @@ async fn accept(
     };
 
     let mut mac = BodyMac::new(claimed.algorithm, &source.auth.secrets);
-    let received = tokio::time::timeout(
-        state.0.body_timeout,
-        body::receive(
-            body,
-            state.0.max_body_bytes,
-            state.0.inline_body_max_bytes,
-            state.0.store.blob_dir(),
-            &mut mac,
-        ),
-    )
-    .await
-    .map_err(|_| IngressError::BodyTimeout)??;
+    let limits = body::BodyLimits {
+        max_bytes: state.0.max_body_bytes,
+        inline_max: state.0.inline_body_max_bytes,
+        blobs: state.0.store.blob_dir(),
+        spill_permits: &state.0.spill_permits,
+    };
+    let received =
+        tokio::time::timeout(state.0.body_timeout, body::receive(body, &limits, &mut mac))
+            .await
+            .map_err(|_| IngressError::BodyTimeout)??;
     mac.verify(&claimed)?;
 
     let delivery_id = given_id.unwrap_or_else(|| hex::encode(received.sha256));

@@ -542,3 +542,77 @@ fn admin_routes_move_to_their_own_listener_when_configured() {
     assert_eq!(curl(&format!("{admin}/metrics"), &[]).status, 200);
     assert_eq!(curl(&server.url("/metrics"), &[]).status, 404);
 }
+
+#[test]
+fn large_bodies_beyond_max_spilling_bodies_wait_instead_of_filling_the_disk() {
+    use std::io::Write;
+    let config = base_config("")
+        .replace(
+            "body_timeout = \"30s\"",
+            "body_timeout = \"30s\"\nmax_spilling_bodies = 1",
+        )
+        .replace(
+            "url = \"sqlite://STORE_DIR/labelhook.db\"",
+            "url = \"sqlite://STORE_DIR/labelhook.db\"\ninline_body_max_bytes = 1024",
+        );
+    let server = TestServer::start(&config);
+    assert!(LABEL_UPDATED.len() > 1500);
+    // A: past the inline limit, then silent, holding the only spill permit.
+    let addr = server.base_url.trim_start_matches("http://").to_owned();
+    let mut stalled = std::net::TcpStream::connect(&addr).expect("connect");
+    let head = format!(
+        "POST /webhooks/labelbox HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-Labelbox-Event: LABEL_UPDATED\r\nX-Labelbox-Id: cstall1\r\nX-Hub-Signature: sha1={}\r\n\
+         Content-Length: {}\r\n\r\n",
+        "0".repeat(40),
+        LABEL_UPDATED.len()
+    );
+    stalled.write_all(head.as_bytes()).expect("write");
+    stalled.write_all(&LABEL_UPDATED[..1500]).expect("write");
+    let blobs = server.dir.path().join("labelhook.db.blobs");
+    let spilled = || std::fs::read_dir(&blobs).map_or(0, |d| d.count());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while spilled() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first body never spilled"
+        );
+        std::thread::park_timeout(std::time::Duration::from_millis(10));
+    }
+    // B: a genuine large delivery waits for the permit; its sender gives up after 3 s.
+    let file = body_file(server.dir.path(), "b.json", LABEL_UPDATED);
+    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, LABEL_UPDATED));
+    let waited = curl(
+        &server.url("/webhooks/labelbox"),
+        &[
+            "--max-time",
+            "3",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "X-Labelbox-Event: LABEL_UPDATED",
+            "-H",
+            "X-Labelbox-Id: cwait1",
+            "-H",
+            &sig,
+            "--data-binary",
+            &file,
+        ],
+    );
+    assert_ne!(
+        waited.status, 202,
+        "a second body spilled while the permit was held"
+    );
+    assert_eq!(spilled(), 1);
+    // A goes away: its blob is removed and large deliveries are taken again.
+    drop(stalled);
+    let later = deliver(&server, "cafter1", "LABEL_UPDATED", LABEL_UPDATED);
+    assert_eq!(later.status, 202, "{}", later.body);
+    let ids: Vec<String> = server
+        .events()
+        .iter()
+        .map(|e| e["delivery_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(ids, vec!["cafter1"]);
+    assert_eq!(spilled(), 1, "only the accepted delivery's blob is left");
+}
