@@ -380,8 +380,13 @@ impl Secrets {
     }
 
     pub fn for_handler(&self, name: &str) -> &[SecretString] {
-        self.for_endpoint(&format!("\0handler:{name}"))
+        self.for_endpoint(&handler_owner(name))
     }
+}
+
+/// The key under which a handler's secrets are kept (cannot clash with an endpoint name).
+fn handler_owner(name: &str) -> String {
+    format!("\0handler:{name}")
 }
 
 /// Settings plus everything resolved from them.
@@ -675,7 +680,7 @@ impl Settings {
         for (i, h) in self.handler.iter().enumerate() {
             if let Some(list) = &h.secrets {
                 resolve_all(
-                    format!("\0handler:{}", h.name),
+                    handler_owner(&h.name),
                     format!("handler[{i}].secrets"),
                     list,
                 );

@@ -273,7 +273,7 @@ impl Dispatcher {
     /// when the body cannot be read.
     async fn gate_request(&self, delivery: &Ungated) -> std::io::Result<GateRequest> {
         let topic = delivery.topic.clone().unwrap_or_default();
-        let topic_label = topic_label(&topic);
+        let topic_label = Topic::metric_label(&topic);
         Ok(
             match parse_body(delivery.topic.as_deref(), &delivery.body).await? {
                 Ok(event) => {
@@ -463,15 +463,6 @@ async fn parse_body(
             .await
             .map_err(std::io::Error::other)?
         }
-    }
-}
-
-fn topic_label(topic: &str) -> &'static str {
-    let parsed = Topic::parse(topic);
-    if parsed.is_known() {
-        parsed.as_str()
-    } else {
-        "unknown"
     }
 }
 

@@ -63,6 +63,17 @@ impl Topic {
     }
 
     /// `false` only for [`Topic::Unknown`].
+    /// The label metrics use for a raw topic header: its canonical name, or `unknown`, so that
+    /// whatever a sender writes there cannot grow a metric without bound.
+    pub fn metric_label(header: &str) -> &'static str {
+        let topic = Topic::parse(header);
+        if topic.is_known() {
+            topic.as_str()
+        } else {
+            "unknown"
+        }
+    }
+
     pub fn is_known(&self) -> bool {
         *self != Topic::Unknown
     }

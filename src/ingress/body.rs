@@ -119,8 +119,3 @@ fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
     }
     joined.freeze()
 }
-
-/// SHA-256 of a whole body (used where the body is already in memory).
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}

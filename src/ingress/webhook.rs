@@ -403,14 +403,7 @@ fn respond(
     outcome: Result<(IpAddr, Answer), (IpAddr, IngressError)>,
 ) -> Response {
     // Raw topics are unbounded; metrics only see the canonical ones.
-    let topic_label = topic.map_or("none", |t| {
-        let topic = Topic::parse(t);
-        if topic.is_known() {
-            topic.as_str()
-        } else {
-            "unknown"
-        }
-    });
+    let topic_label = topic.map_or("none", Topic::metric_label);
     let (label, response) = match outcome {
         Ok((
             client,

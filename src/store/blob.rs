@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,10 +29,6 @@ pub struct BlobDir {
 impl BlobDir {
     pub fn new(path: PathBuf) -> Self {
         Self { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The file a row's `blob_name` refers to.
@@ -145,10 +141,6 @@ pub struct StagedBlob {
 }
 
 impl StagedBlob {
-    pub fn path(&self) -> &Path {
-        &self.guard.path
-    }
-
     /// The file name a row records.
     pub fn name(&self) -> String {
         self.guard

@@ -291,50 +291,41 @@ pub fn body_file(dir: &Path, name: &str, body: &[u8]) -> String {
 
 /// Posts a signed delivery the way Labelbox does (SHA-1 header only).
 pub fn deliver(server: &TestServer, id: &str, topic: &str, body: &[u8]) -> Answer {
-    let file = body_file(server.dir.path(), &format!("body-{id}.json"), body);
-    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
-    let event = format!("X-Labelbox-Event: {topic}");
-    let id_header = format!("X-Labelbox-Id: {id}");
-    curl(
-        &server.url("/webhooks/labelbox"),
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            &sig,
-            "-H",
-            &event,
-            "-H",
-            &id_header,
-            "--data-binary",
-            &file,
-        ],
-    )
+    post_signed(server, id, topic, body, &[])
 }
 
 /// Posts a signed delivery with chunked transfer encoding (no Content-Length), so any size limit
 /// is found while the body streams.
 pub fn deliver_chunked(server: &TestServer, id: &str, body: &[u8]) -> Answer {
-    let file = body_file(server.dir.path(), &format!("chunked-{id}.json"), body);
-    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
-    let id_header = format!("X-Labelbox-Id: {id}");
-    curl(
-        &server.url("/webhooks/labelbox"),
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            "Transfer-Encoding: chunked",
-            "-H",
-            "X-Labelbox-Event: LABEL_UPDATED",
-            "-H",
-            &id_header,
-            "-H",
-            &sig,
-            "--data-binary",
-            &file,
-        ],
+    post_signed(
+        server,
+        id,
+        "LABEL_UPDATED",
+        body,
+        &["-H", "Transfer-Encoding: chunked"],
     )
+}
+
+/// A delivery signed with `SECRET`, with any extra curl arguments.
+fn post_signed(server: &TestServer, id: &str, topic: &str, body: &[u8], extra: &[&str]) -> Answer {
+    let file = body_file(server.dir.path(), &format!("body-{id}.json"), body);
+    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
+    let event = format!("X-Labelbox-Event: {topic}");
+    let id_header = format!("X-Labelbox-Id: {id}");
+    let mut args = vec![
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        &sig,
+        "-H",
+        &event,
+        "-H",
+        &id_header,
+        "--data-binary",
+        &file,
+    ];
+    args.extend_from_slice(extra);
+    curl(&server.url("/webhooks/labelbox"), &args)
 }
 
 /// Posts a model-training callback, signed with `secret` when one is given.

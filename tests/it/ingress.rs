@@ -88,7 +88,7 @@ fn missing_delivery_id_is_derived_from_the_body_hash() {
     ];
     let answer = post(&server, &headers, LABEL_UPDATED);
     assert_eq!(answer.status, 202, "{}", answer.body);
-    let expected = labelhook::ingress::body::sha256(LABEL_UPDATED);
+    let expected: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(LABEL_UPDATED).into();
     assert_eq!(stored_ids(&server), vec![hex::encode(expected)]);
     // The same body again is the same delivery.
     assert_eq!(post(&server, &headers, LABEL_UPDATED).status, 200);
