@@ -80,13 +80,20 @@ fn every_acknowledged_delivery_survives_kill_9_and_a_restart() {
 #[test]
 fn sigterm_finishes_the_request_in_flight_then_exits_0() {
     use std::io::{Read, Write};
-    let mut server = TestServer::with_base("");
+    // A small inline limit makes the partial body spill to a blob file: the proof, visible from
+    // outside, that the server is reading this request when the signal arrives.
+    let mut server = TestServer::start(&base_config("").replace(
+        "url = \"sqlite://STORE_DIR/labelhook.db\"",
+        "url = \"sqlite://STORE_DIR/labelhook.db\"\ninline_body_max_bytes = 1024",
+    ));
     let addr = server.base_url.trim_start_matches("http://").to_owned();
     let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     let sig = sha1_sig(SECRET, LABEL_UPDATED);
+    let sent = 1500;
+    assert!(LABEL_UPDATED.len() > sent);
     let head = format!(
         "POST /webhooks/labelbox HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
          X-Labelbox-Event: LABEL_UPDATED\r\nX-Labelbox-Id: cterm1\r\nX-Hub-Signature: {sig}\r\n\
@@ -94,9 +101,16 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0() {
         LABEL_UPDATED.len()
     );
     stream.write_all(head.as_bytes()).expect("write");
-    stream.write_all(&LABEL_UPDATED[..100]).expect("write");
-    // Make sure the server has the request before the signal: the headers were answered by
-    // nothing yet, so wait until the log shows the server is still up, then signal.
+    stream.write_all(&LABEL_UPDATED[..sent]).expect("write");
+    let blobs = server.dir.path().join("labelhook.db.blobs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&blobs).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server never started reading the body"
+        );
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
     let pid = server.pid();
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -109,7 +123,9 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0() {
         assert!(Instant::now() < deadline, "no shutdown log");
         std::thread::park_timeout(Duration::from_millis(10));
     }
-    stream.write_all(&LABEL_UPDATED[100..]).expect("write rest");
+    stream
+        .write_all(&LABEL_UPDATED[sent..])
+        .expect("write rest");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).expect("answer");
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
