@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use labelhook::handlers::{Handler, HandlerError, HandlerEvent, Payload};
+use labelhook::handlers::{Handler, HandlerError, HandlerEvent};
 
 struct CountAnnotations;
 
@@ -15,9 +15,9 @@ impl Handler for CountAnnotations {
         if !event.fresh {
             return Ok(()); // a stale event, given only to routes with deliver_stale
         }
-        let Payload::Inline(body) = &event.body else {
+        let Some(body) = event.body.as_inline() else {
             return Err(HandlerError::Permanent(
-                "large bodies are streamed from a file".into(),
+                "large bodies are read as a stream (event.body.stream())".into(),
             ));
         };
         let label = labelhook::events::decode_label(body)

@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{Config, ConfigError, Settings, DEFAULT_CONFIG_PATH};
-use crate::ingress::signature::{sign, sign_reader, Algorithm};
-use crate::store::{ListQuery, Payload, ReplayTarget, Status, StoreError};
+use crate::delivery::signature::{sign, sign_reader, Algorithm};
+use crate::delivery::{Status, SystemClock};
+use crate::store::{redact_url, Inspect, ListQuery, ReplayTarget, StoreError};
 use crate::{server, telemetry, Application, StartError};
 
 /// The secret `sign` and `send` use when no option names one.
@@ -204,7 +205,7 @@ fn check_config(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, 
                 s.endpoint.len(),
                 s.handler.len(),
                 s.route.len(),
-                s.store.url.split('?').next().unwrap_or_default()
+                redact_url(s.store.url.split('?').next().unwrap_or_default())
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -288,20 +289,13 @@ async fn events(
 ) -> Result<ExitCode, CliError> {
     // Secrets are not needed to read the store: load the settings only.
     let settings = Settings::load(path, env, true)?;
-    let config = Config {
-        settings,
-        secrets: Default::default(),
-    };
-    let store = crate::store::open(&config).await?;
-    let result = events_with(store.as_ref(), command).await;
-    store.close().await;
-    result
+    let store =
+        crate::store::open_for_inspection(&settings.store, std::sync::Arc::new(SystemClock))
+            .await?;
+    events_with(store.as_ref(), command).await
 }
 
-async fn events_with(
-    store: &dyn crate::store::Store,
-    command: EventsCommand,
-) -> Result<ExitCode, CliError> {
+async fn events_with(store: &dyn Inspect, command: EventsCommand) -> Result<ExitCode, CliError> {
     let mut out = std::io::stdout().lock();
     match command {
         EventsCommand::List {
@@ -395,14 +389,14 @@ async fn events_with(
                     )?;
                 }
                 writeln!(out, "body ({} bytes):", d.body.len())?;
-                match &d.body {
-                    Payload::File { path, len } if *len > SHOW_BODY_MAX_BYTES => {
-                        writeln!(out, "  (stored in {})", path.display())?;
-                    }
-                    body => {
-                        let bytes = body.read_all().await?;
-                        writeln!(out, "{}", String::from_utf8_lossy(&bytes))?;
-                    }
+                if d.body.len() > SHOW_BODY_MAX_BYTES {
+                    writeln!(
+                        out,
+                        "  (larger than {SHOW_BODY_MAX_BYTES} bytes; not printed)"
+                    )?;
+                } else {
+                    let bytes = d.body.read_all().await?;
+                    writeln!(out, "{}", String::from_utf8_lossy(&bytes))?;
                 }
                 writeln!(out)?;
             }

@@ -138,15 +138,30 @@ impl Default for NetworkSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSettings {
-    /// `sqlite://path/to/file.db` (created when missing) or `postgres://...`.
+    /// `sqlite://path/to/file.db` (created when missing) or `postgres://user@host/db`.
     pub url: String,
-    /// Bodies larger than this are written to a blob file beside the database instead of a row.
+    /// Bodies larger than this are kept apart from the delivery's row (SQLite: a file beside
+    /// the database; PostgreSQL: chunks in a table of their own) and streamed in and out.
     pub inline_body_max_bytes: u64,
-    /// Most deliveries committed together in one transaction (group commit).
+    /// SQLite: most deliveries committed together in one transaction (group commit).
     pub commit_batch_max: usize,
+    /// PostgreSQL: connections this process keeps to the database.
+    pub max_connections: u32,
+}
+
+impl fmt::Debug for StoreSettings {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("url", &crate::store::redact_url(&self.url))
+            .field("inline_body_max_bytes", &self.inline_body_max_bytes)
+            .field("commit_batch_max", &self.commit_batch_max)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
 }
 
 impl Default for StoreSettings {
@@ -155,6 +170,7 @@ impl Default for StoreSettings {
             url: "sqlite://data/labelhook.db".to_owned(),
             inline_body_max_bytes: 64 * 1024,
             commit_batch_max: 256,
+            max_connections: 16,
         }
     }
 }
@@ -162,11 +178,19 @@ impl Default for StoreSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchSettings {
+    /// False: this process only receives and stores; other replicas on the same PostgreSQL
+    /// database handle the deliveries.
+    pub enabled: bool,
     /// Entity lanes handled at the same time.
     pub concurrency: usize,
-    /// How long a claimed delivery stays reserved for this process before another may take it.
+    /// How long claimed work stays reserved for this process without being renewed. It is
+    /// renewed every third of this while handlers run; work of a process that died is taken
+    /// over by another once this has passed.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// The longest one handler attempt may take, whatever the handler itself allows.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
     /// How often the store is polled when nothing wakes the dispatcher earlier.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -175,8 +199,10 @@ pub struct DispatchSettings {
 impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
+            enabled: true,
             concurrency: 32,
-            lease: Duration::from_secs(300),
+            lease: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(30 * 60),
             poll_interval: Duration::from_secs(1),
         }
     }
@@ -419,19 +445,6 @@ impl Config {
         let env: HashMap<String, String> = std::env::vars().collect();
         Self::load(path, &env, required)
     }
-
-    /// The SQLite database file when the store is SQLite.
-    pub fn sqlite_path(&self) -> Option<PathBuf> {
-        sqlite_path(&self.settings.store.url)
-    }
-}
-
-/// `sqlite://data/x.db` and `sqlite:data/x.db` → `data/x.db`.
-pub fn sqlite_path(url: &str) -> Option<PathBuf> {
-    let rest = url.strip_prefix("sqlite:")?;
-    let rest = rest.strip_prefix("//").unwrap_or(rest);
-    let rest = rest.split('?').next().unwrap_or(rest);
-    Some(PathBuf::from(rest))
 }
 
 impl Settings {
@@ -535,11 +548,27 @@ impl Settings {
         if self.dispatch.concurrency == 0 {
             problem("dispatch.concurrency".into(), "must be greater than 0");
         }
-        if !self.store.url.starts_with("sqlite:") {
-            problem(
+        if self.dispatch.lease < Duration::from_secs(1) {
+            problem("dispatch.lease".into(), "must be at least 1s");
+        }
+        if self.dispatch.attempt_timeout.is_zero() {
+            problem("dispatch.attempt_timeout".into(), "must be greater than 0");
+        }
+        if self.store.max_connections < 2 {
+            // One connection listens for other replicas' wake-ups; the rest do the work.
+            problem("store.max_connections".into(), "must be at least 2");
+        }
+        match crate::store::Backend::from_url(&self.store.url) {
+            Err(_) => problem(
                 "store.url".into(),
-                "must start with sqlite:// (PostgreSQL is not supported by this build yet)",
-            );
+                "must be sqlite://PATH or postgres://USER@HOST/DATABASE",
+            ),
+            Ok(crate::store::Backend::Sqlite(_)) if !self.dispatch.enabled => problem(
+                "dispatch.enabled".into(),
+                "false needs a store shared with a replica that dispatches (PostgreSQL); \
+                 with SQLite nothing would ever be handled",
+            ),
+            Ok(_) => {}
         }
         if self.network.allowlist.is_empty() && !self.network.allow_all {
             problem(
@@ -947,15 +976,24 @@ handlers = ["nope"]
     }
 
     #[test]
-    fn sqlite_urls_give_the_database_path() {
-        assert_eq!(
-            sqlite_path("sqlite://data/labelhook.db"),
-            Some(PathBuf::from("data/labelhook.db"))
+    fn store_urls_are_sqlite_or_postgres_and_never_shown_with_their_password() {
+        let text = format!("{MINIMAL}\n[store]\nurl = \"mysql://app:hunter2@db/x\"\n");
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert!(message.contains("store.url"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        let text = format!("{MINIMAL}\n[store]\nurl = \"postgres://app:hunter2@db/x\"\n");
+        let config = load_str(&text, &[("LB_SECRET", "x")]).expect("valid");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn an_ingest_only_replica_needs_a_shared_store() {
+        let text = format!("{MINIMAL}\n[dispatch]\nenabled = false\n");
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert!(message.contains("dispatch.enabled"), "{message}");
+        let text = format!(
+            "{MINIMAL}\n[dispatch]\nenabled = false\n[store]\nurl = \"postgres://u@h/db\"\n"
         );
-        assert_eq!(
-            sqlite_path("sqlite:///var/lib/x.db?mode=rwc"),
-            Some(PathBuf::from("/var/lib/x.db"))
-        );
-        assert_eq!(sqlite_path("postgres://x"), None);
+        assert!(load_str(&text, &[("LB_SECRET", "x")]).is_ok());
     }
 }

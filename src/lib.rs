@@ -2,18 +2,19 @@
 //! before answering, and hands typed events to handlers in per-entity order.
 //!
 //! One delivery's way, module by module: [`server`] (listeners, timeouts) → [`ingress`]
-//! (client IP, allowlist, streamed body, HMAC → `VerifiedDelivery`) → [`store`] (group commit,
-//! fsync, then the 2xx) → [`dispatch`] (claim, [`events`] parse, [`ordering`] gate, route) →
-//! [`handlers`]. [`cli`] holds the commands; nothing in the library depends on it.
+//! (client IP, allowlist, streamed body, HMAC → the proof a [`delivery::VerifiedDelivery`]
+//! needs) → [`store`] (durable commit, then the 2xx) → [`dispatch`] (claim, [`events`] parse,
+//! [`ordering`] gate, route) → [`handlers`]. [`delivery`] sits below ingress and store and says
+//! what a delivery is. [`cli`] holds the commands; nothing in the library depends on it.
 
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod dispatch;
 pub mod events;
 pub mod handlers;
 pub mod ingress;
 pub mod ordering;
-pub mod payload;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::delivery::{Clock, SystemClock};
 use crate::ingress::IngressState;
 use crate::store::{Store, StoreError};
 
@@ -45,6 +47,7 @@ pub enum StartError {
 /// A built service: listeners bound (so the real ports are known), store opened.
 pub struct Application {
     config: Config,
+    clock: Arc<dyn Clock>,
     store: Arc<dyn Store>,
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
@@ -55,20 +58,13 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         // Installed before the first request so that no count is lost.
         telemetry::metrics_handle();
-        let store = store::open(&config).await?;
-        match store.lock_for_serving().await {
-            Ok(()) => {}
-            Err(e @ StoreError::Locked(_)) => return Err(e.into()),
-            // The store's directory is unreachable right now: start anyway (503 until it
-            // comes back), as for any other store outage.
-            Err(e) => tracing::warn!(error = %e, "could not take the store's lock file"),
-        }
-        match store.sweep_orphan_blobs().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, "removed blob files of unanswered deliveries"),
-            // The store may be down at start; the sweep runs again at the next start.
-            Err(e) => tracing::warn!(error = %e, "could not sweep orphan blob files"),
-        }
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let store = store::open_for_serving(
+            &config.settings.store,
+            config.settings.server.queue_capacity,
+            clock.clone(),
+        )
+        .await?;
         let handlers = handlers::Registry::from_config(&config)?;
         let server = &config.settings.server;
         let listener = bind(server.listen).await?;
@@ -78,6 +74,7 @@ impl Application {
         };
         Ok(Self {
             config,
+            clock,
             store,
             listener,
             admin_listener,
@@ -113,12 +110,22 @@ impl Application {
     /// closes the store after its last commit.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         let settings = &self.config.settings;
-        let state = IngressState::new(&self.config, self.store.clone());
+        let state = IngressState::new(&self.config, self.store.clone(), self.clock.clone());
         let model_path = settings.model_training.as_ref().map(|m| m.path.as_str());
         let stop = CancellationToken::new();
         let stop_dispatch = CancellationToken::new();
-        let dispatcher = dispatch::Dispatcher::new(&self.config, self.store.clone(), self.handlers);
-        let dispatching = tokio::spawn(dispatcher.run(stop_dispatch.clone()));
+        let dispatching = if settings.dispatch.enabled {
+            let dispatcher = dispatch::Dispatcher::new(
+                &self.config,
+                self.store.clone(),
+                self.clock.clone(),
+                self.handlers,
+            );
+            Some(tokio::spawn(dispatcher.run(stop_dispatch.clone())))
+        } else {
+            tracing::info!("dispatch.enabled = false: receiving only");
+            None
+        };
         let mut servers = tokio::task::JoinSet::new();
         let separate_admin = self.admin_listener.is_some();
         servers.spawn(server::serve(
@@ -143,11 +150,13 @@ impl Application {
         while servers.join_next().await.is_some() {}
         // Every accepted delivery is stored; now let running handlers finish.
         stop_dispatch.cancel();
-        if tokio::time::timeout(settings.server.shutdown_timeout, dispatching)
-            .await
-            .is_err()
-        {
-            tracing::warn!("handlers still running at shutdown; they run again after restart");
+        if let Some(dispatching) = dispatching {
+            if tokio::time::timeout(settings.server.shutdown_timeout, dispatching)
+                .await
+                .is_err()
+            {
+                tracing::warn!("handlers still running at shutdown; they run again later");
+            }
         }
         self.store.close().await;
         tracing::info!("stopped");

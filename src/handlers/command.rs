@@ -227,7 +227,7 @@ mod tests {
     fn event() -> HandlerEvent {
         test_event(
             4,
-            Payload::Inline(bytes::Bytes::from_static(br#"{"id":"ckabc"}"#)),
+            Payload::inline(bytes::Bytes::from_static(br#"{"id":"ckabc"}"#)),
             true,
         )
     }
@@ -318,7 +318,7 @@ mod tests {
         let big = "x".repeat(1 << 20);
         let event = test_event(
             5,
-            Payload::Inline(bytes::Bytes::from(big.into_bytes())),
+            Payload::inline(bytes::Bytes::from(big.into_bytes())),
             false,
         );
         sh("exit 0", DEFAULT_TIMEOUT).handle(&event).await.unwrap();

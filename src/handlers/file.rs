@@ -4,7 +4,7 @@
 //! An fsync per event would cap throughput at the disk's sync rate, so one writer task owns the
 //! file and is fed through a channel: it takes every line queued so far, writes them, calls
 //! `sync_data` once, and then answers each caller (group commit). Inline bodies are rendered by
-//! the caller; blob-file bodies are streamed by the writer itself in chunks, each in a batch of
+//! the caller; stored bodies are streamed by the writer itself in chunks, each in a batch of
 //! its own, so no body is ever held whole in memory. A failed batch is cut off the file again,
 //! so a half-written line never corrupts the lines after it.
 
@@ -15,7 +15,7 @@ use tokio::fs::{File, OpenOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
-use super::{write_event_json, BuildError, Handler, HandlerError, HandlerEvent, Payload};
+use super::{write_event_json, BuildError, Handler, HandlerError, HandlerEvent};
 use crate::config::HandlerSettings;
 
 /// Lines waiting for the writer; callers wait (back-pressure) beyond this.
@@ -42,7 +42,7 @@ struct Job {
 enum Line {
     /// Rendered by the caller, newline included.
     Rendered(Vec<u8>),
-    /// A blob-file body, streamed by the writer.
+    /// A stored body, streamed by the writer.
     Streamed(Box<HandlerEvent>),
 }
 
@@ -79,16 +79,15 @@ impl FileHandler {
 #[async_trait]
 impl Handler for FileHandler {
     async fn handle(&self, event: &HandlerEvent) -> Result<(), HandlerError> {
-        let line = match event.body {
-            Payload::Inline(_) => {
-                let mut buf = Vec::new();
-                write_event_json(event, &mut buf)
-                    .await
-                    .map_err(|e| retryable(&self.path, &e))?;
-                buf.push(b'\n');
-                Line::Rendered(buf)
-            }
-            Payload::File { .. } => Line::Streamed(Box::new(event.clone())),
+        let line = if event.body.as_inline().is_some() {
+            let mut buf = Vec::new();
+            write_event_json(event, &mut buf)
+                .await
+                .map_err(|e| retryable(&self.path, &e))?;
+            buf.push(b'\n');
+            Line::Rendered(buf)
+        } else {
+            Line::Streamed(Box::new(event.clone()))
         };
         let (done, answer) = oneshot::channel();
         let stopped =
@@ -117,7 +116,7 @@ async fn run_writer(path: PathBuf, mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut jobs, BATCH_MAX).await > 0 {
         // Streamed bodies go alone: a long copy should not hold up the small lines, and an
-        // unreadable blob should fail only its own event.
+        // unreadable body should fail only its own event.
         let (streamed, rendered): (Vec<Job>, Vec<Job>) = jobs
             .drain(..)
             .partition(|job| matches!(job.line, Line::Streamed(_)));
@@ -198,14 +197,14 @@ async fn open(path: &Path) -> std::io::Result<File> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::handlers::test_event;
+    use crate::handlers::{test_event, Payload};
     use std::io::Write;
     use std::sync::Arc;
 
     fn inline(seq: i64, body: &'static [u8], is_json: bool) -> HandlerEvent {
         test_event(
             seq,
-            Payload::Inline(bytes::Bytes::from_static(body)),
+            Payload::inline(bytes::Bytes::from_static(body)),
             is_json,
         )
     }
@@ -255,10 +254,7 @@ mod tests {
         handler.handle(&inline(1, b"{}", true)).await.unwrap();
         let event = test_event(
             2,
-            Payload::File {
-                path: blob.path().to_owned(),
-                len: body.len() as u64,
-            },
+            crate::handlers::file_payload(blob.path().to_owned(), body.len() as u64),
             true,
         );
         handler.handle(&event).await.unwrap();
@@ -290,10 +286,7 @@ mod tests {
         let handler = FileHandler::new(&path);
         let gone = test_event(
             1,
-            Payload::File {
-                path: dir.path().join("no-such-blob"),
-                len: 10,
-            },
+            crate::handlers::file_payload(dir.path().join("no-such-blob"), 10),
             true,
         );
         let err = handler.handle(&gone).await.unwrap_err();
@@ -313,10 +306,7 @@ mod tests {
         for seq in 0..100 {
             let handler = Arc::clone(&handler);
             let event = if seq == 50 {
-                let body = Payload::File {
-                    path: dir.path().join("no-such-blob"),
-                    len: 10,
-                };
+                let body = crate::handlers::file_payload(dir.path().join("no-such-blob"), 10);
                 test_event(seq, body, true)
             } else {
                 inline(seq, b"{}", true)

@@ -4,7 +4,7 @@
 //! Rules of thumb:
 //! - only hosts in `allowed_hosts` (default: the host of `url`) may be configured, and redirects
 //!   are not followed, so a receiver cannot bounce signed bodies elsewhere;
-//! - a blob-file body is read twice, once for the HMACs and once as the streamed request body,
+//! - a stored body is read twice, once for the HMACs and once as the streamed request body,
 //!   rather than held in memory;
 //! - 2xx is success; 408, 429, 5xx, timeouts and connection errors are worth retrying; any other
 //!   answer (3xx included) will not get better by itself;
@@ -21,7 +21,9 @@ use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
 use sha2::Sha256;
 
-use super::{BodyChunks, BuildError, Handler, HandlerError, HandlerEvent, Payload};
+use futures_util::StreamExt;
+
+use super::{BuildError, Handler, HandlerError, HandlerEvent, Payload};
 use crate::config::HandlerSettings;
 
 /// Per-attempt limit when `timeout` is not set.
@@ -121,22 +123,11 @@ impl HttpHandler {
             .map_err(|_| HandlerError::Permanent("the signing secret is unusable".to_owned()))?;
         let mut sha256 = Hmac::<Sha256>::new_from_slice(key)
             .map_err(|_| HandlerError::Permanent("the signing secret is unusable".to_owned()))?;
-        match body {
-            Payload::Inline(bytes) => {
-                sha1.update(bytes);
-                sha256.update(bytes);
-            }
-            Payload::File { path, len } => {
-                let mut chunks = BodyChunks::open(path, *len)
-                    .await
-                    .map_err(|e| self.body_error(&e))?;
-                while let Some(chunk) =
-                    chunks.next_chunk().await.map_err(|e| self.body_error(&e))?
-                {
-                    sha1.update(chunk);
-                    sha256.update(chunk);
-                }
-            }
+        let mut chunks = body.stream().await.map_err(|e| self.body_error(&e))?;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| self.body_error(&e))?;
+            sha1.update(&chunk);
+            sha256.update(&chunk);
         }
         Ok((
             format!("sha1={}", hex::encode(sha1.finalize().into_bytes())),
@@ -211,23 +202,9 @@ impl Handler for HttpHandler {
             headers.insert("x-hub-signature", text_header(&sha1, "signature")?);
             headers.insert("x-hub-signature-256", text_header(&sha256, "signature")?);
         }
-        let body = match &event.body {
-            Payload::Inline(bytes) => Body::from(bytes.clone()),
-            Payload::File { path, len } => {
-                let chunks = BodyChunks::open(path, *len)
-                    .await
-                    .map_err(|e| self.body_error(&e))?;
-                Body::wrap_stream(futures_util::stream::try_unfold(
-                    chunks,
-                    |mut chunks| async {
-                        let next = chunks
-                            .next_chunk()
-                            .await?
-                            .map(bytes::Bytes::copy_from_slice);
-                        Ok::<_, std::io::Error>(next.map(|piece| (piece, chunks)))
-                    },
-                ))
-            }
+        let body = match event.body.as_inline() {
+            Some(bytes) => Body::from(bytes.clone()),
+            None => Body::wrap_stream(event.body.stream().await.map_err(|e| self.body_error(&e))?),
         };
         let limit =
             self.timeout + Duration::from_secs(event.body.len() / MIN_UPLOAD_BYTES_PER_SECOND);
@@ -330,7 +307,7 @@ mod tests {
     }
 
     fn json_event(body: &'static [u8]) -> HandlerEvent {
-        test_event(1, Payload::Inline(Bytes::from_static(body)), true)
+        test_event(1, Payload::inline(Bytes::from_static(body)), true)
     }
 
     fn verify(headers: &AxumHeaders, body: &[u8]) {
@@ -383,10 +360,7 @@ mod tests {
         blob.write_all(&body).unwrap();
         let event = test_event(
             5,
-            Payload::File {
-                path: blob.path().to_owned(),
-                len: body.len() as u64,
-            },
+            crate::handlers::file_payload(blob.path().to_owned(), body.len() as u64),
             false,
         );
         handler(&format!("{base}/status/200"))

@@ -110,7 +110,7 @@ mod tests {
 
     #[tokio::test]
     async fn logs_the_identity_at_the_configured_level_and_never_the_body() {
-        let body = Payload::Inline(bytes::Bytes::from_static(
+        let body = Payload::inline(bytes::Bytes::from_static(
             b"{\"secret_text\":\"do not log\"}",
         ));
         let event = test_event(7, body, true);

@@ -5,7 +5,7 @@
 //! - a [`Handler`] makes exactly one attempt per call; retries, backoff and dead letters belong to
 //!   the dispatcher, which only needs to know whether a failure is worth retrying;
 //! - handlers know nothing of HTTP ingress or SQL: they get a [`HandlerEvent`], whose body is
-//!   either in memory or in a blob file that must be streamed, never read whole;
+//!   either in memory or kept by the store and read as a stream, never whole;
 //! - built-ins (`log`, `file`, `http`, `command`) are built from `[[handler]]` settings by
 //!   [`build`]; a Rust user adds their own with [`Registry::register`];
 //! - no secret ever reaches a log line or an error message.
@@ -16,22 +16,22 @@ mod http;
 mod log;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use secrecy::SecretString;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Config, HandlerKind, HandlerSettings};
-pub use crate::payload::Payload;
+pub use crate::delivery::Payload;
 
 pub use command::CommandHandler;
 pub use file::FileHandler;
 pub use http::HttpHandler;
 pub use log::LogHandler;
 
-/// Size of the pieces a blob-file body is read and written in, so memory stays bounded whatever
+/// Size of the buffers a stored body is written out through, so memory stays bounded whatever
 /// the body size.
 pub const BODY_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -57,7 +57,6 @@ pub struct HandlerEvent {
     pub body: Payload,
 }
 
-/// The delivery's raw body.
 /// Outcome of a failed attempt; the dispatcher retries only [`HandlerError::Retryable`].
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
@@ -219,8 +218,8 @@ struct EventHeader<'a> {
 /// `body` is the body's JSON embedded as-is when `body_is_json`, except that line breaks (which
 /// in valid JSON can only be whitespace between tokens) become spaces so the object stays on one
 /// line; otherwise the body as a JSON string (lossy UTF-8). An inline body claimed to be JSON
-/// that does not parse is written as a string too, so the output is always valid JSON. A File
-/// body is streamed in [`BODY_CHUNK_BYTES`] pieces without loading it.
+/// that does not parse is written as a string too, so the output is always valid JSON. A stored
+/// body is streamed piece by piece without loading it.
 pub async fn write_event_json<W: AsyncWrite + Unpin>(
     event: &HandlerEvent,
     out: &mut W,
@@ -240,41 +239,38 @@ pub async fn write_event_json<W: AsyncWrite + Unpin>(
     head.pop();
     head.extend_from_slice(b",\"body\":");
     out.write_all(&head).await?;
-    match &event.body {
-        Payload::Inline(bytes) => {
-            let mut buf = Vec::with_capacity(bytes.len() + 2);
-            if event.body_is_json && is_json(bytes) {
-                buf.extend_from_slice(bytes);
-                flatten_line_breaks(&mut buf);
-            } else {
-                let mut escaper = JsonStringEscaper::new();
-                escaper.push(bytes, &mut buf);
-                escaper.finish(&mut buf);
-            }
-            out.write_all(&buf).await?;
+    if let Some(bytes) = event.body.as_inline() {
+        let mut buf = Vec::with_capacity(bytes.len() + 2);
+        if event.body_is_json && is_json(bytes) {
+            buf.extend_from_slice(bytes);
+            flatten_line_breaks(&mut buf);
+        } else {
+            let mut escaper = JsonStringEscaper::new();
+            escaper.push(bytes, &mut buf);
+            escaper.finish(&mut buf);
         }
-        Payload::File { path, len } => {
-            let mut chunks = BodyChunks::open(path, *len).await?;
-            // An empty "JSON" body would leave `"body":}`; a string keeps the line valid.
-            if event.body_is_json && *len > 0 {
-                while let Some(chunk) = chunks.next_chunk().await? {
-                    let mut piece = chunk.to_vec();
-                    flatten_line_breaks(&mut piece);
-                    out.write_all(&piece).await?;
-                }
-            } else {
-                let mut escaper = JsonStringEscaper::new();
-                let mut piece = Vec::with_capacity(BODY_CHUNK_BYTES + 16);
-                while let Some(chunk) = chunks.next_chunk().await? {
-                    piece.clear();
-                    escaper.push(chunk, &mut piece);
-                    out.write_all(&piece).await?;
-                }
-                piece.clear();
-                escaper.finish(&mut piece);
-                out.write_all(&piece).await?;
-            }
+        out.write_all(&buf).await?;
+        return out.write_all(b"}").await;
+    }
+    let mut chunks = event.body.stream().await?;
+    // An empty "JSON" body would leave `"body":}`; a string keeps the line valid.
+    if event.body_is_json && !event.body.is_empty() {
+        while let Some(chunk) = chunks.next().await {
+            let mut piece = chunk?.to_vec();
+            flatten_line_breaks(&mut piece);
+            out.write_all(&piece).await?;
         }
+    } else {
+        let mut escaper = JsonStringEscaper::new();
+        let mut piece = Vec::with_capacity(BODY_CHUNK_BYTES + 16);
+        while let Some(chunk) = chunks.next().await {
+            piece.clear();
+            escaper.push(&chunk?, &mut piece);
+            out.write_all(&piece).await?;
+        }
+        piece.clear();
+        escaper.finish(&mut piece);
+        out.write_all(&piece).await?;
     }
     out.write_all(b"}").await
 }
@@ -290,41 +286,6 @@ fn flatten_line_breaks(bytes: &mut [u8]) {
         if *b == b'\n' || *b == b'\r' {
             *b = b' ';
         }
-    }
-}
-
-/// Reads a blob-file body of a known length in [`BODY_CHUNK_BYTES`] pieces.
-pub(crate) struct BodyChunks {
-    file: tokio::io::Take<tokio::fs::File>,
-    buf: Vec<u8>,
-    remaining: u64,
-}
-
-impl BodyChunks {
-    pub(crate) async fn open(path: &Path, len: u64) -> std::io::Result<BodyChunks> {
-        let file = tokio::fs::File::open(path).await?;
-        Ok(BodyChunks {
-            file: file.take(len),
-            buf: vec![0; BODY_CHUNK_BYTES],
-            remaining: len,
-        })
-    }
-
-    /// The next piece, or `None` after exactly `len` bytes. A file shorter than `len` is an
-    /// error: handing on a truncated body as if it were whole would be worse than failing.
-    pub(crate) async fn next_chunk(&mut self) -> std::io::Result<Option<&[u8]>> {
-        if self.remaining == 0 {
-            return Ok(None);
-        }
-        let n = self.file.read(&mut self.buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("body file ended {} bytes early", self.remaining),
-            ));
-        }
-        self.remaining -= n as u64;
-        Ok(self.buf.get(..n))
     }
 }
 
@@ -419,6 +380,23 @@ fn escape_into(s: &str, out: &mut Vec<u8>) {
     }
 }
 
+/// A body read from a file, as a stored body is, for tests in this module and its children.
+#[cfg(test)]
+pub(crate) fn file_payload(path: std::path::PathBuf, len: u64) -> Payload {
+    #[derive(Debug)]
+    struct TestFile(std::path::PathBuf);
+
+    #[async_trait::async_trait]
+    impl crate::delivery::PayloadSource for TestFile {
+        async fn open(&self) -> std::io::Result<crate::delivery::ChunkStream> {
+            let file = tokio::fs::File::open(&self.0).await?;
+            Ok(tokio_util::io::ReaderStream::new(file).boxed())
+        }
+    }
+
+    Payload::stored(len, Arc::new(TestFile(path)))
+}
+
 /// Builds an event for tests in this module and its children.
 #[cfg(test)]
 pub(crate) fn test_event(seq: i64, body: Payload, body_is_json: bool) -> HandlerEvent {
@@ -453,7 +431,7 @@ mod tests {
     fn inline(body: &[u8], is_json: bool) -> HandlerEvent {
         test_event(
             1,
-            Payload::Inline(bytes::Bytes::copy_from_slice(body)),
+            Payload::inline(bytes::Bytes::copy_from_slice(body)),
             is_json,
         )
     }
@@ -517,10 +495,7 @@ mod tests {
         text.push_str(&"y\"".repeat(100_000));
         let json = serde_json::to_vec(&serde_json::json!({ "text": text })).unwrap();
         file.write_all(&json).unwrap();
-        let body = Payload::File {
-            path: file.path().to_owned(),
-            len: json.len() as u64,
-        };
+        let body = file_payload(file.path().to_owned(), json.len() as u64);
         let value = render(&test_event(2, body.clone(), true)).await;
         assert_eq!(value["body"]["text"], text.as_str());
         let value = render(&test_event(2, body, false)).await;
@@ -531,10 +506,7 @@ mod tests {
     async fn a_truncated_body_file_is_an_error() {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(b"{}").unwrap();
-        let body = Payload::File {
-            path: file.path().to_owned(),
-            len: 10,
-        };
+        let body = file_payload(file.path().to_owned(), 10);
         let mut out = Vec::new();
         let err = write_event_json(&test_event(3, body, true), &mut out)
             .await

@@ -1,18 +1,18 @@
-//! Reading a request body as a stream: size limit, HMAC and SHA-256 while the bytes arrive,
-//! small bodies kept in memory, large ones written to a blob file as they come.
+//! Reading a request body as a stream: size limit, and the verifier (HMAC and SHA-256) fed
+//! while the bytes arrive; small bodies kept in memory, large ones written to the store's body
+//! storage as they come.
 //!
 //! Memory stays flat whatever the size: at most `inline_max` bytes are buffered before the body
-//! spills to disk, and the hashers see each chunk once.
+//! spills to the store, and the verifier sees each chunk once.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::signature::BodyMac;
-use crate::store::{BlobDir, BlobWriter, IncomingBody};
+use crate::delivery::{BodyVerifier, IncomingBody};
+use crate::store::{BodyStore, BodyWriter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -20,48 +20,40 @@ pub enum BodyError {
     TooLarge,
     #[error("reading the body failed: {0}")]
     Read(String),
-    #[error("writing the body to disk failed: {0}")]
+    #[error("writing the body to the store failed: {0}")]
     Spill(#[from] std::io::Error),
-}
-
-/// A body received whole, with its digests.
-#[derive(Debug)]
-pub struct ReceivedBody {
-    pub content: IncomingBody,
-    pub sha256: [u8; 32],
 }
 
 enum Buffer {
     Memory(Vec<Bytes>, usize),
     /// Holds one of the spill permits until the whole body has arrived.
-    Disk(BlobWriter, OwnedSemaphorePermit),
+    Store(Box<dyn BodyWriter>, OwnedSemaphorePermit),
 }
 
 /// Where and how much a body may take.
 pub struct BodyLimits<'a> {
     /// Larger bodies are refused (413) as soon as the limit is crossed.
     pub max_bytes: u64,
-    /// Larger bodies are written to a blob file as they arrive.
+    /// Larger bodies are written to the store's body storage as they arrive.
     pub inline_max: u64,
-    pub blobs: &'a BlobDir,
-    /// One permit per body being written to disk at a time.
+    pub bodies: &'a dyn BodyStore,
+    /// One permit per body being written to the store at a time.
     pub spill_permits: &'a Arc<Semaphore>,
 }
 
-/// Reads `body` to its end, feeding `mac`, within `limits`.
+/// Reads `body` to its end, feeding `verifier`, within `limits`.
 pub async fn receive(
     body: Body,
     limits: &BodyLimits<'_>,
-    mac: &mut BodyMac,
-) -> Result<ReceivedBody, BodyError> {
+    verifier: &mut BodyVerifier,
+) -> Result<IncomingBody, BodyError> {
     let BodyLimits {
         max_bytes: limit,
         inline_max,
-        blobs,
+        bodies,
         spill_permits,
     } = *limits;
     let mut stream = body.into_data_stream();
-    let mut hasher = Sha256::new();
     let mut total: u64 = 0;
     let mut buffer = Buffer::Memory(Vec::new(), 0);
     while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
@@ -70,8 +62,7 @@ pub async fn receive(
         if total > limit {
             return Err(BodyError::TooLarge);
         }
-        mac.update(&chunk);
-        hasher.update(&chunk);
+        verifier.update(&chunk);
         buffer = match buffer {
             Buffer::Memory(mut chunks, len) if (len + chunk.len()) as u64 <= inline_max => {
                 let len = len + chunk.len();
@@ -85,26 +76,22 @@ pub async fn receive(
                     .acquire_owned()
                     .await
                     .map_err(|_| BodyError::Read("shutting down".into()))?;
-                let mut writer = blobs.create().await?;
+                let mut writer = bodies.create().await?;
                 for earlier in chunks {
-                    writer.write(&earlier).await?;
+                    writer.write(earlier).await?;
                 }
-                writer.write(&chunk).await?;
-                Buffer::Disk(writer, permit)
+                writer.write(chunk).await?;
+                Buffer::Store(writer, permit)
             }
-            Buffer::Disk(mut writer, permit) => {
-                writer.write(&chunk).await?;
-                Buffer::Disk(writer, permit)
+            Buffer::Store(mut writer, permit) => {
+                writer.write(chunk).await?;
+                Buffer::Store(writer, permit)
             }
         };
     }
-    let content = match buffer {
+    Ok(match buffer {
         Buffer::Memory(chunks, len) => IncomingBody::Inline(concat(chunks, len)),
-        Buffer::Disk(writer, _permit) => IncomingBody::Blob(writer.finish().await?),
-    };
-    Ok(ReceivedBody {
-        content,
-        sha256: hasher.finalize().into(),
+        Buffer::Store(writer, _permit) => IncomingBody::Staged(writer.finish().await?),
     })
 }
 

@@ -19,12 +19,12 @@ use secrecy::SecretString;
 use serde_json::json;
 
 use super::body::{self, BodyError};
+use super::claimed_signature;
 use super::client_ip::{self, Allowlist};
-use super::signature::{BodyMac, ClaimedSignature, SignatureError};
-use super::VerifiedDelivery;
 use crate::config::{Config, ForwardedHeader, Secrets};
+use crate::delivery::{BodyVerifier, Clock, Envelope, SignatureError, VerifiedDelivery};
 use crate::events::Topic;
-use crate::store::{now_millis, Status, Store, StoreError};
+use crate::store::{Intake, StoreError};
 
 /// Seconds a sender is asked to wait before retrying a 503.
 const RETRY_AFTER_SECONDS: u64 = 5;
@@ -155,11 +155,12 @@ struct Inner {
     inline_body_max_bytes: u64,
     spill_permits: Arc<tokio::sync::Semaphore>,
     body_timeout: Duration,
-    store: Arc<dyn Store>,
+    store: Arc<dyn Intake>,
+    clock: Arc<dyn Clock>,
 }
 
 impl IngressState {
-    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+    pub fn new(config: &Config, store: Arc<dyn Intake>, clock: Arc<dyn Clock>) -> Self {
         let s = &config.settings;
         let endpoints = s
             .endpoint
@@ -195,10 +196,11 @@ impl IngressState {
             spill_permits: Arc::new(tokio::sync::Semaphore::new(s.server.max_spilling_bodies)),
             body_timeout: s.server.body_timeout,
             store,
+            clock,
         }))
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<dyn Intake> {
         &self.0.store
     }
 
@@ -292,12 +294,12 @@ pub async fn list_models(
         return IngressError::AddressNotAllowed.into_response();
     }
     if let Some(auth) = &state.0.model_training {
-        match ClaimedSignature::from_headers(&headers, auth.accept_sha1) {
+        match claimed_signature(&headers, auth.accept_sha1) {
             Err(SignatureError::Missing) => {}
             Err(e) => return IngressError::Signature(e).into_response(),
             Ok(claimed) => {
-                let mac = BodyMac::new(claimed.algorithm, &auth.secrets);
-                if let Err(e) = mac.verify(&claimed) {
+                let verifier = BodyVerifier::new(claimed.algorithm, &auth.secrets);
+                if let Err(e) = verifier.verify(&claimed) {
                     return IngressError::Signature(e).into_response();
                 }
             }
@@ -336,7 +338,7 @@ async fn accept(
     body: Body,
     source: Source<'_>,
 ) -> Result<Answer, IngressError> {
-    let received_at = now_millis();
+    let received_at = state.0.clock.now();
     if headers.contains_key(header::CONTENT_ENCODING) {
         return Err(IngressError::ContentEncoding);
     }
@@ -350,41 +352,37 @@ async fn accept(
     if declared.is_some_and(|len| len > state.0.max_body_bytes) {
         return Err(IngressError::TooLarge);
     }
-    let claimed = ClaimedSignature::from_headers(headers, source.auth.accept_sha1)?;
+    let claimed = claimed_signature(headers, source.auth.accept_sha1)?;
     let given_id = match headers.get("x-labelbox-id") {
         None => None,
         Some(v) => Some(valid_delivery_id(v).ok_or(IngressError::BadDeliveryId)?),
     };
 
-    let mut mac = BodyMac::new(claimed.algorithm, &source.auth.secrets);
+    let mut verifier = BodyVerifier::new(claimed.algorithm, &source.auth.secrets);
     let limits = body::BodyLimits {
         max_bytes: state.0.max_body_bytes,
         inline_max: state.0.inline_body_max_bytes,
-        blobs: state.0.store.blob_dir(),
+        bodies: state.0.store.bodies(),
         spill_permits: &state.0.spill_permits,
     };
-    let received =
-        tokio::time::timeout(state.0.body_timeout, body::receive(body, &limits, &mut mac))
-            .await
-            .map_err(|_| IngressError::BodyTimeout)??;
-    mac.verify(&claimed)?;
+    let received = tokio::time::timeout(
+        state.0.body_timeout,
+        body::receive(body, &limits, &mut verifier),
+    )
+    .await
+    .map_err(|_| IngressError::BodyTimeout)??;
+    let proof = verifier.verify(&claimed)?;
 
-    let delivery_id = given_id.unwrap_or_else(|| hex::encode(received.sha256));
-    let status = match source.topic.as_deref().map(Topic::parse) {
-        Some(topic) if topic.is_known() => Status::Pending,
-        _ => Status::Unrecognized,
-    };
-    let verified = VerifiedDelivery::new(
-        delivery_id.clone(),
-        received.sha256,
-        source.endpoint.to_owned(),
-        source.topic,
-        status,
-        client,
-        kept_headers(headers),
-        received.content,
+    let envelope = Envelope {
+        delivery_id: given_id,
+        endpoint: source.endpoint.to_owned(),
+        topic: source.topic,
+        client_ip: client,
+        headers: kept_headers(headers),
         received_at,
-    );
+    };
+    let verified = VerifiedDelivery::new(proof, envelope, received);
+    let delivery_id = verified.delivery_id().to_owned();
     let accepted = state.0.store.accept(verified).await?;
     Ok(if accepted.duplicate {
         Answer::Duplicate { delivery_id }

@@ -267,18 +267,18 @@ pub fn curl(url: &str, args: &[&str]) -> Answer {
 
 /// `sha1=<hex>` as Labelbox computes it.
 pub fn sha1_sig(secret: &str, body: &[u8]) -> String {
-    labelhook::ingress::signature::sign(
+    labelhook::delivery::signature::sign(
         secret.as_bytes(),
         body,
-        labelhook::ingress::signature::Algorithm::Sha1,
+        labelhook::delivery::Algorithm::Sha1,
     )
 }
 
 pub fn sha256_sig(secret: &str, body: &[u8]) -> String {
-    labelhook::ingress::signature::sign(
+    labelhook::delivery::signature::sign(
         secret.as_bytes(),
         body,
-        labelhook::ingress::signature::Algorithm::Sha256,
+        labelhook::delivery::Algorithm::Sha256,
     )
 }
 

@@ -1,50 +1,77 @@
-//! The embedded store: one SQLite file in WAL mode, `synchronous = FULL`.
+//! The embedded back-end: one SQLite file in WAL mode, `synchronous = FULL`, on rusqlite alone.
 //!
-//! Reads (the CLI, `events list`, the dispatcher looking for new deliveries) use a small pool;
-//! every write goes through the one writer task in [`writer`], which commits in batches and
-//! answers each caller after its batch is on disk. The writes themselves are in [`ops`].
+//! Every write goes through the one writer thread in [`writer`], which commits in batches and
+//! answers each caller after its batch is on disk; the writes themselves are in [`ops`] and
+//! [`lanes`]. Reads ([`reads`]) run on read-only connections on blocking threads. Large bodies
+//! are files beside the database ([`blob`]).
 //!
-//! One server per database file: SQLite is for a single replica (use PostgreSQL for several).
+//! One server per database file (it holds `<database>.lock`): SQLite is for a single replica.
+//! That is also why a lease found at start can only be a dead process's, and why the dispatcher
+//! is woken in-process. [`SqliteInspector`] is what the CLI opens beside a running server: it
+//! reads read-only and writes (replay) in short transactions of its own, never taking the
+//! serving lock.
 
+mod blob;
+mod lanes;
 mod ops;
+mod reads;
 mod writer;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Row};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 
+use self::blob::BlobDir;
 use self::ops::{Op, Output};
+use self::reads::Readers;
 use self::writer::{Request, WriteRequest, Writer};
 use super::{
-    format_millis, Accepted, AttemptRecord, AttemptResult, BlobDir, Claimed, DeliveryDetail,
-    DeliverySummary, GateRequest, HandlerRun, ListQuery, Payload, ReplayOutcome, ReplayTarget,
-    Status, Store, StoreError, Ungated,
+    Accepted, AttemptResult, BodyStore, Claimed, DeliveryDetail, DeliverySummary, GateRequest,
+    Inspect, Intake, LeaseOwner, ListQuery, Queue, ReplayOutcome, ReplayTarget, Store, StoreError,
+    Ungated,
 };
-use crate::config::{sqlite_path, StoreSettings};
-use crate::ingress::VerifiedDelivery;
+use crate::config::StoreSettings;
+use crate::delivery::{after, Clock, Status, VerifiedDelivery};
 use crate::ordering::Verdict;
 
-/// How long a reader waits for a lock (the writer checkpointing, another process).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections for readers.
-const POOL_CONNECTIONS: u32 = 4;
+/// How long the CLI's replay waits for the writer's lock.
+const REPLAY_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(
+                ErrorCode::CannotOpen
+                | ErrorCode::DiskFull
+                | ErrorCode::ReadOnly
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::PermissionDenied,
+            ) => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+}
+
+/// The directory of blob files that belongs to a database file.
+fn blob_dir(path: &Path) -> BlobDir {
+    // One blob directory per database, so that two databases side by side never sweep each
+    // other's files.
+    BlobDir::new(PathBuf::from(format!("{}.blobs", path.display())))
+}
 
 pub struct SqliteStore {
     path: PathBuf,
-    /// Held by `serve` for its lifetime (see `lock_for_serving`).
+    clock: Arc<dyn Clock>,
+    /// Held for the server's lifetime (see `lock_for_serving`).
     serving_lock: std::sync::Mutex<Option<std::fs::File>>,
     writer: mpsc::Sender<WriteRequest>,
-    pool: SqlitePool,
+    readers: Readers,
     blobs: BlobDir,
     work: Arc<Notify>,
     writer_task: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -53,20 +80,52 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Starts the writer. Never fails for an unreachable database: that is reported by
-    /// `check_ready` and `accept` until it can be opened.
-    pub async fn open(settings: &StoreSettings, queue_capacity: usize) -> Result<Self, StoreError> {
-        let path = sqlite_path(&settings.url)
-            .ok_or_else(|| StoreError::UnsupportedUrl(settings.url.clone()))?;
-        let options = connect_options(&path);
-        // One blob directory per database, so that two databases side by side never sweep
-        // each other's files.
-        let blobs = BlobDir::new(PathBuf::from(format!("{}.blobs", path.display())));
-        // Readers are lazy so that a missing database does not stop the service from starting.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(POOL_CONNECTIONS)
-            .connect_lazy_with(options.clone());
-        let batch_max = settings.commit_batch_max.max(1);
+    /// Opens the database for `serve`: takes the serving lock, starts the writer, gives back
+    /// the leases of a previous run and sweeps blob files no row names. Never fails for an
+    /// unreachable database: that is reported by `check_ready` and `accept` until it can be
+    /// opened.
+    pub async fn open_for_serving(
+        path: PathBuf,
+        settings: &StoreSettings,
+        queue_capacity: usize,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let store = Self::start(path, settings, queue_capacity, clock).await?;
+        match store.lock_for_serving() {
+            Ok(()) => {}
+            Err(e @ StoreError::Locked(_)) => {
+                store.close().await;
+                return Err(e);
+            }
+            // The store's directory is unreachable right now: start anyway (503 until it
+            // comes back), as for any other store outage.
+            Err(e) => tracing::warn!(error = %e, "could not take the store's lock file"),
+        }
+        match store.write(Op::ReleaseLeases, true).await {
+            Ok(Output::Released(0)) => {}
+            Ok(Output::Released(n)) => {
+                tracing::info!(released = n, "taking back work of a previous run")
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => tracing::warn!(error = %e, "could not release old leases"),
+        }
+        match store.sweep_orphan_blobs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed blob files of unanswered deliveries"),
+            // The store may be down at start; the sweep runs again at the next start.
+            Err(e) => tracing::warn!(error = %e, "could not sweep orphan blob files"),
+        }
+        Ok(store)
+    }
+
+    /// Starts the writer and the checkpointer.
+    async fn start(
+        path: PathBuf,
+        settings: &StoreSettings,
+        queue_capacity: usize,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let blobs = blob_dir(&path);
         let (tx, rx) = mpsc::channel(queue_capacity.max(1));
         let work = Arc::new(Notify::new());
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel();
@@ -77,7 +136,7 @@ impl SqliteStore {
         let writer = Writer {
             path: path.clone(),
             conn: None,
-            batch_max,
+            batch_max: settings.commit_batch_max.max(1),
             blobs: blobs.clone(),
             work: work.clone(),
         };
@@ -88,10 +147,11 @@ impl SqliteStore {
             .spawn(move || writer.run(rx, ready_tx))?;
         let _ = ready_rx.await;
         Ok(Self {
+            readers: Readers::new(path.clone()),
             path,
+            clock,
             serving_lock: std::sync::Mutex::new(None),
             writer: tx,
-            pool,
             blobs,
             work,
             writer_task: Mutex::new(Some(task)),
@@ -122,245 +182,10 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
-}
 
-fn connect_options(path: &Path) -> SqliteConnectOptions {
-    SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        // FULL: in WAL mode every commit fsyncs the log. NORMAL would lose commits on power loss.
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true)
-        .disable_statement_logging()
-}
-
-/// An op's output was not the kind its caller asked for: a bug, reported rather than panicked.
-fn unexpected(output: Output) -> StoreError {
-    StoreError::Corrupt(format!("unexpected writer output {output:?}"))
-}
-
-/// The body columns of a row (`inline_body` from `bodies`, `blob_name`, `body_len`).
-fn stored_body(row: &SqliteRow, blobs: &BlobDir) -> Result<Payload, StoreError> {
-    Ok(match row.try_get::<Option<String>, _>("blob_name")? {
-        Some(name) => Payload::File {
-            path: blobs.resolve(&name),
-            len: row.try_get::<i64, _>("body_len")?.max(0) as u64,
-        },
-        None => Payload::Inline(Bytes::from(
-            row.try_get::<Option<Vec<u8>>, _>("inline_body")?
-                .unwrap_or_default(),
-        )),
-    })
-}
-
-const SUMMARY_COLUMNS: &str =
-    "d.seq AS seq, delivery_id, endpoint, topic, entity, version, status, \
-    received_at, body_len, id_conflict";
-
-fn summary(row: &SqliteRow) -> Result<DeliverySummary, StoreError> {
-    let version: Option<i64> = row.try_get("version")?;
-    Ok(DeliverySummary {
-        seq: row.try_get("seq")?,
-        delivery_id: row.try_get("delivery_id")?,
-        endpoint: row.try_get("endpoint")?,
-        topic: row.try_get("topic")?,
-        entity: row.try_get("entity")?,
-        version: version.map(|v| crate::ordering::Version::from_nanos(v).to_string()),
-        status: row.try_get("status")?,
-        received_at: format_millis(row.try_get("received_at")?),
-        body_len: row.try_get::<i64, _>("body_len")?.max(0) as u64,
-        id_conflict: row.try_get("id_conflict")?,
-    })
-}
-
-#[async_trait]
-impl Store for SqliteStore {
-    async fn accept(&self, delivery: VerifiedDelivery) -> Result<Accepted, StoreError> {
-        match self.write(Op::Accept(delivery.into_parts()), false).await? {
-            Output::Accepted(accepted) => Ok(accepted),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    fn blob_dir(&self) -> &BlobDir {
-        &self.blobs
-    }
-
-    async fn check_ready(&self) -> Result<(), StoreError> {
-        match self.write(Op::Probe, false).await? {
-            Output::Probed => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
-        let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM deliveries d \
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR topic = ?2) \
-             ORDER BY seq DESC LIMIT ?3"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(query.status.map(Status::as_str))
-            .bind(&query.topic)
-            .bind(i64::from(query.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(summary).collect()
-    }
-
-    async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
-        let sql = format!(
-            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, b.body AS inline_body, blob_name, fresh, \
-             parse_error FROM deliveries d LEFT JOIN bodies b ON b.seq = d.seq \
-             WHERE delivery_id = ?1 ORDER BY d.seq"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(delivery_id)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut details = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let summary = summary(row)?;
-            let headers: String = row.try_get("headers")?;
-            let headers = serde_json::from_str(&headers)
-                .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?;
-            let body = stored_body(row, &self.blobs)?;
-            let handlers = sqlx::query(
-                "SELECT handler, state, attempts, next_at, last_error FROM handler_runs \
-                 WHERE delivery_seq = ?1 ORDER BY handler",
-            )
-            .bind(summary.seq)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(HandlerRun {
-                    handler: r.try_get("handler")?,
-                    state: r.try_get("state")?,
-                    attempts: r.try_get::<i64, _>("attempts")?.max(0) as u32,
-                    next_attempt_at: r.try_get::<Option<i64>, _>("next_at")?.map(format_millis),
-                    last_error: r.try_get("last_error")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-            let attempts = sqlx::query(
-                "SELECT handler, attempt, started_at, finished_at, outcome, error FROM attempts \
-                 WHERE delivery_seq = ?1 ORDER BY started_at, handler",
-            )
-            .bind(summary.seq)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(AttemptRecord {
-                    handler: r.try_get("handler")?,
-                    attempt: r.try_get::<i64, _>("attempt")?.max(0) as u32,
-                    started_at: format_millis(r.try_get("started_at")?),
-                    finished_at: format_millis(r.try_get("finished_at")?),
-                    outcome: r.try_get("outcome")?,
-                    error: r.try_get("error")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-            details.push(DeliveryDetail {
-                client_ip: row.try_get("client_ip")?,
-                headers,
-                body,
-                fresh: row.try_get("fresh")?,
-                parse_error: row.try_get("parse_error")?,
-                handlers,
-                attempts,
-                summary,
-            });
-        }
-        Ok(details)
-    }
-
-    async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
-        match self.write(Op::Replay(target.clone()), true).await? {
-            Output::Replayed(outcome) => Ok(outcome),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn sweep_orphan_blobs(&self) -> Result<usize, StoreError> {
-        let rows = sqlx::query("SELECT blob_name FROM deliveries WHERE blob_name IS NOT NULL")
-            .fetch_all(&self.pool)
-            .await?;
-        let referenced: HashSet<String> = rows
-            .iter()
-            .filter_map(|r| r.try_get::<String, _>(0).ok())
-            .collect();
-        Ok(self.blobs.sweep_orphans(&referenced)?)
-    }
-
-    async fn next_ungated(&self, limit: u32) -> Result<Vec<Ungated>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT d.seq, topic, b.body AS inline_body, blob_name, body_len \
-             FROM deliveries d LEFT JOIN bodies b ON b.seq = d.seq \
-             WHERE gated = 0 ORDER BY d.seq LIMIT ?1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Ungated {
-                    seq: row.try_get("seq")?,
-                    topic: row.try_get("topic")?,
-                    body: stored_body(row, &self.blobs)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn record_gates(
-        &self,
-        gates: Vec<GateRequest>,
-    ) -> Result<Vec<Option<Verdict>>, StoreError> {
-        match self.write(Op::Gate(gates), true).await? {
-            Output::Gated(verdicts) => Ok(verdicts),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn claim(
-        &self,
-        owner: &str,
-        lease: Duration,
-        limit: u32,
-    ) -> Result<Vec<Claimed>, StoreError> {
-        let op = Op::Claim {
-            owner: owner.to_owned(),
-            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2),
-            limit,
-        };
-        match self.write(op, true).await? {
-            Output::Claimed(claimed) => Ok(claimed),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn record_attempts(
-        &self,
-        seq: i64,
-        owner: &str,
-        results: &[AttemptResult],
-    ) -> Result<Status, StoreError> {
-        let op = Op::Record {
-            seq,
-            owner: owner.to_owned(),
-            results: results.to_vec(),
-        };
-        match self.write(op, true).await? {
-            Output::Recorded(status) => Ok(status),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn lock_for_serving(&self) -> Result<(), StoreError> {
+    /// Holds `<database>.lock` for this process: a second server on the same database fails
+    /// to start instead of sharing it unsafely.
+    fn lock_for_serving(&self) -> Result<(), StoreError> {
         let lock_path = PathBuf::from(format!("{}.lock", self.path.display()));
         if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -387,28 +212,168 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn release_stale_leases(&self) -> Result<u64, StoreError> {
-        match self.write(Op::ReleaseLeases, true).await? {
-            Output::Released(n) => Ok(n),
+    /// Removes blob files that no delivery names (left by a crash between write and commit).
+    async fn sweep_orphan_blobs(&self) -> Result<usize, StoreError> {
+        let referenced = self.readers.run(reads::referenced_blobs).await?;
+        Ok(self.blobs.sweep_orphans(&referenced)?)
+    }
+}
+
+/// An op's output was not the kind its caller asked for: a bug, reported rather than panicked.
+fn unexpected(output: Output) -> StoreError {
+    StoreError::Corrupt(format!("unexpected writer output {output:?}"))
+}
+
+#[async_trait]
+impl Intake for SqliteStore {
+    async fn accept(&self, delivery: VerifiedDelivery) -> Result<Accepted, StoreError> {
+        match self
+            .write(Op::Accept(Box::new(delivery.into_parts())), false)
+            .await?
+        {
+            Output::Accepted(accepted) => Ok(accepted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn bodies(&self) -> &dyn BodyStore {
+        &self.blobs
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        match self.write(Op::Probe { now }, false).await? {
+            Output::Probed => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for SqliteStore {
+    async fn take_ungated(
+        &self,
+        owner: &LeaseOwner,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<Ungated>, StoreError> {
+        let now = self.clock.now();
+        let op = Op::TakeUngated {
+            owner: owner.as_str().to_owned(),
+            now,
+            until: after(now, lease),
+            limit,
+        };
+        match self.write(op, true).await? {
+            Output::Ungated(ungated) => Ok(ungated),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn record_gates(
+        &self,
+        gates: Vec<GateRequest>,
+    ) -> Result<Vec<Option<Verdict>>, StoreError> {
+        let now = self.clock.now();
+        match self.write(Op::Gate { gates, now }, true).await? {
+            Output::Gated(verdicts) => Ok(verdicts),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn claim(
+        &self,
+        owner: &LeaseOwner,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let now = self.clock.now();
+        let op = Op::Claim {
+            owner: owner.as_str().to_owned(),
+            now,
+            until: after(now, lease),
+            limit,
+        };
+        match self.write(op, true).await? {
+            Output::Claimed(claimed) => Ok(claimed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn renew(
+        &self,
+        owner: &LeaseOwner,
+        seqs: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>, StoreError> {
+        let op = Op::Renew {
+            owner: owner.as_str().to_owned(),
+            seqs: seqs.to_vec(),
+            until: after(self.clock.now(), lease),
+        };
+        match self.write(op, true).await? {
+            Output::Renewed(held) => Ok(held),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn record_attempts(
+        &self,
+        seq: i64,
+        owner: &LeaseOwner,
+        results: &[AttemptResult],
+    ) -> Result<Status, StoreError> {
+        let op = Op::Record {
+            seq,
+            owner: owner.as_str().to_owned(),
+            results: results.to_vec(),
+            now: self.clock.now(),
+        };
+        match self.write(op, true).await? {
+            Output::Recorded(status) => Ok(status),
             other => Err(unexpected(other)),
         }
     }
 
     async fn queue_depth(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM deliveries WHERE due_at IS NOT NULL) \
-                  + (SELECT COUNT(*) FROM deliveries WHERE waiting = 1) \
-                  + (SELECT COUNT(*) FROM deliveries WHERE gated = 0)",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n.max(0) as u64)
+        self.readers.run(reads::queue_depth).await
     }
 
     async fn wait_for_work(&self, max_wait: Duration) {
         let _ = tokio::time::timeout(max_wait, self.work.notified()).await;
     }
+}
 
+#[async_trait]
+impl Inspect for SqliteStore {
+    async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
+        let query = query.clone();
+        self.readers
+            .run(move |conn| reads::list(conn, &query))
+            .await
+    }
+
+    async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
+        let (blobs, id) = (self.blobs.clone(), delivery_id.to_owned());
+        self.readers
+            .run(move |conn| reads::show(conn, &blobs, &id))
+            .await
+    }
+
+    async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
+        let op = Op::Replay {
+            target: target.clone(),
+            now: self.clock.now(),
+        };
+        match self.write(op, true).await? {
+            Output::Replayed(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
     async fn close(&self) {
         if let Ok(mut stop) = self.checkpointer.lock() {
             stop.take();
@@ -422,6 +387,69 @@ impl Store for SqliteStore {
             // The writer has answered the close, so this join does not block for long.
             let _ = tokio::task::spawn_blocking(move || task.join()).await;
         }
-        self.pool.close().await;
+    }
+}
+
+/// The SQLite store as the CLI opens it beside a running server.
+pub struct SqliteInspector {
+    path: PathBuf,
+    readers: Readers,
+    blobs: BlobDir,
+    clock: Arc<dyn Clock>,
+}
+
+impl SqliteInspector {
+    pub fn open(path: PathBuf, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        Ok(Self {
+            readers: Readers::new(path.clone()),
+            blobs: blob_dir(&path),
+            path,
+            clock,
+        })
+    }
+}
+
+#[async_trait]
+impl Inspect for SqliteInspector {
+    async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
+        let query = query.clone();
+        self.readers
+            .run(move |conn| reads::list(conn, &query))
+            .await
+    }
+
+    async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
+        let (blobs, id) = (self.blobs.clone(), delivery_id.to_owned());
+        self.readers
+            .run(move |conn| reads::show(conn, &blobs, &id))
+            .await
+    }
+
+    /// One short write transaction of its own; a running server's writer waits for it (and it
+    /// for the writer) through SQLite's lock. The server's dispatcher finds the replayed
+    /// deliveries at its next poll.
+    async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
+        let (path, target, now) = (self.path.clone(), target.clone(), self.clock.now());
+        tokio::task::spawn_blocking(move || {
+            if !path.exists() {
+                return Err(StoreError::Unavailable(format!(
+                    "no database at {}",
+                    path.display()
+                )));
+            }
+            let mut conn = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(REPLAY_BUSY_TIMEOUT)?;
+            // As the writer does: a replay acknowledged is a replay on disk.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let outcome = lanes::replay(&tx, &target, now)?;
+            tx.commit()?;
+            Ok(outcome)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("replay thread failed: {e}")))?
     }
 }

@@ -20,11 +20,16 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::blob::BlobDir;
 use super::ops::{Op, Output};
-use crate::store::{BlobDir, IncomingBody, NewDelivery, StoreError};
+use crate::delivery::IncomingBody;
+use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: [&str; 1] = [include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: [&str; 2] = [
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_gate_leases.sql"),
+];
 /// How long the writer waits for a lock held by another process (the CLI's reads).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Prepared statements kept per connection; the writer uses about twenty.
@@ -123,16 +128,9 @@ impl Writer {
                         Ok(Output::Replayed(outcome)) => outcome.replayed > 0,
                         _ => false,
                     };
-                    if let (
-                        Op::Accept(NewDelivery {
-                            body: IncomingBody::Blob(blob),
-                            ..
-                        }),
-                        Ok(Output::Accepted(a)),
-                    ) = (request.op, &result)
-                    {
+                    if let (Op::Accept(delivery), Ok(Output::Accepted(a))) = (request.op, &result) {
                         // A duplicate's blob is dropped (and removed); a new one is kept.
-                        if !a.duplicate {
+                        if let (false, IncomingBody::Staged(blob)) = (a.duplicate, delivery.body) {
                             blob.keep();
                         }
                     }
@@ -160,15 +158,9 @@ impl Writer {
     /// Runs every op of the batch in one transaction. The outer error means nothing was
     /// committed; an inner error means that op alone was rolled back.
     fn write(&mut self, batch: &[Request]) -> Result<Vec<Result<Output, StoreError>>, StoreError> {
-        let any_blob = batch.iter().any(|r| {
-            matches!(
-                &r.op,
-                Op::Accept(NewDelivery {
-                    body: IncomingBody::Blob(_),
-                    ..
-                })
-            )
-        });
+        let any_blob = batch
+            .iter()
+            .any(|r| matches!(&r.op, Op::Accept(d) if matches!(d.body, IncomingBody::Staged(_))));
         if any_blob {
             // The blob files are fsync'd; their directory entries must be too before a row
             // names them.

@@ -1,18 +1,22 @@
-//! The HMAC signature Labelbox puts on every delivery, checked over the raw body as it streams in.
+//! The HMAC signature Labelbox puts on every delivery, checked over the raw body as it streams
+//! in, and the proof that it was: [`BodyVerifier::verify`] is the only way to get a [`Verified`],
+//! and a [`super::VerifiedDelivery`] cannot be built without one.
 //!
 //! `X-Hub-Signature-256: sha256=<hex>` wins when present; otherwise `X-Hub-Signature: sha1=<hex>`
 //! (unless the endpoint turned SHA-1 off). Hex may be upper or lower case. The body is fed to one
 //! MAC per configured secret (rotation keeps two valid for a while) and each is compared with
-//! `verify_slice`, which is constant time. Nothing here ever formats a secret or a digest into
-//! an error.
+//! `verify_slice`, which is constant time. The verifier hashes the same bytes with SHA-256, so
+//! the dedup key a delivery is stored under is the hash of exactly what was authenticated.
+//! Nothing here ever formats a secret or a digest into an error.
 
-use axum::http::HeaderMap;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
+/// `X-Hub-Signature-256`: HMAC-SHA256, preferred when present.
 pub const SHA256_HEADER: &str = "x-hub-signature-256";
+/// `X-Hub-Signature`: HMAC-SHA1, what Labelbox has always sent.
 pub const SHA1_HEADER: &str = "x-hub-signature";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -61,13 +65,18 @@ impl std::fmt::Debug for ClaimedSignature {
 }
 
 impl ClaimedSignature {
-    /// Picks and decodes the signature header.
-    pub fn from_headers(headers: &HeaderMap, accept_sha1: bool) -> Result<Self, SignatureError> {
-        if let Some(value) = headers.get(SHA256_HEADER) {
-            return Self::parse(value.as_bytes(), Algorithm::Sha256);
+    /// Picks and decodes a signature from the raw values of the two headers: SHA-256 when its
+    /// header is present, otherwise SHA-1 when `accept_sha1`.
+    pub fn pick(
+        sha256_header: Option<&[u8]>,
+        sha1_header: Option<&[u8]>,
+        accept_sha1: bool,
+    ) -> Result<Self, SignatureError> {
+        if let Some(value) = sha256_header {
+            return Self::parse(value, Algorithm::Sha256);
         }
-        match headers.get(SHA1_HEADER) {
-            Some(value) if accept_sha1 => Self::parse(value.as_bytes(), Algorithm::Sha1),
+        match sha1_header {
+            Some(value) if accept_sha1 => Self::parse(value, Algorithm::Sha1),
             _ => Err(SignatureError::Missing),
         }
     }
@@ -90,48 +99,89 @@ impl ClaimedSignature {
     }
 }
 
-/// HMACs of the body under every secret, updated chunk by chunk.
+/// Proof that a body's signature matched one of its endpoint's secrets, with what the
+/// verifier saw: the SHA-256 and length of exactly those bytes. Only [`BodyVerifier::verify`]
+/// makes one (its field is private to this module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    body_sha256: [u8; 32],
+    body_len: u64,
+}
+
+impl Verified {
+    /// SHA-256 of the authenticated body: half of the dedup key.
+    pub fn body_sha256(&self) -> [u8; 32] {
+        self.body_sha256
+    }
+
+    pub fn body_len(&self) -> u64 {
+        self.body_len
+    }
+}
+
+/// The HMACs of a body under every secret, and its SHA-256, updated chunk by chunk.
 #[derive(Clone)]
-pub enum BodyMac {
+pub struct BodyVerifier {
+    macs: Macs,
+    sha256: Sha256,
+    len: u64,
+}
+
+#[derive(Clone)]
+enum Macs {
     Sha1(Vec<Hmac<Sha1>>),
     Sha256(Vec<Hmac<Sha256>>),
 }
 
-impl BodyMac {
+impl BodyVerifier {
     pub fn new(algorithm: Algorithm, secrets: &[SecretString]) -> Self {
         // HMAC accepts keys of any length, so `new_from_slice` cannot fail for these types.
         let keys = secrets.iter().map(|s| s.expose_secret().as_bytes());
-        match algorithm {
-            Algorithm::Sha1 => Self::Sha1(
+        let macs = match algorithm {
+            Algorithm::Sha1 => Macs::Sha1(
                 keys.filter_map(|k| Hmac::<Sha1>::new_from_slice(k).ok())
                     .collect(),
             ),
-            Algorithm::Sha256 => Self::Sha256(
+            Algorithm::Sha256 => Macs::Sha256(
                 keys.filter_map(|k| Hmac::<Sha256>::new_from_slice(k).ok())
                     .collect(),
             ),
+        };
+        Self {
+            macs,
+            sha256: Sha256::new(),
+            len: 0,
         }
     }
 
     pub fn update(&mut self, chunk: &[u8]) {
-        match self {
-            Self::Sha1(macs) => macs.iter_mut().for_each(|m| m.update(chunk)),
-            Self::Sha256(macs) => macs.iter_mut().for_each(|m| m.update(chunk)),
+        match &mut self.macs {
+            Macs::Sha1(macs) => macs.iter_mut().for_each(|m| m.update(chunk)),
+            Macs::Sha256(macs) => macs.iter_mut().for_each(|m| m.update(chunk)),
         }
+        self.sha256.update(chunk);
+        self.len += chunk.len() as u64;
     }
 
-    /// True when any secret's MAC equals the claimed digest (each compared in constant time).
-    pub fn verify(self, claimed: &ClaimedSignature) -> Result<(), SignatureError> {
-        let matched = match self {
-            Self::Sha1(macs) if claimed.algorithm == Algorithm::Sha1 => macs
+    /// The proof, when any secret's MAC equals the claimed digest (each compared in constant
+    /// time, all of them every time).
+    pub fn verify(self, claimed: &ClaimedSignature) -> Result<Verified, SignatureError> {
+        let matched = match self.macs {
+            Macs::Sha1(macs) if claimed.algorithm == Algorithm::Sha1 => macs
                 .into_iter()
                 .fold(false, |ok, m| m.verify_slice(&claimed.digest).is_ok() | ok),
-            Self::Sha256(macs) if claimed.algorithm == Algorithm::Sha256 => macs
+            Macs::Sha256(macs) if claimed.algorithm == Algorithm::Sha256 => macs
                 .into_iter()
                 .fold(false, |ok, m| m.verify_slice(&claimed.digest).is_ok() | ok),
             _ => false,
         };
-        matched.then_some(()).ok_or(SignatureError::Mismatch)
+        if !matched {
+            return Err(SignatureError::Mismatch);
+        }
+        Ok(Verified {
+            body_sha256: self.sha256.finalize().into(),
+            body_len: self.len,
+        })
     }
 }
 
@@ -179,7 +229,6 @@ fn hex_mac<M: Mac + hmac::digest::KeyInit>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     const BODY: &[u8] = br#"{"id":"clabel","updatedAt":"2024-05-02T08:30:12Z"}"#;
 
@@ -189,22 +238,47 @@ mod tests {
             .collect()
     }
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (k, v) in pairs {
-            map.insert(*k, HeaderValue::from_str(v).expect("header"));
-        }
-        map
+    /// The two header values, as `pick` takes them.
+    struct Headers<'a> {
+        sha256: Option<&'a str>,
+        sha1: Option<&'a str>,
     }
 
-    fn check(hdrs: &HeaderMap, secret_list: &[&str], body: &[u8]) -> Result<(), SignatureError> {
-        let claimed = ClaimedSignature::from_headers(hdrs, true)?;
-        let mut mac = BodyMac::new(claimed.algorithm, &secrets(secret_list));
+    fn headers<'a>(pairs: &[(&'static str, &'a str)]) -> Headers<'a> {
+        let find = |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        Headers {
+            sha256: find(SHA256_HEADER),
+            sha1: find(SHA1_HEADER),
+        }
+    }
+
+    fn claimed(hdrs: &Headers<'_>, accept_sha1: bool) -> Result<ClaimedSignature, SignatureError> {
+        ClaimedSignature::pick(
+            hdrs.sha256.map(str::as_bytes),
+            hdrs.sha1.map(str::as_bytes),
+            accept_sha1,
+        )
+    }
+
+    fn check(hdrs: &Headers<'_>, secret_list: &[&str], body: &[u8]) -> Result<(), SignatureError> {
+        let claimed = claimed(hdrs, true)?;
+        let mut verifier = BodyVerifier::new(claimed.algorithm, &secrets(secret_list));
         // Feed in uneven chunks, as a streamed body arrives.
         for chunk in body.chunks(7) {
-            mac.update(chunk);
+            verifier.update(chunk);
         }
-        mac.verify(&claimed)
+        verifier.verify(&claimed).map(|_| ())
+    }
+
+    #[test]
+    fn the_proof_carries_the_sha256_and_length_of_the_verified_bytes() {
+        let sig = sign(b"s3cret", BODY, Algorithm::Sha256);
+        let claimed = claimed(&headers(&[(SHA256_HEADER, &sig)]), true).expect("claimed");
+        let mut verifier = BodyVerifier::new(Algorithm::Sha256, &secrets(&["s3cret"]));
+        verifier.update(BODY);
+        let proof = verifier.verify(&claimed).expect("verified");
+        assert_eq!(proof.body_sha256(), <[u8; 32]>::from(Sha256::digest(BODY)));
+        assert_eq!(proof.body_len(), BODY.len() as u64);
     }
 
     #[test]
@@ -278,7 +352,7 @@ mod tests {
         ] {
             let hdrs = headers(&[(SHA1_HEADER, bad)]);
             assert_eq!(
-                ClaimedSignature::from_headers(&hdrs, true),
+                claimed(&hdrs, true),
                 Err(SignatureError::Malformed),
                 "{bad}"
             );
@@ -289,17 +363,13 @@ mod tests {
     fn sha1_can_be_turned_off() {
         let sig = sign(b"s3cret", BODY, Algorithm::Sha1);
         let hdrs = headers(&[(SHA1_HEADER, &sig)]);
-        assert_eq!(
-            ClaimedSignature::from_headers(&hdrs, false),
-            Err(SignatureError::Missing)
-        );
+        assert_eq!(claimed(&hdrs, false), Err(SignatureError::Missing));
     }
 
     #[test]
     fn debug_output_hides_the_digest() {
         let sig = sign(b"s3cret", BODY, Algorithm::Sha1);
-        let claimed =
-            ClaimedSignature::from_headers(&headers(&[(SHA1_HEADER, &sig)]), true).expect("ok");
+        let claimed = claimed(&headers(&[(SHA1_HEADER, &sig)]), true).expect("ok");
         assert!(!format!("{claimed:?}").contains(&sig[5..15]));
     }
 }

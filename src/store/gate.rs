@@ -1,0 +1,52 @@
+//! The gate's decision for one delivery, as every back-end records it: fresh or stale against
+//! the entity's last applied state ([`crate::ordering::decide`]), the state to keep, and where
+//! the delivery stands in its entity's lane. Pure; the back-ends run it inside the transaction
+//! that records it, with the entity's row locked.
+
+use crate::ordering::{self, Applied, Change, Verdict, Version};
+use crate::store::{GateRequest, StoreError};
+
+/// An entity's stored state, read back.
+pub fn applied(version: Option<i64>, change: &str) -> Result<Applied, StoreError> {
+    Ok(Applied {
+        version: version.map(Version::from_nanos),
+        change: Change::parse(change)
+            .ok_or_else(|| StoreError::Corrupt(format!("change {change:?}")))?,
+    })
+}
+
+/// What the gate decides for one delivery of an entity, the same for every back-end.
+pub struct LaneDecision {
+    pub verdict: Verdict,
+    /// The entity's state to store: what was applied, or the old state for a stale event.
+    pub state: Applied,
+    /// The lane position of the entity's head after this delivery joins the lane.
+    pub active_pos: Option<i64>,
+}
+
+/// Decides fresh or stale, and where the delivery stands in its entity's lane. A stale event
+/// keeps the entity's state but still takes a lane position, so a route that delivers stale
+/// events sees them in arrival order too. The delivery heads the lane when nothing before it
+/// has work left; otherwise it waits to be promoted by the one before it.
+pub fn decide_in_lane(
+    last: Option<Applied>,
+    lane_pos: i64,
+    active_pos: Option<i64>,
+    gate: &GateRequest,
+) -> LaneDecision {
+    let (verdict, applied) = ordering::decide(last.as_ref(), gate.version, gate.change);
+    let state = applied.or(last).unwrap_or(Applied {
+        version: gate.version,
+        change: gate.change,
+    });
+    let becomes_head = !gate.handlers(verdict.is_fresh()).is_empty() && active_pos.is_none();
+    LaneDecision {
+        verdict,
+        state,
+        active_pos: if becomes_head {
+            Some(lane_pos)
+        } else {
+            active_pos
+        },
+    }
+}

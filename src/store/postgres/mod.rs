@@ -1,0 +1,222 @@
+//! The shared back-end: PostgreSQL through sqlx, for several replicas on one database and no
+//! shared disk.
+//!
+//! How each promise is kept when more than one process writes:
+//! - **durable before 2xx**: every accept is its own transaction, committed with synchronous
+//!   commit (turned on for each connection if the server had it off); PostgreSQL groups the
+//!   concurrent commits' WAL flushes itself;
+//! - **dedup**: the unique key on (delivery id, body hash), `ON CONFLICT DO NOTHING`;
+//! - **the gate**: the entity's row is locked (`FOR UPDATE`, created first when missing) in the
+//!   transaction that decides and records the verdict, so two replicas gating versions of one
+//!   entity decide one after the other ([`queue`]);
+//! - **claims**: `FOR UPDATE SKIP LOCKED`, leases carry their owner and are renewed while
+//!   handlers run; expired leases are taken over, live ones never;
+//! - **wake-ups**: an accept or a replay sends `NOTIFY labelhook_work`; each serving replica
+//!   listens on a connection of its own and wakes its dispatcher;
+//! - **bodies of any size**: chunks in a table, streamed in and out ([`bodies`]);
+//! - **outages**: the pool connects lazily and the schema is migrated on first contact, so the
+//!   service starts with the database down, answers 503 meanwhile, and recovers by itself.
+
+mod bodies;
+mod inspect;
+mod intake;
+mod queue;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Executor};
+use tokio::sync::{Notify, OnceCell};
+
+use super::{Store, StoreError};
+use crate::config::StoreSettings;
+use crate::delivery::Clock;
+
+/// The channel accepts and replays are announced on.
+const WORK_CHANNEL: &str = "labelhook_work";
+/// How long a request waits for a connection before it is answered 503.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest pause between attempts to reach the database for wake-ups.
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/postgres/migrations");
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let unavailable = match &e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => true,
+            // Connection exceptions (08), insufficient resources such as a full disk (53),
+            // the server shutting down or starting (57P), a read-only standby (25006).
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57P")
+                    || code == "25006"
+            }),
+            _ => false,
+        };
+        if unavailable {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Database(e.to_string())
+        }
+    }
+}
+
+/// One process's handle on the shared database.
+pub struct PgStore {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+    /// Set once the schema is known to be migrated.
+    schema: OnceCell<()>,
+    /// Woken by other replicas' (and this one's) NOTIFY.
+    work: Arc<Notify>,
+    bodies: bodies::ChunkStore,
+    background: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl PgStore {
+    /// A handle that connects on first use. `serving` also starts the wake-up listener and,
+    /// once the database answers, the sweep of bodies no delivery names.
+    pub fn open(
+        url: &str,
+        settings: &StoreSettings,
+        clock: Arc<dyn Clock>,
+        serving: bool,
+    ) -> Result<Arc<Self>, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|_| StoreError::UnsupportedUrl(super::redact_url(url)))?
+            .application_name("labelhook")
+            .disable_statement_logging();
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            .min_connections(0)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // 2xx means durable: never acknowledge a commit that is not on disk.
+                    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    if setting == "off" {
+                        conn.execute("SET synchronous_commit = on").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(options);
+        let store = Arc::new(Self {
+            bodies: bodies::ChunkStore::new(pool.clone(), clock.clone()),
+            pool,
+            clock,
+            schema: OnceCell::new(),
+            work: Arc::new(Notify::new()),
+            background: std::sync::Mutex::new(None),
+        });
+        if serving {
+            let task = tokio::spawn(listen_for_work(Arc::downgrade(&store)));
+            if let Ok(mut background) = store.background.lock() {
+                *background = Some(task);
+            }
+        }
+        Ok(store)
+    }
+
+    /// Migrates the schema on first contact (sqlx's migrator holds an advisory lock, so
+    /// replicas starting together take turns).
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.schema
+            .get_or_try_init(|| async {
+                MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+                    sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
+                    other => StoreError::Database(format!("migrating the schema: {other}")),
+                })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Wakes every dispatcher listening on the database (and this process's).
+    async fn announce_work<'c, E>(executor: E) -> Result<(), StoreError>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(WORK_CHANNEL)
+            .execute(executor)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Listens for `NOTIFY labelhook_work` on a connection of its own and wakes the dispatcher;
+/// reconnects with a growing pause when the database goes away. Ends when the store is gone.
+async fn listen_for_work(store: std::sync::Weak<PgStore>) {
+    let mut pause = Duration::from_millis(100);
+    let mut swept = false;
+    loop {
+        let Some(this) = store.upgrade() else { return };
+        let listening = async {
+            this.ready().await?;
+            let mut listener = PgListener::connect_with(&this.pool).await?;
+            listener.listen(WORK_CHANNEL).await?;
+            Ok::<_, StoreError>(listener)
+        }
+        .await;
+        match listening {
+            Ok(mut listener) => {
+                pause = Duration::from_millis(100);
+                if !swept {
+                    match this.bodies.sweep_orphans().await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(removed = n, "removed bodies of unanswered deliveries")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not sweep orphan bodies"),
+                    }
+                    swept = true;
+                }
+                // Whatever was announced while nobody listened is found by this poll.
+                this.work.notify_one();
+                let work = this.work.clone();
+                drop(this);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => work.notify_one(),
+                        Ok(None) => {
+                            // The connection was lost (and will be re-made): look for work that
+                            // may have been announced meanwhile.
+                            work.notify_one();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "lost the wake-up connection; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "database not reachable for wake-ups yet");
+                drop(this);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LISTEN_RETRY_MAX);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn close(&self) {
+        if let Some(task) = self.background.lock().ok().and_then(|mut b| b.take()) {
+            task.abort();
+        }
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,417 @@
+//! The PostgreSQL back-end's dispatch queue, safe for several replicas at once:
+//! - taking deliveries to gate and claiming due work use `FOR UPDATE SKIP LOCKED`, so two
+//!   replicas never get the same row, and reserve what they took for a lease;
+//! - the gate locks the entity's row before deciding, so verdicts on one entity are decided one
+//!   after the other whichever replicas decide them, and skips a delivery gated meanwhile;
+//! - recording attempts checks the lease's owner under the delivery's row lock, and lane
+//!   promotion happens under the entity's row lock.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+
+use super::PgStore;
+use crate::delivery::{after, Payload, Status, UnixMillis};
+use crate::ordering::{Verdict, Version};
+use crate::store::gate::{applied, decide_in_lane};
+use crate::store::{
+    status_after_runs, AttemptResult, Claimed, DueRun, GateRequest, LeaseOwner, Queue, StoreError,
+    Ungated,
+};
+
+impl PgStore {
+    /// A row's body (`body`, `blob_id`, `body_len` columns).
+    pub(super) fn body_of(&self, row: &PgRow) -> Result<Payload, StoreError> {
+        let seq: i64 = row.try_get("seq")?;
+        let len = row.try_get::<i64, _>("body_len")?.max(0) as u64;
+        match row.try_get::<Option<i64>, _>("blob_id")? {
+            Some(id) => Ok(Payload::stored(len, self.bodies.source(id))),
+            None => row
+                .try_get::<Option<Vec<u8>>, _>("body")?
+                .map(|body| Payload::inline(body.into()))
+                // Never an empty body in its place: that would hand handlers a wrong event.
+                .ok_or_else(|| StoreError::Corrupt(format!("delivery {seq} has no body"))),
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for PgStore {
+    async fn take_ungated(
+        &self,
+        owner: &LeaseOwner,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<Ungated>, StoreError> {
+        self.ready().await?;
+        let now = self.clock.now();
+        let rows = sqlx::query(
+            "UPDATE deliveries d SET gate_owner = $1, gate_until = $2 \
+             FROM (SELECT seq FROM deliveries \
+                   WHERE NOT gated AND (gate_until IS NULL OR gate_until < $3) \
+                   ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) t \
+             WHERE d.seq = t.seq \
+             RETURNING d.seq, d.topic, d.body, d.blob_id, d.body_len",
+        )
+        .bind(owner.as_str())
+        .bind(after(now, lease))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ungated = rows
+            .iter()
+            .map(|row| {
+                Ok(Ungated {
+                    seq: row.try_get("seq")?,
+                    topic: row.try_get("topic")?,
+                    body: self.body_of(row)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Oldest first: the gate decides in arrival order.
+        ungated.sort_by_key(|u| u.seq);
+        Ok(ungated)
+    }
+
+    async fn record_gates(
+        &self,
+        gates: Vec<GateRequest>,
+    ) -> Result<Vec<Option<Verdict>>, StoreError> {
+        self.ready().await?;
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        let mut verdicts = Vec::with_capacity(gates.len());
+        for gate in &gates {
+            // A savepoint per gate: one that fails is left for another round alone.
+            let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+            match record_gate(&mut savepoint, gate, now).await {
+                Ok(verdict) => {
+                    savepoint.commit().await?;
+                    verdicts.push(verdict);
+                }
+                Err(e) => {
+                    savepoint.rollback().await?;
+                    tracing::error!(seq = gate.seq, error = %e, "gate failed; left for the next round");
+                    verdicts.push(None);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(verdicts)
+    }
+
+    async fn claim(
+        &self,
+        owner: &LeaseOwner,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.ready().await?;
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE deliveries d SET lease_owner = $1, lease_until = $2 \
+             FROM (SELECT seq FROM deliveries \
+                   WHERE due_at IS NOT NULL AND due_at <= $3 \
+                     AND (lease_until IS NULL OR lease_until < $3) \
+                   ORDER BY due_at, seq LIMIT $4 FOR UPDATE SKIP LOCKED) c \
+             WHERE d.seq = c.seq \
+             RETURNING d.seq, d.delivery_id, d.topic, d.entity, d.version, d.project_id, \
+                 d.fresh, d.parse_error IS NULL AS body_is_json, d.received_at, d.body, \
+                 d.blob_id, d.body_len",
+        )
+        .bind(owner.as_str())
+        .bind(after(now, lease))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            claimed.push(Claimed {
+                seq: row.try_get("seq")?,
+                delivery_id: row.try_get("delivery_id")?,
+                topic: row.try_get("topic")?,
+                entity: row.try_get("entity")?,
+                version: row
+                    .try_get::<Option<i64>, _>("version")?
+                    .map(Version::from_nanos),
+                project_id: row.try_get("project_id")?,
+                fresh: row.try_get::<Option<bool>, _>("fresh")?.unwrap_or(true),
+                body_is_json: row.try_get("body_is_json")?,
+                received_at: row.try_get("received_at")?,
+                body: self.body_of(row)?,
+                runs: Vec::new(),
+            });
+        }
+        let seqs: Vec<i64> = claimed.iter().map(|c| c.seq).collect();
+        let runs: Vec<(i64, String, i32)> = sqlx::query_as(
+            "SELECT delivery_seq, handler, attempts FROM handler_runs \
+             WHERE delivery_seq = ANY($1) AND state = 'pending' AND next_at <= $2 \
+             ORDER BY delivery_seq, handler",
+        )
+        .bind(&seqs)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        for (seq, handler, attempts) in runs {
+            if let Some(c) = claimed.iter_mut().find(|c| c.seq == seq) {
+                c.runs.push(DueRun {
+                    handler,
+                    attempts: attempts.max(0) as u32,
+                });
+            }
+        }
+        // Oldest first, so that a caller running them in order keeps arrival order.
+        claimed.sort_by_key(|c| c.seq);
+        Ok(claimed)
+    }
+
+    async fn renew(
+        &self,
+        owner: &LeaseOwner,
+        seqs: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.ready().await?;
+        let held = sqlx::query_scalar(
+            "UPDATE deliveries SET lease_until = $3 \
+             WHERE seq = ANY($1) AND lease_owner = $2 RETURNING seq",
+        )
+        .bind(seqs)
+        .bind(owner.as_str())
+        .bind(after(self.clock.now(), lease))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(held)
+    }
+
+    async fn record_attempts(
+        &self,
+        seq: i64,
+        owner: &LeaseOwner,
+        results: &[AttemptResult],
+    ) -> Result<Status, StoreError> {
+        self.ready().await?;
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(Option<String>, String)> =
+            sqlx::query_as("SELECT lease_owner, status FROM deliveries WHERE seq = $1 FOR UPDATE")
+                .bind(seq)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((Some(holder), current)) = row else {
+            return Err(StoreError::LeaseLost(seq));
+        };
+        if holder != owner.as_str() {
+            return Err(StoreError::LeaseLost(seq));
+        }
+        for r in results {
+            let error = r.outcome.error();
+            sqlx::query(
+                "UPDATE handler_runs SET state = $3, attempts = $4, next_at = $5, \
+                 last_error = COALESCE($6, last_error) WHERE delivery_seq = $1 AND handler = $2",
+            )
+            .bind(seq)
+            .bind(&r.handler)
+            .bind(r.outcome.run_state().as_str())
+            .bind(r.attempt as i32)
+            .bind(r.outcome.next_at())
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO attempts (delivery_seq, handler, attempt, started_at, finished_at, \
+                 outcome, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(seq)
+            .bind(&r.handler)
+            .bind(r.attempt as i32)
+            .bind(r.started_at)
+            .bind(r.finished_at)
+            .bind(r.outcome.kind().as_str())
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (next_due, dead): (Option<i64>, i64) = sqlx::query_as(
+            "SELECT MIN(next_at) FILTER (WHERE state = 'pending'), \
+                    COUNT(*) FILTER (WHERE state = 'dead') \
+             FROM handler_runs WHERE delivery_seq = $1",
+        )
+        .bind(seq)
+        .fetch_one(&mut *tx)
+        .await?;
+        let current: Status = current.parse().map_err(StoreError::Corrupt)?;
+        let status = status_after_runs(current, next_due.is_some(), dead > 0);
+        sqlx::query(
+            "UPDATE deliveries SET status = $2, due_at = $3, lease_owner = NULL, \
+             lease_until = NULL WHERE seq = $1",
+        )
+        .bind(seq)
+        .bind(status.as_str())
+        .bind(next_due)
+        .execute(&mut *tx)
+        .await?;
+        if next_due.is_none() {
+            finish_in_lane(&mut tx, seq, now).await?;
+        }
+        tx.commit().await?;
+        Ok(status)
+    }
+
+    async fn queue_depth(&self) -> Result<u64, StoreError> {
+        self.ready().await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM deliveries WHERE due_at IS NOT NULL) \
+                  + (SELECT COUNT(*) FROM deliveries WHERE waiting) \
+                  + (SELECT COUNT(*) FROM deliveries WHERE NOT gated)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn wait_for_work(&self, max_wait: Duration) {
+        let _ = tokio::time::timeout(max_wait, self.work.notified()).await;
+    }
+}
+
+/// The gate for one delivery, with its entity's row locked. `None` when the delivery was
+/// gated already (by another replica, or before a replay's reset was undone).
+async fn record_gate(
+    conn: &mut PgConnection,
+    gate: &GateRequest,
+    now: UnixMillis,
+) -> Result<Option<Verdict>, StoreError> {
+    let gated: Option<bool> =
+        sqlx::query_scalar("SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE")
+            .bind(gate.seq)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if gated != Some(false) {
+        return Ok(None);
+    }
+    let (verdict, lane_pos, lane_busy) = match &gate.entity {
+        None => (Verdict::Fresh, None, false),
+        Some(entity) => {
+            // Make sure the row exists, then lock it: a replica gating the same entity now
+            // waits here until this transaction is committed, and then sees its verdict.
+            sqlx::query(
+                "INSERT INTO entities (entity, lane_next, updated_at) VALUES ($1, 0, $2) \
+                 ON CONFLICT (entity) DO NOTHING",
+            )
+            .bind(entity)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            let (version, change, lane_pos, active_pos): (
+                Option<i64>,
+                Option<String>,
+                i64,
+                Option<i64>,
+            ) = sqlx::query_as(
+                "SELECT version, change, lane_next, active_pos FROM entities \
+                 WHERE entity = $1 FOR UPDATE",
+            )
+            .bind(entity)
+            .fetch_one(&mut *conn)
+            .await?;
+            let last = match change {
+                Some(change) => Some(applied(version, &change)?),
+                None => None,
+            };
+            let decision = decide_in_lane(last, lane_pos, active_pos, gate);
+            sqlx::query(
+                "UPDATE entities SET version = $2, change = $3, lane_next = $4, \
+                 active_pos = $5, updated_at = $6 WHERE entity = $1",
+            )
+            .bind(entity)
+            .bind(decision.state.version.map(Version::as_nanos))
+            .bind(decision.state.change.as_str())
+            .bind(lane_pos + 1)
+            .bind(decision.active_pos)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            (decision.verdict, Some(lane_pos), active_pos.is_some())
+        }
+    };
+    let fresh = verdict.is_fresh();
+    let handlers = gate.handlers(fresh);
+    let waiting = lane_busy && !handlers.is_empty();
+    if !handlers.is_empty() {
+        sqlx::query(
+            "INSERT INTO handler_runs (delivery_seq, handler, state, attempts, next_at) \
+             SELECT $1, h, 'pending', 0, $3 FROM UNNEST($2::text[]) AS h \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(gate.seq)
+        .bind(handlers)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(
+        "UPDATE deliveries SET gated = true, entity = $2, version = $3, change = $4, \
+         project_id = $5, fresh = $6, lane_pos = $7, parse_error = $8, status = $9, \
+         due_at = $10, waiting = $11, gate_owner = NULL, gate_until = NULL WHERE seq = $1",
+    )
+    .bind(gate.seq)
+    .bind(&gate.entity)
+    .bind(gate.version.map(Version::as_nanos))
+    .bind(gate.change.as_str())
+    .bind(&gate.project_id)
+    .bind(fresh)
+    .bind(lane_pos)
+    .bind(&gate.parse_error)
+    .bind(gate.status(fresh).as_str())
+    .bind((!handlers.is_empty() && !waiting).then_some(now))
+    .bind(waiting)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(verdict))
+}
+
+/// Called when the lane head `seq` has no work left (done, dead, or taken back for replay):
+/// the next waiting delivery of its entity, if any, becomes the head and is due now.
+pub(super) async fn finish_in_lane(
+    conn: &mut PgConnection,
+    seq: i64,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    let head: Option<String> = sqlx::query_scalar(
+        "SELECT e.entity FROM deliveries d JOIN entities e ON e.entity = d.entity \
+         WHERE d.seq = $1 AND e.active_pos = d.lane_pos FOR UPDATE OF e",
+    )
+    .bind(seq)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(entity) = head else {
+        return Ok(());
+    };
+    let next: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT seq, lane_pos FROM deliveries WHERE entity = $1 AND waiting \
+         ORDER BY lane_pos LIMIT 1",
+    )
+    .bind(&entity)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((next_seq, _)) = next {
+        sqlx::query("UPDATE deliveries SET waiting = false, due_at = $2 WHERE seq = $1")
+            .bind(next_seq)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("UPDATE entities SET active_pos = $2 WHERE entity = $1")
+        .bind(&entity)
+        .bind(next.map(|(_, pos)| pos))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
