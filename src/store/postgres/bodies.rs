@@ -19,6 +19,7 @@ use futures_util::stream::{self, StreamExt};
 use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Transaction};
 
+use super::Schema;
 use crate::delivery::{ChunkStream, Clock, PayloadSource, StagedBody, Staging};
 use crate::store::{BodyStore, BodyWriter, StoreError};
 
@@ -42,11 +43,16 @@ fn io_error(e: sqlx::Error) -> io::Error {
 pub struct ChunkStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
+    schema: Arc<Schema>,
 }
 
 impl ChunkStore {
-    pub fn new(pool: PgPool, clock: Arc<dyn Clock>) -> Self {
-        Self { pool, clock }
+    pub fn new(pool: PgPool, clock: Arc<dyn Clock>, schema: Arc<Schema>) -> Self {
+        Self {
+            pool,
+            clock,
+            schema,
+        }
     }
 
     /// A handle that reads blob `id` back.
@@ -75,6 +81,10 @@ impl ChunkStore {
 #[async_trait]
 impl BodyStore for ChunkStore {
     async fn create(&self) -> io::Result<Box<dyn BodyWriter>> {
+        self.schema
+            .ready()
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(io_error)?;
         let id: i64 = sqlx::query_scalar("INSERT INTO blobs (created_at) VALUES ($1) RETURNING id")
             .bind(self.clock.now())

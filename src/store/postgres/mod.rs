@@ -69,12 +69,33 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The database's schema, migrated on first contact (sqlx's migrator holds an advisory lock,
+/// so replicas starting together take turns).
+struct Schema {
+    pool: PgPool,
+    /// Set once the schema is known to be migrated.
+    migrated: OnceCell<()>,
+}
+
+impl Schema {
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.migrated
+            .get_or_try_init(|| async {
+                MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+                    sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
+                    other => StoreError::Database(format!("migrating the schema: {other}")),
+                })
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
 /// One process's handle on the shared database.
 pub struct PgStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
-    /// Set once the schema is known to be migrated.
-    schema: OnceCell<()>,
+    schema: Arc<Schema>,
     /// Woken by other replicas' (and this one's) NOTIFY.
     work: Arc<Notify>,
     bodies: bodies::ChunkStore,
@@ -111,11 +132,15 @@ impl PgStore {
                 })
             })
             .connect_lazy_with(options);
+        let schema = Arc::new(Schema {
+            pool: pool.clone(),
+            migrated: OnceCell::new(),
+        });
         let store = Arc::new(Self {
-            bodies: bodies::ChunkStore::new(pool.clone(), clock.clone()),
+            bodies: bodies::ChunkStore::new(pool.clone(), clock.clone(), schema.clone()),
             pool,
             clock,
-            schema: OnceCell::new(),
+            schema,
             work: Arc::new(Notify::new()),
             background: std::sync::Mutex::new(None),
         });
@@ -128,18 +153,9 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Migrates the schema on first contact (sqlx's migrator holds an advisory lock, so
-    /// replicas starting together take turns).
+    /// Reaches the database, migrating the schema on first contact.
     async fn ready(&self) -> Result<(), StoreError> {
-        self.schema
-            .get_or_try_init(|| async {
-                MIGRATOR.run(&self.pool).await.map_err(|e| match e {
-                    sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
-                    other => StoreError::Database(format!("migrating the schema: {other}")),
-                })
-            })
-            .await
-            .map(|_| ())
+        self.schema.ready().await
     }
 
     /// Wakes every dispatcher listening on the database (and this process's).

@@ -1,0 +1,673 @@
+//! The rules every store back-end keeps, each written once against the store's traits.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use labelhook::delivery::{Clock, IncomingBody, Status};
+use labelhook::ordering::{Change, Verdict};
+use labelhook::store::{
+    AttemptKind, AttemptOutcome, AttemptResult, Claimed, GateRequest, LeaseOwner, ListQuery,
+    ReplayTarget, RunState, StoreError,
+};
+use sha2::{Digest, Sha256};
+
+use crate::harness::{body, label_gate, verified, Harness, LEASE};
+
+const FRESH_TO: &[&str] = &["archive"];
+
+fn all() -> ListQuery {
+    ListQuery {
+        limit: 1000,
+        ..ListQuery::default()
+    }
+}
+
+async fn status_of(h: &Harness, id: &str) -> Vec<Status> {
+    let rows = h.store.show(id).await.expect("show");
+    rows.iter().map(|d| d.summary.status).collect()
+}
+
+fn ok(handler: &str, attempt: u32, now: i64) -> AttemptResult {
+    result(handler, attempt, now, AttemptOutcome::Ok)
+}
+
+fn result(handler: &str, attempt: u32, now: i64, outcome: AttemptOutcome) -> AttemptResult {
+    AttemptResult {
+        handler: handler.to_owned(),
+        attempt,
+        started_at: now,
+        finished_at: now,
+        outcome,
+    }
+}
+
+/// Claims what is due for `owner` and returns it.
+async fn claim(h: &Harness, owner: &str) -> Vec<Claimed> {
+    h.store
+        .claim(&LeaseOwner::named(owner), LEASE, 100)
+        .await
+        .expect("claim")
+}
+
+// --- intake ---------------------------------------------------------------------------------
+
+pub async fn a_delivery_is_stored_once_and_a_changed_body_is_kept_apart(h: &Harness) {
+    let first = h.accept("d1", "LABEL_UPDATED", &body(1)).await;
+    assert!(!first.duplicate && !first.id_conflict);
+    let again = h.accept("d1", "LABEL_UPDATED", &body(1)).await;
+    assert!(again.duplicate, "same id and body is a duplicate");
+    assert_eq!(again.seq, first.seq);
+    let changed = h.accept("d1", "LABEL_UPDATED", &body(2)).await;
+    assert!(!changed.duplicate && changed.id_conflict);
+    assert_ne!(changed.seq, first.seq);
+    let unknown = h.accept("d2", "SOMETHING_NEW", &body(3)).await;
+    assert!(!unknown.duplicate);
+
+    assert_eq!(h.store.list(&all()).await.expect("list").len(), 3);
+    let shown = h.store.show("d1").await.expect("show");
+    let bodies: Vec<Bytes> =
+        futures_util::future::try_join_all(shown.iter().map(|d| d.body.read_all()))
+            .await
+            .expect("bodies");
+    assert_eq!(bodies, [Bytes::from(body(1)), Bytes::from(body(2))]);
+    assert!(shown.iter().all(|d| d.summary.status == Status::Pending));
+    assert_eq!(status_of(h, "d2").await, [Status::Unrecognized]);
+}
+
+pub async fn two_replicas_accepting_one_delivery_at_once_store_it_once(h: &Harness) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let store = if n % 2 == 0 {
+            h.store.clone()
+        } else {
+            h.other()
+        };
+        tasks.spawn(async move {
+            let d = verified(
+                "same",
+                "LABEL_UPDATED",
+                &body(7),
+                IncomingBody::Inline(Bytes::from(body(7))),
+            );
+            store.accept(d).await.expect("accept")
+        });
+    }
+    let mut new = 0;
+    let mut seqs = HashSet::new();
+    while let Some(accepted) = tasks.join_next().await {
+        let accepted = accepted.expect("task");
+        new += usize::from(!accepted.duplicate);
+        seqs.insert(accepted.seq);
+    }
+    assert_eq!(new, 1, "exactly one accept stores it");
+    assert_eq!(seqs.len(), 1, "every answer names the same row");
+    assert_eq!(h.store.list(&all()).await.expect("list").len(), 1);
+}
+
+pub async fn a_large_body_is_streamed_in_and_back_whole(h: &Harness) {
+    // Larger than a chunk of either back-end, written in uneven pieces.
+    let large: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut writer = h.store.bodies().create().await.expect("create body");
+    for piece in large.chunks(65_537) {
+        writer
+            .write(Bytes::copy_from_slice(piece))
+            .await
+            .expect("write");
+    }
+    let staged = writer.finish().await.expect("finish");
+    assert_eq!(staged.len(), large.len() as u64);
+    let d = verified("big", "LABEL_UPDATED", &large, IncomingBody::Staged(staged));
+    assert!(!h.store.accept(d).await.expect("accept").duplicate);
+
+    // A duplicate's own copy is dropped; the stored one stays whole.
+    let mut writer = h.store.bodies().create().await.expect("create body");
+    writer
+        .write(Bytes::from(large.clone()))
+        .await
+        .expect("write");
+    let again = verified(
+        "big",
+        "LABEL_UPDATED",
+        &large,
+        IncomingBody::Staged(writer.finish().await.expect("finish")),
+    );
+    assert!(h.store.accept(again).await.expect("accept").duplicate);
+
+    let ungated = h
+        .other()
+        .take_ungated(&LeaseOwner::named("reader"), LEASE, 10)
+        .await
+        .expect("take");
+    assert_eq!(ungated.len(), 1);
+    let payload = &ungated[0].body;
+    assert!(payload.as_inline().is_none(), "a large body is streamed");
+    assert_eq!(payload.len(), large.len() as u64);
+    let mut hasher = Sha256::new();
+    let mut pieces = 0;
+    let mut stream = payload.stream().await.expect("open");
+    while let Some(piece) = stream.next().await {
+        hasher.update(piece.expect("read"));
+        pieces += 1;
+    }
+    assert!(pieces > 1, "read back in pieces, not whole");
+    assert_eq!(hasher.finalize()[..], Sha256::digest(&large)[..]);
+}
+
+pub async fn a_dropped_body_writer_leaves_nothing_to_read(h: &Harness) {
+    let mut writer = h.store.bodies().create().await.expect("create");
+    writer
+        .write(Bytes::from_static(b"half a body"))
+        .await
+        .expect("write");
+    drop(writer);
+    // Nothing was accepted, so there is nothing to list, take or claim.
+    assert!(h.store.list(&all()).await.expect("list").is_empty());
+    assert_eq!(h.store.queue_depth().await.expect("depth"), 0);
+    h.store.check_ready().await.expect("ready");
+}
+
+// --- gating ---------------------------------------------------------------------------------
+
+pub async fn a_delivery_taken_for_gating_is_taken_by_no_one_else_until_its_lease_runs_out(
+    h: &Harness,
+) {
+    for n in 0..3 {
+        h.accept(&format!("g{n}"), "LABEL_UPDATED", &body(n)).await;
+    }
+    let (a, b) = (LeaseOwner::named("a"), LeaseOwner::named("b"));
+    let taken = h.store.take_ungated(&a, LEASE, 10).await.expect("take");
+    assert_eq!(taken.len(), 3);
+    assert!(
+        taken.windows(2).all(|w| w[0].seq < w[1].seq),
+        "oldest first"
+    );
+    assert!(h
+        .other()
+        .take_ungated(&b, LEASE, 10)
+        .await
+        .expect("take")
+        .is_empty());
+    h.clock.advance(LEASE + Duration::from_secs(1));
+    let retaken = h.other().take_ungated(&b, LEASE, 10).await.expect("take");
+    assert_eq!(retaken.len(), 3, "a lapsed gating lease is taken over");
+
+    // Whoever records first gates it; the other finds it gated and changes nothing.
+    let gate = |seq| {
+        label_gate(
+            seq,
+            &format!("label:g{seq}"),
+            "2024-05-02T08:30:12Z",
+            Change::Updated,
+            FRESH_TO,
+        )
+    };
+    let first = h
+        .store
+        .record_gates(taken.iter().map(|u| gate(u.seq)).collect())
+        .await
+        .expect("gate");
+    assert!(first.iter().all(|v| *v == Some(Verdict::Fresh)));
+    let second = h
+        .other()
+        .record_gates(retaken.iter().map(|u| gate(u.seq)).collect())
+        .await
+        .expect("gate");
+    assert!(second.iter().all(Option::is_none), "gated once: {second:?}");
+    assert_eq!(claim(h, "x").await.len(), 3, "one run each, not two");
+}
+
+pub async fn the_gate_applies_newer_versions_and_keeps_older_ones_as_stale(h: &Harness) {
+    // Arrival order: t2, t1 (late), t3, then t3 again as a re-delivery with a new id.
+    let plan = [
+        (
+            "v2",
+            "2024-05-02T08:00:02Z",
+            Change::Updated,
+            Verdict::Fresh,
+        ),
+        (
+            "v1",
+            "2024-05-02T08:00:01Z",
+            Change::Updated,
+            Verdict::Stale,
+        ),
+        (
+            "v3",
+            "2024-05-02T08:00:03Z",
+            Change::Updated,
+            Verdict::Fresh,
+        ),
+        (
+            "v3b",
+            "2024-05-02T08:00:03Z",
+            Change::Updated,
+            Verdict::Fresh,
+        ),
+        (
+            "c3",
+            "2024-05-02T08:00:03Z",
+            Change::Created,
+            Verdict::Stale,
+        ),
+    ];
+    let mut seqs = Vec::new();
+    for (n, (id, ..)) in plan.iter().enumerate() {
+        seqs.push(h.accept(id, "LABEL_UPDATED", &body(n)).await.seq);
+    }
+    let verdicts = h
+        .gate_all(|seq| {
+            let i = seqs.iter().position(|s| *s == seq).expect("known seq");
+            let (_, version, change, _) = plan[i];
+            label_gate(seq, "label:A", version, change, FRESH_TO)
+        })
+        .await;
+    let got: Vec<Option<Verdict>> = verdicts.iter().map(|(_, v)| *v).collect();
+    let want: Vec<Option<Verdict>> = plan.iter().map(|p| Some(p.3)).collect();
+    assert_eq!(got, want);
+    assert_eq!(status_of(h, "v1").await, [Status::Stale]);
+    assert_eq!(status_of(h, "c3").await, [Status::Stale]);
+    assert_eq!(status_of(h, "v3").await, [Status::Pending]);
+}
+
+pub async fn a_delete_is_final_and_outranks_an_update_at_the_same_version(h: &Harness) {
+    let plan = [
+        ("u", "2024-05-02T08:00:05Z", Change::Updated, Verdict::Fresh),
+        ("d", "2024-05-02T08:00:05Z", Change::Deleted, Verdict::Fresh),
+        (
+            "u-again",
+            "2024-05-02T08:00:05Z",
+            Change::Updated,
+            Verdict::Stale,
+        ),
+        (
+            "later",
+            "2024-05-02T09:00:00Z",
+            Change::Updated,
+            Verdict::Stale,
+        ),
+    ];
+    let mut seqs = Vec::new();
+    for (n, (id, ..)) in plan.iter().enumerate() {
+        seqs.push(h.accept(id, "LABEL_UPDATED", &body(n)).await.seq);
+    }
+    let verdicts = h
+        .gate_all(|seq| {
+            let i = seqs.iter().position(|s| *s == seq).expect("known seq");
+            label_gate(seq, "label:D", plan[i].1, plan[i].2, FRESH_TO)
+        })
+        .await;
+    let got: Vec<Option<Verdict>> = verdicts.iter().map(|(_, v)| *v).collect();
+    assert_eq!(got, plan.iter().map(|p| Some(p.3)).collect::<Vec<_>>());
+}
+
+pub async fn two_replicas_gating_one_entity_at_once_hand_it_on_in_version_order(h: &Harness) {
+    // Versions of one label arrive shuffled; two replicas (two dispatchers each) gate them at
+    // the same time, one delivery per transaction, so their decisions interleave.
+    const NEWEST: u32 = 400;
+    let mut versions: Vec<u32> = (1..=NEWEST).collect();
+    fastrand::shuffle(&mut versions);
+    let mut by_seq = std::collections::HashMap::new();
+    for v in &versions {
+        let accepted = h
+            .accept(&format!("e{v}"), "LABEL_UPDATED", &body(*v as usize))
+            .await;
+        by_seq.insert(accepted.seq, *v);
+    }
+    let by_seq = std::sync::Arc::new(by_seq);
+    let mut gaters = tokio::task::JoinSet::new();
+    let stores = [h.store.clone(), h.other(), h.store.clone(), h.other()];
+    for (n, store) in stores.into_iter().enumerate() {
+        let by_seq = by_seq.clone();
+        gaters.spawn(async move {
+            let owner = LeaseOwner::named(format!("gater-{n}"));
+            loop {
+                let taken = store.take_ungated(&owner, LEASE, 1).await.expect("take");
+                let Some(u) = taken.first() else { break };
+                let v = by_seq[&u.seq];
+                let version = format!(
+                    "2024-05-02T{:02}:{:02}:{:02}Z",
+                    v / 3600,
+                    v / 60 % 60,
+                    v % 60
+                );
+                let gate = label_gate(u.seq, "label:R", &version, Change::Updated, FRESH_TO);
+                store.record_gates(vec![gate]).await.expect("gate");
+            }
+        });
+    }
+    while let Some(done) = gaters.join_next().await {
+        done.expect("gater");
+    }
+    // Handing on in lane order, the versions only ever grow and end at the newest.
+    let mut seen = Vec::new();
+    loop {
+        let claimed = claim(h, "runner").await;
+        assert!(claimed.len() <= 1, "one head per entity at a time");
+        let Some(c) = claimed.into_iter().next() else {
+            break;
+        };
+        seen.push(by_seq[&c.seq]);
+        let now = h.clock.now();
+        h.store
+            .record_attempts(
+                c.seq,
+                &LeaseOwner::named("runner"),
+                &[ok("archive", 1, now)],
+            )
+            .await
+            .expect("record");
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&NEWEST), "ends at the newest: {seen:?}");
+}
+
+// --- lanes, leases, retries -----------------------------------------------------------------
+
+pub async fn only_the_head_of_an_entity_lane_is_due(h: &Harness) {
+    let mut seqs = Vec::new();
+    for (n, id) in ["a1", "a2", "b1"].iter().enumerate() {
+        seqs.push(h.accept(id, "LABEL_UPDATED", &body(n)).await.seq);
+    }
+    h.gate_all(|seq| {
+        let (entity, version) = match seqs.iter().position(|s| *s == seq) {
+            Some(0) => ("label:A", "2024-05-02T08:00:01Z"),
+            Some(1) => ("label:A", "2024-05-02T08:00:02Z"),
+            _ => ("label:B", "2024-05-02T08:00:01Z"),
+        };
+        label_gate(seq, entity, version, Change::Updated, FRESH_TO)
+    })
+    .await;
+    let first = claim(h, "w").await;
+    let claimed: Vec<i64> = first.iter().map(|c| c.seq).collect();
+    assert_eq!(
+        claimed,
+        [seqs[0], seqs[2]],
+        "a2 waits behind a1; B does not wait"
+    );
+    assert_eq!(first[0].runs.len(), 1);
+    assert_eq!(first[0].runs[0].handler, "archive");
+    assert!(
+        claim(h, "w2").await.is_empty(),
+        "a2 is not due while a1 runs"
+    );
+    let now = h.clock.now();
+    h.store
+        .record_attempts(seqs[0], &LeaseOwner::named("w"), &[ok("archive", 1, now)])
+        .await
+        .expect("record");
+    let next: Vec<i64> = claim(h, "w").await.iter().map(|c| c.seq).collect();
+    assert_eq!(next, [seqs[1]], "a2 is promoted once a1 is done");
+    assert_eq!(status_of(h, "a1").await, [Status::Delivered]);
+}
+
+pub async fn a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cannot_record(
+    h: &Harness,
+) {
+    let seq = h.accept("l1", "LABEL_UPDATED", &body(1)).await.seq;
+    h.gate_all(|s| {
+        label_gate(
+            s,
+            "label:L",
+            "2024-05-02T08:00:01Z",
+            Change::Updated,
+            FRESH_TO,
+        )
+    })
+    .await;
+    let (a, b) = (LeaseOwner::named("a"), LeaseOwner::named("b"));
+    assert_eq!(h.store.claim(&a, LEASE, 10).await.expect("claim").len(), 1);
+    assert!(h
+        .other()
+        .claim(&b, LEASE, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+
+    // Renewed by its holder, a lease outlives its first term; nobody else can renew it.
+    h.clock.advance(LEASE / 2);
+    assert_eq!(
+        h.store.renew(&a, &[seq], LEASE).await.expect("renew"),
+        [seq]
+    );
+    assert!(h
+        .other()
+        .renew(&b, &[seq], LEASE)
+        .await
+        .expect("renew")
+        .is_empty());
+    h.clock.advance(LEASE * 3 / 4);
+    assert!(
+        h.other()
+            .claim(&b, LEASE, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "a renewed lease is live"
+    );
+
+    // Not renewed any more (its holder died): taken over once it runs out.
+    h.clock.advance(LEASE);
+    let taken = h.other().claim(&b, LEASE, 10).await.expect("claim");
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].runs[0].attempts, 0);
+    let now = h.clock.now();
+    let late = h
+        .store
+        .record_attempts(seq, &a, &[ok("archive", 1, now)])
+        .await;
+    assert!(
+        matches!(late, Err(StoreError::LeaseLost(s)) if s == seq),
+        "{late:?}"
+    );
+    assert!(h
+        .store
+        .renew(&a, &[seq], LEASE)
+        .await
+        .expect("renew")
+        .is_empty());
+    h.other()
+        .record_attempts(seq, &b, &[ok("archive", 1, now)])
+        .await
+        .expect("the new holder records");
+    assert_eq!(status_of(h, "l1").await, [Status::Delivered]);
+}
+
+pub async fn a_retry_is_due_only_at_its_time_and_its_attempts_are_kept(h: &Harness) {
+    let seq = h.accept("r1", "LABEL_UPDATED", &body(1)).await.seq;
+    h.gate_all(|s| {
+        label_gate(
+            s,
+            "label:R",
+            "2024-05-02T08:00:01Z",
+            Change::Updated,
+            FRESH_TO,
+        )
+    })
+    .await;
+    let owner = LeaseOwner::named("w");
+    assert_eq!(claim(h, "w").await.len(), 1);
+    let now = h.clock.now();
+    let retry = AttemptOutcome::Retry {
+        next_at: now + 10_000,
+        error: "503 from downstream".to_owned(),
+    };
+    let status = h
+        .store
+        .record_attempts(seq, &owner, &[result("archive", 1, now, retry)])
+        .await
+        .expect("record");
+    assert_eq!(status, Status::Pending);
+    assert!(claim(h, "w").await.is_empty(), "not due before its time");
+    h.clock.advance(Duration::from_secs(10));
+    let again = claim(h, "w").await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].runs[0].attempts, 1, "the earlier attempt counts");
+    let now = h.clock.now();
+    h.store
+        .record_attempts(seq, &owner, &[ok("archive", 2, now)])
+        .await
+        .expect("record");
+    let shown = h.store.show("r1").await.expect("show");
+    let detail = &shown[0];
+    assert_eq!(detail.summary.status, Status::Delivered);
+    assert_eq!(detail.handlers[0].state, RunState::Done);
+    assert_eq!(detail.handlers[0].attempts, 2);
+    assert_eq!(
+        detail.handlers[0].last_error.as_deref(),
+        Some("503 from downstream")
+    );
+    let outcomes: Vec<AttemptKind> = detail.attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, [AttemptKind::Retry, AttemptKind::Ok]);
+}
+
+pub async fn a_dead_letter_frees_its_lane_and_replay_sends_it_through_the_gate_again(h: &Harness) {
+    let first = h.accept("x1", "LABEL_UPDATED", &body(1)).await.seq;
+    let second = h.accept("x2", "LABEL_UPDATED", &body(2)).await.seq;
+    let two_handlers: &[&str] = &["archive", "forward"];
+    h.gate_all(|s| {
+        let version = if s == first {
+            "2024-05-02T08:00:01Z"
+        } else {
+            "2024-05-02T08:00:02Z"
+        };
+        label_gate(s, "label:X", version, Change::Updated, two_handlers)
+    })
+    .await;
+    let owner = LeaseOwner::named("w");
+    assert_eq!(claim(h, "w").await.len(), 1);
+    let now = h.clock.now();
+    let dead = AttemptOutcome::Dead {
+        error: "404".to_owned(),
+    };
+    let status = h
+        .store
+        .record_attempts(
+            first,
+            &owner,
+            &[ok("archive", 1, now), result("forward", 1, now, dead)],
+        )
+        .await
+        .expect("record");
+    assert_eq!(status, Status::Dead);
+    let next = claim(h, "w").await;
+    assert_eq!(next.iter().map(|c| c.seq).collect::<Vec<_>>(), [second]);
+    assert_eq!(next[0].runs.len(), 2);
+
+    // The replay leaves x2 (being handled) alone and puts x1 back before the gate.
+    let replayed = h
+        .store
+        .replay(&ReplayTarget::Status(Status::Dead))
+        .await
+        .expect("replay");
+    assert_eq!((replayed.replayed, replayed.running), (1, 0));
+    let running = h
+        .store
+        .replay(&ReplayTarget::DeliveryId("x2".to_owned()))
+        .await
+        .expect("replay");
+    assert_eq!((running.replayed, running.running), (0, 1));
+    assert_eq!(status_of(h, "x1").await, [Status::Pending]);
+    let shown = h.store.show("x1").await.expect("show");
+    let runs: Vec<(String, RunState)> = shown[0]
+        .handlers
+        .iter()
+        .map(|r| (r.handler.clone(), r.state))
+        .collect();
+    assert_eq!(
+        runs,
+        [("archive".to_owned(), RunState::Done)],
+        "done runs stay done"
+    );
+
+    // x2 (newer) is applied meanwhile, so the replayed x1 comes back stale.
+    let now = h.clock.now();
+    h.store
+        .record_attempts(
+            second,
+            &owner,
+            &[ok("archive", 1, now), ok("forward", 1, now)],
+        )
+        .await
+        .expect("record");
+    let regated = h
+        .gate_all(|s| {
+            label_gate(
+                s,
+                "label:X",
+                "2024-05-02T08:00:01Z",
+                Change::Updated,
+                two_handlers,
+            )
+        })
+        .await;
+    assert_eq!(regated, [(first, Some(Verdict::Stale))]);
+    assert_eq!(status_of(h, "x1").await, [Status::Stale]);
+    assert_eq!(h.store.queue_depth().await.expect("depth"), 0);
+}
+
+pub async fn a_replica_is_woken_when_another_accepts(h: &Harness) {
+    h.wait_until_listening().await;
+    let other = h.other();
+    // Use up any wake-up left from before (a listener announces its own start).
+    other.wait_for_work(Duration::from_millis(100)).await;
+    other.wait_for_work(Duration::from_millis(100)).await;
+    let waiting = tokio::spawn(async move {
+        other.wait_for_work(Duration::from_secs(600)).await;
+    });
+    h.accept("wake", "LABEL_UPDATED", &body(1)).await;
+    tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("woken by the accept, not by the 600 s timeout")
+        .expect("task");
+}
+
+pub async fn queue_depth_counts_what_is_not_finished(h: &Harness) {
+    assert_eq!(h.store.queue_depth().await.expect("depth"), 0);
+    for n in 0..3 {
+        h.accept(&format!("q{n}"), "LABEL_UPDATED", &body(n)).await;
+    }
+    assert_eq!(
+        h.store.queue_depth().await.expect("depth"),
+        3,
+        "not gated yet"
+    );
+    h.gate_all(|s| {
+        label_gate(
+            s,
+            "label:Q",
+            "2024-05-02T08:00:01Z",
+            Change::Updated,
+            FRESH_TO,
+        )
+    })
+    .await;
+    // One head due, two waiting behind it (same entity, same version: re-applications).
+    assert_eq!(h.store.queue_depth().await.expect("depth"), 3);
+    let owner = LeaseOwner::named("w");
+    for _ in 0..3 {
+        let c = claim(h, "w").await;
+        let now = h.clock.now();
+        h.store
+            .record_attempts(c[0].seq, &owner, &[ok("archive", 1, now)])
+            .await
+            .expect("record");
+    }
+    assert_eq!(h.store.queue_depth().await.expect("depth"), 0);
+}
+
+/// Gate requests for deliveries no route wants: delivered at once, nothing to claim.
+pub async fn a_delivery_no_route_wants_is_delivered_without_a_claim(h: &Harness) {
+    h.accept("n1", "LABEL_UPDATED", &body(1)).await;
+    let plan = |seq| GateRequest {
+        handlers_if_fresh: Vec::new(),
+        ..label_gate(seq, "label:N", "2024-05-02T08:00:01Z", Change::Updated, &[])
+    };
+    h.gate_all(plan).await;
+    assert_eq!(status_of(h, "n1").await, [Status::Delivered]);
+    assert!(claim(h, "w").await.is_empty());
+}
