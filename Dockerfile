@@ -6,8 +6,9 @@
 #   docker run --rm -p 8080:8080 -v labelhook-data:/data \
 #     -e LABELBOX_WEBHOOK_SECRET=... labelhook
 #
-# The binary needs no system libraries beyond glibc: sqlx bundles SQLite (libsqlite3-sys,
-# compiled in) and reqwest uses rustls (no libssl). Hence the distroless "cc" base.
+# The binary needs no system libraries beyond glibc: rusqlite bundles SQLite (libsqlite3-sys,
+# compiled in), sqlx's PostgreSQL driver is pure Rust (no libpq) and reqwest uses rustls (no
+# libssl). Hence the distroless "cc" base.
 #
 # Base images are referenced by tag. For reproducible builds, pin them by digest
 # (`FROM rust:1-slim-bookworm@sha256:...`) and let a bot such as Renovate or Dependabot bump it.
@@ -29,8 +30,15 @@ RUN mkdir src benches \
  && cargo build --release --locked \
  && rm -rf src
 
-# The real source. COPY keeps the files' modification times, which can be older than the dummy
-# build's output; touch them so cargo rebuilds the crate itself instead of reusing the dummy.
+# The real source, with the build script (build.rs, found by cargo at the crate root) and the
+# SQL migrations under src/store/{postgres,sqlite}/migrations that the crate embeds at compile
+# time (`sqlx::migrate!` reads its directory, relative to Cargo.toml, while compiling; the SQLite
+# ones are include_str!'d). build.rs is copied here rather than into the dependency layer: it
+# only names the migration directory for cargo's change tracking, so the dummy build does not
+# need it, and editing it does not throw away the cached dependencies.
+# COPY keeps the files' modification times, which can be older than the dummy build's output;
+# touch them so cargo rebuilds the crate itself instead of reusing the dummy.
+COPY build.rs ./
 COPY src ./src
 RUN touch src/lib.rs src/main.rs \
  && cargo build --release --locked \

@@ -18,7 +18,10 @@ for line in open(results_path):
     size, name, rps, lat = (line.rstrip("\n").split("\t") + [""])[:4]
     rows[int(size)][name] = float(rps or 0)
     p99[int(size)][name] = lat
-names = ["ceiling-bare", "ceiling-hmac", "labelhook", "webhook-go", "flask-gunicorn"]
+names = [
+    "ceiling-bare", "ceiling-hmac", "labelhook", "labelhook-postgres", "webhook-go",
+    "flask-gunicorn",
+]
 
 
 def cpu_model():
@@ -43,8 +46,8 @@ def commit():
         return "unknown"
 
 
-def ratio(size):
-    ours, ceiling = rows[size].get("labelhook", 0), rows[size].get("ceiling-hmac", 0)
+def ratio(size, name="labelhook"):
+    ours, ceiling = rows[size].get(name, 0), rows[size].get("ceiling-hmac", 0)
     return ours / ceiling if ceiling else 0
 
 
@@ -63,7 +66,11 @@ w(f"- disk, sustained durable writes (`dd bs=1M count=1024 conv=fdatasync`): {di
 w(f"- load: `../shared/bench/run-anchors.sh PAYLOAD {secs}`: wrk, 1 thread, 32 connections, "
   "each request a new `X-Labelbox-Id` with the same signed body")
 w("- labelhook as deployed (`bench/labelhook.toml`): SQLite WAL with `synchronous = FULL`, "
-  "fsync before every 2xx, every label event routed to a `file` handler (fsync'd JSON lines)\n")
+  "fsync before every 2xx, every label event routed to a `file` handler (fsync'd JSON lines)")
+w("- labelhook-postgres (`bench/labelhook-postgres.toml`): the same on the PostgreSQL back-end "
+  "(the machine's PostgreSQL server on the same two cores, a fresh database per payload size, "
+  "synchronous commit before every 2xx), measured with the same wrk load right after the "
+  "anchors of its size\n")
 
 w("## Throughput\n")
 w("Requests per second (p99 latency) by payload size:\n")
@@ -76,6 +83,8 @@ for name in names:
         cells.append("-" if rps is None else f"{rps:,.0f} ({p99[s].get(name) or '?'})")
     w(f"| {name} | " + " | ".join(cells) + " |")
 w("| **labelhook / ceiling-hmac** | " + " | ".join(f"**{ratio(s):.2f}**" for s in sizes) + " |")
+w("| **labelhook-postgres / ceiling-hmac** | "
+  + " | ".join(f"**{ratio(s, 'labelhook-postgres'):.2f}**" for s in sizes) + " |")
 w("\n![requests per second against payload size](bench/throughput.svg)\n")
 
 w("## Targets (issue: performance)\n")

@@ -2,12 +2,13 @@
 # Regenerates BENCHMARKS.md and bench/throughput.svg from one run on this machine:
 #   1. throughput: ../shared/bench/run-anchors.sh (wrk, 32 connections) for each payload size,
 #      labelhook beside the HTTP ceiling and its peers, labelhook as deployed (fsync before
-#      2xx, every label event routed to a `file` handler);
+#      2xx, every label event routed to a `file` handler); then the same wrk load against
+#      labelhook on the PostgreSQL back-end (PG_URL, default the machine's server);
 #   2. a 512 MiB delivery: accepted, stored and handed to the `file` handler, with the growth
 #      of the process's peak resident memory;
 #   3. HMAC-SHA1 speed: `labelhook sign` against `openssl dgst -sha1 -hmac` on the same bytes.
 # Usage: bench/run.sh            (env: SECS per row, default 8; SIZES in bytes; SHARED dir)
-# Needs: wrk, webhook (adnanh), openssl, python3 with flask and gunicorn, curl.
+# Needs: wrk, webhook (adnanh), openssl, python3 with flask and gunicorn, curl, psql.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${SHARED:-$root/../shared}
@@ -16,7 +17,8 @@ sizes=${SIZES:-"2176 32768 314026 1048576"}
 work=$(mktemp -d)
 trap 'pkill -f "labelhook serve --config $work" 2>/dev/null || true; rm -rf "$work"' EXIT
 
-for tool in wrk webhook openssl python3 curl; do
+pg_url=${PG_URL:-postgres://postgres@127.0.0.1:5432}
+for tool in wrk webhook openssl python3 curl psql; do
   command -v "$tool" >/dev/null || { echo "bench/run.sh: $tool is missing (see the header)"; exit 1; }
 done
 python3 -c 'import flask, gunicorn' 2>/dev/null || { echo "bench/run.sh: pip install flask gunicorn"; exit 1; }
@@ -43,6 +45,24 @@ for size in $sizes; do
   actual=$(stat -c %s "$payload")
   echo "== $actual bytes" >&2
   bash "$shared/bench/run-anchors.sh" "$payload" "$secs" | tee "$work/run-$actual.txt" >&2
+  # The PostgreSQL back-end under the same load, right after: a fresh database per size.
+  db=lh_bench_$$_$actual
+  psql -q "$pg_url/postgres" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+  dir=$(mktemp -d "$work/store.XXXX")
+  sed "s|STORE_DIR|$dir|g; s|postgres://postgres@127.0.0.1:5432/PG_DB|$pg_url/$db|" \
+    "$root/bench/labelhook-postgres.toml" > "$dir/labelhook.toml"
+  BENCH_SECRET=bench-secret "$bin" serve --config "$dir/labelhook.toml" > "$dir/out" 2> "$dir/err" &
+  pg_server=$!
+  for _ in $(seq 100); do grep -q "listening on" "$dir/out" 2>/dev/null && break; sleep 0.1; done
+  sig="sha1=$(openssl dgst -sha1 -hmac bench-secret -r < "$payload" | cut -d' ' -f1)"
+  out=$(BODY_FILE=$payload SIG=$sig wrk -t1 -c"${CONNS:-32}" -d"${secs}s" --latency \
+    -s "$shared/bench/post.lua" http://127.0.0.1:9105/webhooks/labelbox 2>&1)
+  kill "$pg_server"; wait "$pg_server" 2>/dev/null || true
+  psql -q "$pg_url/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+  printf 'labelhook-postgres rps=%s p99=%s non2xx=%s\n' \
+    "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
+    "$(echo "$out" | awk '$1=="99%" {print $2}')" \
+    "$(echo "$out" | awk '/Non-2xx/ {print $4}')" | tee -a "$work/run-$actual.txt" >&2
   awk -v size="$actual" '/ rps=/ {
       name=$1; rps=""; p99=""
       for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1]=="rps") rps=kv[2]; if (kv[1]=="p99") p99=kv[2] }

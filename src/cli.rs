@@ -289,9 +289,13 @@ async fn events(
 ) -> Result<ExitCode, CliError> {
     // Secrets are not needed to read the store: load the settings only.
     let settings = Settings::load(path, env, true)?;
-    let store =
-        crate::store::open_for_inspection(&settings.store, std::sync::Arc::new(SystemClock))
-            .await?;
+    let password = settings.store_password(env)?;
+    let store = crate::store::open_for_inspection(
+        &settings.store,
+        password.as_ref(),
+        std::sync::Arc::new(SystemClock),
+    )
+    .await?;
     events_with(store.as_ref(), command).await
 }
 

@@ -150,6 +150,9 @@ pub struct StoreSettings {
     pub commit_batch_max: usize,
     /// PostgreSQL: connections this process keeps to the database.
     pub max_connections: u32,
+    /// PostgreSQL: the password, from a secret source (a Kubernetes secret file, say) rather
+    /// than written into `url`; wins over a password in `url`.
+    pub password: Option<SecretSource>,
 }
 
 impl fmt::Debug for StoreSettings {
@@ -160,6 +163,7 @@ impl fmt::Debug for StoreSettings {
             .field("inline_body_max_bytes", &self.inline_body_max_bytes)
             .field("commit_batch_max", &self.commit_batch_max)
             .field("max_connections", &self.max_connections)
+            .field("password", &self.password)
             .finish()
     }
 }
@@ -171,6 +175,7 @@ impl Default for StoreSettings {
             inline_body_max_bytes: 64 * 1024,
             commit_batch_max: 256,
             max_connections: 16,
+            password: None,
         }
     }
 }
@@ -400,6 +405,13 @@ impl fmt::Debug for Secrets {
 impl Secrets {
     /// Key under which the model-training callback's secrets are kept.
     pub const MODEL_TRAINING: &'static str = "\0model_training";
+    /// Key under which the store's password is kept.
+    const STORE: &'static str = "\0store";
+
+    /// `store.password`, when the configuration gives one.
+    pub fn store_password(&self) -> Option<&SecretString> {
+        self.for_endpoint(Self::STORE).first()
+    }
 
     pub fn for_endpoint(&self, name: &str) -> &[SecretString] {
         self.by_owner.get(name).map(Vec::as_slice).unwrap_or(&[])
@@ -494,7 +506,7 @@ impl Settings {
             let key = e.path().to_string();
             // serde's messages quote the offending value, which under a secrets key may be
             // the secret itself.
-            let message = if key.contains("secrets") {
+            let message = if key.contains("secrets") || key.contains("password") {
                 "has the wrong form: a list like [{ env = \"VAR\" }, { file = \"/path\" }] \
                  (the value is not shown)"
                     .to_owned()
@@ -515,6 +527,23 @@ impl Settings {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    /// Resolves `store.password` alone: for commands that reach the store without the other
+    /// secrets (`events`).
+    pub fn store_password(
+        &self,
+        env: &HashMap<String, String>,
+    ) -> Result<Option<SecretString>, ConfigError> {
+        let Some(source) = &self.store.password else {
+            return Ok(None);
+        };
+        source.resolve(env).map(Some).map_err(|(suffix, message)| {
+            ConfigError::Invalid(vec![Problem {
+                key: format!("store.password{suffix}"),
+                message,
+            }])
+        })
     }
 
     fn validate(&self, problems: &mut Vec<Problem>) {
@@ -562,6 +591,10 @@ impl Settings {
             Err(_) => problem(
                 "store.url".into(),
                 "must be sqlite://PATH or postgres://USER@HOST/DATABASE",
+            ),
+            Ok(crate::store::Backend::Sqlite(_)) if self.store.password.is_some() => problem(
+                "store.password".into(),
+                "is for a PostgreSQL store.url; SQLite has no password",
             ),
             Ok(crate::store::Backend::Sqlite(_)) if !self.dispatch.enabled => problem(
                 "dispatch.enabled".into(),
@@ -714,6 +747,19 @@ impl Settings {
                     list,
                 );
             }
+        }
+        match self.store_password(env) {
+            Ok(Some(password)) => {
+                secrets
+                    .by_owner
+                    .insert(Secrets::STORE.to_owned(), vec![password]);
+            }
+            Ok(None) => {}
+            Err(ConfigError::Invalid(found)) => problems.extend(found),
+            Err(other) => problems.push(Problem {
+                key: "store.password".to_owned(),
+                message: other.to_string(),
+            }),
         }
         secrets
     }
@@ -984,6 +1030,31 @@ handlers = ["nope"]
         let text = format!("{MINIMAL}\n[store]\nurl = \"postgres://app:hunter2@db/x\"\n");
         let config = load_str(&text, &[("LB_SECRET", "x")]).expect("valid");
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_store_password_comes_from_a_secret_source_and_is_never_shown() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp");
+        file.write_all(b"pg-pass\n").expect("write");
+        let text = format!(
+            "{MINIMAL}\n[store]\nurl = \"postgres://app@db/x\"\npassword = {{ file = {:?} }}\n",
+            file.path().display().to_string()
+        );
+        let config = load_str(&text, &[("LB_SECRET", "x")]).expect("valid");
+        let password = config.secrets.store_password().expect("resolved");
+        assert_eq!(password.expose_secret(), "pg-pass");
+        assert!(!format!("{config:?}").contains("pg-pass"));
+
+        let text =
+            format!("{MINIMAL}\n[store]\nurl = \"postgres://app@db/x\"\npassword = \"hunter2\"\n");
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert!(message.contains("store.password"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        let text = format!(
+            "{MINIMAL}\n[store]\nurl = \"postgres://app@db/x\"\npassword = {{ env = \"PG_PW\" }}\n"
+        );
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert!(message.contains("store.password.env"), "{message}");
     }
 
     #[test]

@@ -61,6 +61,7 @@ impl Application {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store = store::open_for_serving(
             &config.settings.store,
+            config.secrets.store_password(),
             config.settings.server.queue_capacity,
             clock.clone(),
         )

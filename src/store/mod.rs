@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use secrecy::SecretString;
 
 use crate::config::StoreSettings;
 use crate::delivery::{Clock, StagedBody, Status, VerifiedDelivery};
@@ -223,8 +224,10 @@ pub fn redact_url(url: &str) -> String {
 /// Opens the store for `serve`. Starts even when the database cannot be reached yet: it keeps
 /// trying and answers `Unavailable` meanwhile. Fails only when the database belongs to another
 /// server ([`StoreError::Locked`], SQLite) or the URL is not understood.
+/// `password` is `store.password` resolved (PostgreSQL only).
 pub async fn open_for_serving(
     settings: &StoreSettings,
+    password: Option<&SecretString>,
     queue_capacity: usize,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<dyn Store>, StoreError> {
@@ -232,7 +235,7 @@ pub async fn open_for_serving(
         Backend::Sqlite(path) => Arc::new(
             sqlite::SqliteStore::open_for_serving(path, settings, queue_capacity, clock).await?,
         ),
-        Backend::Postgres(url) => postgres::PgStore::open(&url, settings, clock, true)?,
+        Backend::Postgres(url) => postgres::PgStore::open(&url, password, settings, clock, true)?,
     })
 }
 
@@ -240,11 +243,12 @@ pub async fn open_for_serving(
 /// (replay takes a short write transaction), PostgreSQL through a small pool.
 pub async fn open_for_inspection(
     settings: &StoreSettings,
+    password: Option<&SecretString>,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<dyn Inspect>, StoreError> {
     Ok(match Backend::from_url(&settings.url)? {
         Backend::Sqlite(path) => Arc::new(sqlite::SqliteInspector::open(path, clock)?),
-        Backend::Postgres(url) => postgres::PgStore::open(&url, settings, clock, false)?,
+        Backend::Postgres(url) => postgres::PgStore::open(&url, password, settings, clock, false)?,
     })
 }
 

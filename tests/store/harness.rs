@@ -45,7 +45,7 @@ impl Harness {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}/labelhook.db", dir.path().display());
         let clock = Arc::new(ManualClock::new());
-        let store = store::open_for_serving(&settings(url), 1024, clock.clone())
+        let store = store::open_for_serving(&settings(url), None, 1024, clock.clone())
             .await
             .expect("open sqlite");
         Harness {
@@ -62,10 +62,10 @@ impl Harness {
         let db = TestDb::create(test).await?;
         let clock = Arc::new(ManualClock::new());
         let settings = settings(db.url.clone());
-        let store = store::open_for_serving(&settings, 1024, clock.clone())
+        let store = store::open_for_serving(&settings, None, 1024, clock.clone())
             .await
             .expect("open postgres");
-        let other = store::open_for_serving(&settings, 1024, clock.clone())
+        let other = store::open_for_serving(&settings, None, 1024, clock.clone())
             .await
             .expect("open postgres again");
         Some(Harness {

@@ -26,6 +26,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor};
 use tokio::sync::{Notify, OnceCell};
@@ -107,14 +108,18 @@ impl PgStore {
     /// once the database answers, the sweep of bodies no delivery names.
     pub fn open(
         url: &str,
+        password: Option<&SecretString>,
         settings: &StoreSettings,
         clock: Arc<dyn Clock>,
         serving: bool,
     ) -> Result<Arc<Self>, StoreError> {
-        let options = PgConnectOptions::from_str(url)
+        let mut options = PgConnectOptions::from_str(url)
             .map_err(|_| StoreError::UnsupportedUrl(super::redact_url(url)))?
             .application_name("labelhook")
             .disable_statement_logging();
+        if let Some(password) = password {
+            options = options.password(password.expose_secret());
+        }
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.max(2))
             .min_connections(0)
