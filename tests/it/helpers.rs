@@ -45,8 +45,30 @@ secrets = [{{ env = "LH_TEST_SECRET" }}, {{ value = "{ROTATED_SECRET}" }}]
     )
 }
 
+/// [`base_config`] on a shared PostgreSQL database at `store_url`, with a separate admin
+/// listener and a small connection pool (the test server allows 100 connections in all, and
+/// tests run in parallel).
+pub fn pg_config(store_url: &str, extra: &str) -> String {
+    let sqlite = "url = \"sqlite://STORE_DIR/labelhook.db\"";
+    let config = base_config(extra);
+    assert!(config.contains(sqlite));
+    config
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+            1,
+        )
+        .replace("body_timeout = \"30s\"", "body_timeout = \"300s\"")
+        .replace(
+            sqlite,
+            &format!("url = \"{store_url}\"\nmax_connections = 4"),
+        )
+}
+
 pub struct TestServer {
     pub dir: tempfile::TempDir,
+    /// The config as given, `STORE_DIR` not yet replaced, for [`TestServer::replica`].
+    template: String,
     pub config_path: PathBuf,
     pub base_url: String,
     pub admin_url: Option<String>,
@@ -67,6 +89,7 @@ impl TestServer {
         let stderr_path = dir.path().join("stderr.log");
         let mut server = TestServer {
             dir,
+            template: config.to_owned(),
             config_path,
             base_url: String::new(),
             admin_url: None,
@@ -79,6 +102,12 @@ impl TestServer {
 
     pub fn with_base(extra: &str) -> TestServer {
         Self::start(&base_config(extra))
+    }
+
+    /// Another server on the same config (so the same store when it is shared), in a temp dir
+    /// of its own: `STORE_DIR` names the new one's directory.
+    pub fn replica(&self) -> TestServer {
+        Self::start(&self.template)
     }
 
     /// Starts the binary and waits for its `listening on` line (bounded, no sleeping).
@@ -142,6 +171,38 @@ impl TestServer {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// True while the process has not exited (it is the same process: never restarted).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// A `kB` field of `/proc/<pid>/status`, such as `VmRSS` or `VmHWM`, in bytes.
+    pub fn proc_status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"));
+        let kib: u64 = line
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .expect("kB value");
+        kib * 1024
+    }
+
+    /// A URL on the admin listener (or on the main one when there is no separate admin).
+    pub fn admin(&self, path: &str) -> String {
+        format!(
+            "{}{path}",
+            self.admin_url.as_deref().unwrap_or(&self.base_url)
+        )
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -308,7 +369,31 @@ pub fn deliver_chunked(server: &TestServer, id: &str, body: &[u8]) -> Answer {
 
 /// A delivery signed with `SECRET`, with any extra curl arguments.
 fn post_signed(server: &TestServer, id: &str, topic: &str, body: &[u8], extra: &[&str]) -> Answer {
-    let file = body_file(server.dir.path(), &format!("body-{id}.json"), body);
+    post_signed_to(
+        &server.url("/webhooks/labelbox"),
+        server.dir.path(),
+        id,
+        topic,
+        body,
+        extra,
+    )
+}
+
+/// [`deliver`] to any webhook URL (e.g. from a thread that holds no [`TestServer`]), the body
+/// written to a file in `dir` first.
+pub fn deliver_to(url: &str, dir: &Path, id: &str, topic: &str, body: &[u8]) -> Answer {
+    post_signed_to(url, dir, id, topic, body, &[])
+}
+
+fn post_signed_to(
+    url: &str,
+    dir: &Path,
+    id: &str,
+    topic: &str,
+    body: &[u8],
+    extra: &[&str],
+) -> Answer {
+    let file = body_file(dir, &format!("body-{id}.json"), body);
     let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
     let event = format!("X-Labelbox-Event: {topic}");
     let id_header = format!("X-Labelbox-Id: {id}");
@@ -325,7 +410,7 @@ fn post_signed(server: &TestServer, id: &str, topic: &str, body: &[u8], extra: &
         &file,
     ];
     args.extend_from_slice(extra);
-    curl(&server.url("/webhooks/labelbox"), &args)
+    curl(url, &args)
 }
 
 /// Posts a model-training callback, signed with `secret` when one is given.
@@ -342,4 +427,22 @@ pub fn post_model_run(server: &TestServer, body: &[u8], secret: Option<&str>) ->
         args.extend(["-H", sig.as_str()]);
     }
     curl(&server.url("/model-training/model_run"), &args)
+}
+
+/// `sha1=<hex>` of a file, computed by `labelhook sign`, which streams it.
+pub fn sign_file(path: &Path) -> String {
+    let out = Command::new(bin())
+        .arg("sign")
+        .arg(path)
+        .args(["--secret-env", "LH_TEST_SECRET"])
+        .env("LH_TEST_SECRET", SECRET)
+        .env_remove("LABELHOOK_CONFIG")
+        .output()
+        .expect("run labelhook sign");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -1,9 +1,12 @@
 //! Tests against the real binary: started on port 0, driven with curl and its own CLI.
 
 mod helpers;
+#[path = "../common/postgres.rs"]
+mod postgres;
 
 mod cli;
 mod dispatch;
 mod durability;
 mod ingress;
 mod ordering;
+mod replicas;

@@ -23,13 +23,14 @@ mod intake;
 mod queue;
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor};
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 
 use super::{Store, StoreError};
 use crate::config::StoreSettings;
@@ -39,6 +40,9 @@ use crate::delivery::Clock;
 const WORK_CHANNEL: &str = "labelhook_work";
 /// How long a request waits for a connection before it is answered 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a failed try to reach the database, callers are answered with its error for this long
+/// before the next try.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Longest pause between attempts to reach the database for wake-ups.
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -72,23 +76,56 @@ impl From<sqlx::Error> for StoreError {
 
 /// The database's schema, migrated on first contact (sqlx's migrator holds an advisory lock,
 /// so replicas starting together take turns).
+///
+/// One caller at a time tries (a try can take up to [`ACQUIRE_TIMEOUT`] while the database
+/// cannot be reached); callers that arrive meanwhile wait for that try's outcome rather than
+/// making their own, and for [`RETRY_PAUSE`] after a failed try everyone gets its error at
+/// once. So no request waits for more than one try: they must not queue behind each other's
+/// attempts, or a sender waiting for its 503 would time out first.
 struct Schema {
     pool: PgPool,
-    /// Set once the schema is known to be migrated.
-    migrated: OnceCell<()>,
+    migrated: AtomicBool,
+    /// The last failed try, when and why.
+    last_failure: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl Schema {
+    fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            migrated: AtomicBool::new(false),
+            last_failure: tokio::sync::Mutex::new(None),
+        }
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
-        self.migrated
-            .get_or_try_init(|| async {
-                MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+        if self.migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut last_failure = self.last_failure.lock().await;
+        if self.migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some((at, error)) = last_failure.as_ref() {
+            if at.elapsed() < RETRY_PAUSE {
+                return Err(StoreError::Unavailable(error.clone()));
+            }
+        }
+        match MIGRATOR.run(&self.pool).await {
+            Ok(()) => {
+                self.migrated.store(true, Ordering::Release);
+                *last_failure = None;
+                Ok(())
+            }
+            Err(e) => {
+                let error = match e {
                     sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
                     other => StoreError::Database(format!("migrating the schema: {other}")),
-                })
-            })
-            .await
-            .map(|_| ())
+                };
+                *last_failure = Some((Instant::now(), error.to_string()));
+                Err(error)
+            }
+        }
     }
 }
 
@@ -137,10 +174,7 @@ impl PgStore {
                 })
             })
             .connect_lazy_with(options);
-        let schema = Arc::new(Schema {
-            pool: pool.clone(),
-            migrated: OnceCell::new(),
-        });
+        let schema = Arc::new(Schema::new(pool.clone()));
         let store = Arc::new(Self {
             bodies: bodies::ChunkStore::new(pool.clone(), clock.clone(), schema.clone()),
             pool,
