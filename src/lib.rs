@@ -7,17 +7,29 @@
 //! [`ordering`] gate, route) → [`handlers`]. [`delivery`] sits below ingress and store and says
 //! what a delivery is. [`cli`] holds the commands; nothing in the library depends on it.
 
+//!
+//! The public face is what a program embedding labelhook needs: build and run the
+//! [`Application`], plug in a [`Handler`] and match on the typed [`Event`] it is given. The
+//! store's traits are public too, for the conformance suite that every back-end must pass.
+
 pub mod cli;
 pub mod config;
 pub mod delivery;
-pub mod dispatch;
+mod dispatch;
 pub mod events;
 pub mod handlers;
-pub mod ingress;
+mod ingress;
 pub mod ordering;
-pub mod server;
+mod server;
 pub mod store;
-pub mod telemetry;
+mod telemetry;
+
+pub use config::Config;
+pub use delivery::Payload;
+pub use events::Event;
+pub use handlers::{Handler, HandlerError, HandlerEvent, Registry};
+pub use server::shutdown_signal;
+pub use telemetry::init_logging;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,7 +38,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::delivery::{Clock, SystemClock};
 use crate::ingress::IngressState;
 use crate::store::{Store, StoreError};

@@ -31,7 +31,10 @@ use time::OffsetDateTime;
 /// Kind of change, ranked for ties at equal versions: Deleted > Updated > Created.
 ///
 /// The variant order is the rank, so the derived `Ord` is the tie-break order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Change {
     /// The entity came into being.
     Created,
@@ -94,6 +97,21 @@ impl Version {
     /// Nanoseconds since the Unix epoch (what the store keeps).
     pub fn as_nanos(self) -> i64 {
         self.0
+    }
+}
+
+/// As RFC 3339 text, as it is shown everywhere else.
+impl serde::Serialize for Version {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Version::parse_rfc3339(&text)
+            .ok_or_else(|| serde::de::Error::custom("not an RFC 3339 timestamp"))
     }
 }
 

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::delivery::{format_millis, Clock, Payload};
-use crate::events::{self, Topic};
+use crate::events::{self, Event, Topic};
 use crate::handlers::{HandlerError, HandlerEvent, Registry};
 use crate::ordering::Change;
 use crate::store::{
@@ -204,57 +204,77 @@ impl Dispatcher {
     async fn gate_request(&self, delivery: &Ungated) -> std::io::Result<GateRequest> {
         let topic = delivery.topic.clone().unwrap_or_default();
         let topic_label = Topic::metric_label(&topic);
-        Ok(
-            match parse_body(delivery.topic.as_deref(), &delivery.body).await? {
-                Ok(event) => {
-                    let recognized = event.topic.is_known();
-                    let project = event.project_id.clone();
-                    GateRequest {
-                        seq: delivery.seq,
-                        handlers_if_fresh: self.routes.select(
-                            &topic,
-                            recognized,
-                            project.as_deref(),
-                            true,
-                        ),
-                        handlers_if_stale: self.routes.select(
-                            &topic,
-                            recognized,
-                            project.as_deref(),
-                            false,
-                        ),
-                        entity: event.entity,
-                        version: event.version,
-                        change: event.change,
-                        project_id: project,
-                        parse_error: None,
-                        recognized,
-                        topic_label,
-                    }
-                }
-                Err(error) => GateRequest {
+        let request = match parse_body(delivery.topic.as_deref(), &delivery.body).await? {
+            Ok(parsed) => {
+                let recognized = parsed.topic.is_known();
+                let project = parsed.project_id.as_deref();
+                GateRequest {
                     seq: delivery.seq,
-                    handlers_if_fresh: self.routes.select(&topic, false, None, true),
-                    handlers_if_stale: Vec::new(),
-                    entity: None,
-                    version: None,
-                    change: Change::Updated,
-                    project_id: None,
-                    parse_error: Some(error),
-                    recognized: false,
+                    handlers_if_fresh: self.routes.select(&topic, recognized, project, true),
+                    handlers_if_stale: self.routes.select(&topic, recognized, project, false),
+                    event: event_json(&parsed.event),
+                    entity: parsed.entity,
+                    version: parsed.version,
+                    change: parsed.change,
+                    project_id: parsed.project_id,
+                    parse_error: None,
+                    recognized,
                     topic_label,
-                },
+                }
+            }
+            Err(error) => GateRequest {
+                seq: delivery.seq,
+                handlers_if_fresh: self.routes.select(&topic, false, None, true),
+                handlers_if_stale: Vec::new(),
+                event: event_json(&Event::unknown(
+                    delivery.topic.as_deref(),
+                    Some(error.clone()),
+                )),
+                entity: None,
+                version: None,
+                change: Change::Updated,
+                project_id: None,
+                parse_error: Some(error),
+                recognized: false,
+                topic_label,
             },
-        )
+        };
+        Ok(request)
+    }
+
+    /// The typed event of a claimed delivery: as the gate recorded it, or parsed again for a
+    /// delivery gated before events were recorded. `Err` when the body cannot be read now.
+    async fn typed_event(&self, claimed: &Claimed) -> std::io::Result<Event> {
+        if let Some(event) = claimed
+            .event
+            .as_deref()
+            .and_then(|json| serde_json::from_str(json).ok())
+        {
+            return Ok(event);
+        }
+        let topic = claimed.topic.as_deref();
+        Ok(match parse_body(topic, &claimed.body).await? {
+            Ok(parsed) => parsed.event,
+            Err(reason) => Event::unknown(topic, Some(reason)),
+        })
     }
 
     /// Calls every due handler of one claimed delivery and records the attempts, unless `lost`
     /// says the lease went to someone else meanwhile.
     async fn run_delivery(&self, claimed: Claimed, lost: CancellationToken) {
+        let typed = match self.typed_event(&claimed).await {
+            Ok(typed) => typed,
+            Err(e) => {
+                // Left to its lease: it is taken again, and read again, once the lease runs out.
+                tracing::warn!(seq = claimed.seq, error = %e, "cannot read the body; will retry");
+                return;
+            }
+        };
         let event = HandlerEvent {
             seq: claimed.seq,
             delivery_id: claimed.delivery_id.clone(),
             topic: claimed.topic.clone().unwrap_or_default(),
+            event: typed,
             entity: claimed.entity.clone(),
             version: claimed.version,
             fresh: claimed.fresh,
@@ -351,13 +371,19 @@ impl Dispatcher {
     }
 }
 
+/// The typed event as the store keeps it.
+fn event_json(event: &Event) -> String {
+    // Serializing plain data to a string cannot fail; an empty object would parse again anyway.
+    serde_json::to_string(event).unwrap_or_else(|_| "{}".to_owned())
+}
+
 /// Parses a stored body: the outer error when it cannot be read (try again later), the inner
 /// one when it is not a valid event (for good). Small bodies are parsed in memory, stored ones
 /// streamed through a reader on a blocking thread.
 async fn parse_body(
     topic: Option<&str>,
     body: &Payload,
-) -> std::io::Result<Result<events::Event, String>> {
+) -> std::io::Result<Result<events::Parsed, String>> {
     if let Some(bytes) = body.as_inline() {
         return Ok(events::parse(topic, bytes).map_err(|e| e.to_string()));
     }

@@ -25,6 +25,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Config, HandlerKind, HandlerSettings};
 pub use crate::delivery::Payload;
+use crate::events::Event;
 
 pub use command::CommandHandler;
 pub use file::FileHandler;
@@ -35,17 +36,21 @@ pub use log::LogHandler;
 /// the body size.
 pub const BODY_CHUNK_BYTES: usize = 64 * 1024;
 
-/// What a handler is given: one delivery, parsed and gated.
+/// What a handler is given: one delivery, parsed and gated. Match on [`HandlerEvent::event`];
+/// the raw body is there too, as a stream, for handlers that forward bytes.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HandlerEvent {
     /// Store sequence number.
     pub seq: i64,
     pub delivery_id: String,
     /// As received (`X-Labelbox-Event`), `MODEL_RUN` for model runs, `""` when absent.
     pub topic: String,
-    /// The entity key, e.g. `label:ck...`.
+    /// The typed event.
+    pub event: Event,
+    /// The entity key the ordering gate used, e.g. `label:ck...`.
     pub entity: Option<String>,
-    /// Displays as RFC 3339.
+    /// The version the ordering gate used (displays as RFC 3339).
     pub version: Option<crate::ordering::Version>,
     /// `false` when the ordering gate found the event stale (routes with `deliver_stale`).
     pub fresh: bool,
@@ -54,7 +59,38 @@ pub struct HandlerEvent {
     pub received_at: String,
     /// `false` for authentic but unparseable bodies.
     pub body_is_json: bool,
+    /// The raw body, exactly as Labelbox sent it.
     pub body: Payload,
+}
+
+impl HandlerEvent {
+    /// The label's annotations, decoded (Labelbox double-encodes them in v1 bodies), for the
+    /// three label events; `None` for other events. The annotations can be hundreds of MiB:
+    /// they are read from the body only when asked, on a blocking thread for stored bodies.
+    /// An error is [`HandlerError::Permanent`] when the body holds no readable annotations,
+    /// [`HandlerError::Retryable`] when the body could not be read.
+    pub async fn label_content(&self) -> Result<Option<serde_json::Value>, HandlerError> {
+        let Some(label) = self.event.label() else {
+            return Ok(None);
+        };
+        let permanent = |e: crate::events::ParseError| HandlerError::Permanent(e.to_string());
+        if let Some(bytes) = self.body.as_inline() {
+            return crate::events::label_content(label, bytes)
+                .map(Some)
+                .map_err(permanent);
+        }
+        let retryable =
+            |e: std::io::Error| HandlerError::Retryable(format!("cannot read the body: {e}"));
+        let reader = self.body.blocking_reader().await.map_err(retryable)?;
+        let label = label.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::events::label_content_reader(&label, std::io::BufReader::new(reader))
+        })
+        .await
+        .map_err(|e| HandlerError::Retryable(format!("decoding the label failed: {e}")))?
+        .map(Some)
+        .map_err(permanent)
+    }
 }
 
 /// Outcome of a failed attempt; the dispatcher retries only [`HandlerError::Retryable`].
@@ -404,6 +440,17 @@ pub(crate) fn test_event(seq: i64, body: Payload, body_is_json: bool) -> Handler
         seq,
         delivery_id: format!("delivery-{seq}"),
         topic: "LABEL_CREATED".to_owned(),
+        event: Event::LabelCreated(crate::events::Label {
+            label_id: "ckabc".to_owned(),
+            project_id: Some("proj-1".to_owned()),
+            data_row_id: None,
+            external_id: None,
+            user: None,
+            created_at: None,
+            updated_at: crate::ordering::Version::parse_rfc3339("2024-05-02T08:30:12.5Z"),
+            deleted: None,
+            shape: crate::events::Shape::V1,
+        }),
         entity: Some("label:ckabc".to_owned()),
         version: crate::ordering::Version::parse_rfc3339("2024-05-02T08:30:12.5Z"),
         fresh: true,

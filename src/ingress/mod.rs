@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use crate::delivery::signature::{SHA1_HEADER, SHA256_HEADER};
 use crate::delivery::{ClaimedSignature, SignatureError};
 
-pub use webhook::{IngressError, IngressState};
+pub use webhook::IngressState;
 
 /// The signature a request claims, from its headers.
 pub fn claimed_signature(

@@ -205,6 +205,8 @@ pub struct GateRequest {
     pub handlers_if_stale: Vec<String>,
     /// The canonical topic, for metrics.
     pub topic_label: &'static str,
+    /// The typed event, as JSON, kept for the handlers.
+    pub event: String,
 }
 
 impl GateRequest {
@@ -243,6 +245,9 @@ pub struct Claimed {
     pub fresh: bool,
     pub body_is_json: bool,
     pub received_at: UnixMillis,
+    /// The typed event as the gate recorded it (JSON); `None` for deliveries gated by an
+    /// older version.
+    pub event: Option<String>,
     pub body: Payload,
     pub runs: Vec<DueRun>,
 }

@@ -186,6 +186,7 @@ pub fn label_gate(
         handlers_if_fresh: handlers.iter().map(|h| (*h).to_owned()).collect(),
         handlers_if_stale: Vec::new(),
         topic_label: "LABEL_UPDATED",
+        event: "{}".to_owned(),
     }
 }
 

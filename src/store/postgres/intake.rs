@@ -44,14 +44,11 @@ impl Intake for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let accepted = match inserted {
-            Some((seq, id_conflict)) => {
-                Self::announce_work(&mut *tx).await?;
-                Accepted {
-                    seq,
-                    duplicate: false,
-                    id_conflict,
-                }
-            }
+            Some((seq, id_conflict)) => Accepted {
+                seq,
+                duplicate: false,
+                id_conflict,
+            },
             None => {
                 let seq: i64 = sqlx::query_scalar(
                     "SELECT seq FROM deliveries WHERE delivery_id = $1 AND body_sha256 = $2",
@@ -68,6 +65,9 @@ impl Intake for PgStore {
             }
         };
         tx.commit().await?;
+        if !accepted.duplicate {
+            self.work_arrived();
+        }
         if let IncomingBody::Staged(staged) = d.body {
             // A duplicate's body is dropped (and removed); a new one is now named by its row.
             if !accepted.duplicate {

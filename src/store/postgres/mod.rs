@@ -11,7 +11,10 @@
 //!   entity decide one after the other ([`queue`]);
 //! - **claims**: `FOR UPDATE SKIP LOCKED`, leases carry their owner and are renewed while
 //!   handlers run; expired leases are taken over, live ones never;
-//! - **wake-ups**: an accept or a replay sends `NOTIFY labelhook_work`; each serving replica
+//! - **wake-ups**: accepts are announced with `NOTIFY labelhook_work`, sent after their
+//!   commits and at most one per [`ANNOUNCE_EVERY`] (a NOTIFY inside every accept would make
+//!   PostgreSQL serialize the commits: it holds a global lock on the notification queue until
+//!   each one is flushed); a replay notifies in its own transaction. Each serving replica
 //!   listens on a connection of its own and wakes its dispatcher;
 //! - **bodies of any size**: chunks in a table, streamed in and out ([`bodies`]);
 //! - **outages**: the pool connects lazily and the schema is migrated on first contact, so the
@@ -43,6 +46,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// After a failed try to reach the database, callers are answered with its error for this long
 /// before the next try.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Accepts announced together: at most one NOTIFY per this long.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(5);
 /// Longest pause between attempts to reach the database for wake-ups.
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -137,7 +142,9 @@ pub struct PgStore {
     /// Woken by other replicas' (and this one's) NOTIFY.
     work: Arc<Notify>,
     bodies: bodies::ChunkStore,
-    background: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Accepts not yet announced to other replicas.
+    unannounced: Arc<Notify>,
+    background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl PgStore {
@@ -181,12 +188,16 @@ impl PgStore {
             clock,
             schema,
             work: Arc::new(Notify::new()),
-            background: std::sync::Mutex::new(None),
+            unannounced: Arc::new(Notify::new()),
+            background: std::sync::Mutex::new(Vec::new()),
         });
         if serving {
-            let task = tokio::spawn(listen_for_work(Arc::downgrade(&store)));
+            let tasks = [
+                tokio::spawn(listen_for_work(Arc::downgrade(&store))),
+                tokio::spawn(announce_work(store.pool.clone(), store.unannounced.clone())),
+            ];
             if let Ok(mut background) = store.background.lock() {
-                *background = Some(task);
+                background.extend(tasks);
             }
         }
         Ok(store)
@@ -197,7 +208,13 @@ impl PgStore {
         self.schema.ready().await
     }
 
-    /// Wakes every dispatcher listening on the database (and this process's).
+    /// New work was committed: wakes this process's dispatcher now, and every replica's soon.
+    fn work_arrived(&self) {
+        self.work.notify_one();
+        self.unannounced.notify_one();
+    }
+
+    /// Wakes every dispatcher listening on the database, when `executor`'s transaction commits.
     async fn announce_work<'c, E>(executor: E) -> Result<(), StoreError>
     where
         E: sqlx::PgExecutor<'c>,
@@ -266,10 +283,28 @@ async fn listen_for_work(store: std::sync::Weak<PgStore>) {
     }
 }
 
+/// Sends one NOTIFY for however many accepts were committed since the last one, at most one
+/// per [`ANNOUNCE_EVERY`]. Runs until the store is closed.
+async fn announce_work(pool: PgPool, unannounced: Arc<Notify>) {
+    loop {
+        unannounced.notified().await;
+        if let Err(e) = PgStore::announce_work(&pool).await {
+            // Replicas find the work at their next poll (dispatch.poll_interval).
+            tracing::debug!(error = %e, "could not announce new work");
+        }
+        tokio::time::sleep(ANNOUNCE_EVERY).await;
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn close(&self) {
-        if let Some(task) = self.background.lock().ok().and_then(|mut b| b.take()) {
+        let tasks = self
+            .background
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default();
+        for task in tasks {
             task.abort();
         }
         self.pool.close().await;

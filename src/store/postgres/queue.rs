@@ -121,7 +121,7 @@ impl Queue for PgStore {
              WHERE d.seq = c.seq \
              RETURNING d.seq, d.delivery_id, d.topic, d.entity, d.version, d.project_id, \
                  d.fresh, d.parse_error IS NULL AS body_is_json, d.received_at, d.body, \
-                 d.blob_id, d.body_len",
+                 d.blob_id, d.body_len, d.event",
         )
         .bind(owner.as_str())
         .bind(after(now, lease))
@@ -143,6 +143,7 @@ impl Queue for PgStore {
                 fresh: row.try_get::<Option<bool>, _>("fresh")?.unwrap_or(true),
                 body_is_json: row.try_get("body_is_json")?,
                 received_at: row.try_get("received_at")?,
+                event: row.try_get("event")?,
                 body: self.body_of(row)?,
                 runs: Vec::new(),
             });
@@ -359,7 +360,8 @@ async fn record_gate(
     sqlx::query(
         "UPDATE deliveries SET gated = true, entity = $2, version = $3, change = $4, \
          project_id = $5, fresh = $6, lane_pos = $7, parse_error = $8, status = $9, \
-         due_at = $10, waiting = $11, gate_owner = NULL, gate_until = NULL WHERE seq = $1",
+         due_at = $10, waiting = $11, event = $12, gate_owner = NULL, gate_until = NULL \
+         WHERE seq = $1",
     )
     .bind(gate.seq)
     .bind(&gate.entity)
@@ -372,6 +374,7 @@ async fn record_gate(
     .bind(gate.status(fresh).as_str())
     .bind((!handlers.is_empty() && !waiting).then_some(now))
     .bind(waiting)
+    .bind(&gate.event)
     .execute(&mut *conn)
     .await?;
     Ok(Some(verdict))

@@ -33,7 +33,7 @@ pub fn claim(
                    AND (d.lease_until IS NULL OR d.lease_until < ?3) \
                  ORDER BY d.due_at, d.seq LIMIT ?4) \
              RETURNING seq, delivery_id, topic, entity, version, project_id, fresh, \
-                 parse_error, received_at, blob_name, body_len",
+                 parse_error, received_at, blob_name, body_len, event",
         )?
         .query_map(params![owner, until, now, i64::from(limit)], |row| {
             let body_location = (row.get::<_, Option<String>>(9)?, row.get::<_, i64>(10)?);
@@ -47,6 +47,7 @@ pub fn claim(
                 fresh: row.get::<_, Option<bool>>(6)?.unwrap_or(true),
                 body_is_json: row.get::<_, Option<String>>(7)?.is_none(),
                 received_at: row.get(8)?,
+                event: row.get(11)?,
                 body: Payload::inline(bytes::Bytes::new()),
                 runs: Vec::new(),
             };

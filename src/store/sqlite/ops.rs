@@ -348,7 +348,8 @@ fn record_gate(
     conn.prepare_cached(
         "UPDATE deliveries SET gated = 1, entity = ?2, version = ?3, change = ?4, \
          project_id = ?5, fresh = ?6, lane_pos = ?7, parse_error = ?8, status = ?9, \
-         due_at = ?10, waiting = ?11, gate_owner = NULL, gate_until = NULL WHERE seq = ?1",
+         due_at = ?10, waiting = ?11, event = ?12, gate_owner = NULL, gate_until = NULL \
+         WHERE seq = ?1",
     )?
     .execute(params![
         gate.seq,
@@ -362,6 +363,7 @@ fn record_gate(
         gate.status(fresh).as_str(),
         (!handlers.is_empty() && !waiting).then_some(now),
         waiting,
+        gate.event,
     ])?;
     Ok(Some(verdict))
 }

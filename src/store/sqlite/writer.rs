@@ -26,9 +26,10 @@ use crate::delivery::IncomingBody;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_gate_leases.sql"),
+    include_str!("migrations/0003_event.sql"),
 ];
 /// How long the writer waits for a lock held by another process (the CLI's reads).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
