@@ -334,8 +334,16 @@ pub struct HandlerSettings {
     pub argv: Option<Vec<String>>,
     /// `nats`: the JetStream stream, created when missing.
     pub stream: Option<String>,
-    /// `nats`: subject template with `{topic}` and `{project_id}`.
+    /// `nats`: subject template with `{topic}`, `{project_id}` and `{entity}`.
     pub subject: Option<String>,
+    /// `nats`: a token for the server.
+    pub token: Option<SecretSource>,
+    /// `nats`: a user name, with `password`.
+    pub user: Option<String>,
+    /// `nats`: the password of `user`.
+    pub password: Option<SecretSource>,
+    /// `nats`: a `.creds` file's contents (JWT and NKey seed), usually `{ file = "..." }`.
+    pub credentials: Option<SecretSource>,
     /// `log`: level of the line written per event.
     pub level: Option<String>,
 }
@@ -419,6 +427,12 @@ impl Secrets {
 
     pub fn for_handler(&self, name: &str) -> &[SecretString] {
         self.for_endpoint(&handler_owner(name))
+    }
+
+    /// One of a handler's single secrets (`token`, `password`, `credentials`), when given.
+    pub fn handler_secret(&self, name: &str, key: &str) -> Option<&SecretString> {
+        self.for_endpoint(&format!("{}:{key}", handler_owner(name)))
+            .first()
     }
 }
 
@@ -506,9 +520,16 @@ impl Settings {
             let key = e.path().to_string();
             // serde's messages quote the offending value, which under a secrets key may be
             // the secret itself.
-            let message = if key.contains("secrets") || key.contains("password") {
+            let secret_key = ["secrets", "password", "token", "credentials"]
+                .iter()
+                .any(|k| key.contains(k));
+            let message = if secret_key && key.contains("secrets") {
                 "has the wrong form: a list like [{ env = \"VAR\" }, { file = \"/path\" }] \
                  (the value is not shown)"
+                    .to_owned()
+            } else if secret_key {
+                "has the wrong form: one of { env = \"VAR\" }, { file = \"/path\" } or \
+                 { value = \"...\" } (the value is not shown)"
                     .to_owned()
             } else {
                 e.inner().to_string()
@@ -748,6 +769,28 @@ impl Settings {
                 );
             }
         }
+        // Single secrets of handlers (`nats`: token, password, credentials).
+        for (i, h) in self.handler.iter().enumerate() {
+            let singles = [
+                ("token", &h.token),
+                ("password", &h.password),
+                ("credentials", &h.credentials),
+            ];
+            for (key, source) in singles {
+                let Some(source) = source else { continue };
+                match source.resolve(env) {
+                    Ok(secret) => {
+                        secrets
+                            .by_owner
+                            .insert(format!("{}:{key}", handler_owner(&h.name)), vec![secret]);
+                    }
+                    Err((suffix, message)) => problems.push(Problem {
+                        key: format!("handler[{i}].{key}{suffix}"),
+                        message,
+                    }),
+                }
+            }
+        }
         match self.store_password(env) {
             Ok(Some(password)) => {
                 secrets
@@ -778,13 +821,28 @@ impl HandlerSettings {
             ("stream", self.stream.is_some()),
             ("subject", self.subject.is_some()),
             ("level", self.level.is_some()),
+            ("token", self.token.is_some()),
+            ("user", self.user.is_some()),
+            ("password", self.password.is_some()),
+            ("credentials", self.credentials.is_some()),
         ];
         let (required, optional): (&[&str], &[&str]) = match self.kind {
             HandlerKind::Log => (&[], &["level"]),
             HandlerKind::File => (&["path"], &[]),
             HandlerKind::Http => (&["url"], &["timeout", "allowed_hosts", "secrets"]),
             HandlerKind::Command => (&["argv"], &["timeout"]),
-            HandlerKind::Nats => (&["url"], &["stream", "subject"]),
+            HandlerKind::Nats => (
+                &["url"],
+                &[
+                    "stream",
+                    "subject",
+                    "timeout",
+                    "token",
+                    "user",
+                    "password",
+                    "credentials",
+                ],
+            ),
         };
         let kind = self.kind.as_str();
         for (key, present) in given {
@@ -802,11 +860,7 @@ impl HandlerSettings {
             }
         }
         if self.kind == HandlerKind::Nats {
-            // Keys are still checked above so a config written for the coming handler is right.
-            problem(
-                format!("handler[{i}].kind"),
-                "\"nats\" is not available in this build yet (log, file, http, command are)",
-            );
+            self.validate_nats(i, problem);
         }
         if self.argv.as_ref().is_some_and(Vec::is_empty) {
             problem(format!("handler[{i}].argv"), "must name a program");
@@ -826,6 +880,49 @@ impl HandlerSettings {
                     "must be one of trace, debug, info, warn, error",
                 );
             }
+        }
+    }
+}
+
+impl HandlerSettings {
+    /// The `nats` handler's own rules: a nats:// URL, a stream name JetStream accepts, a
+    /// subject template whose placeholders are whole tokens, one way to authenticate.
+    fn validate_nats(&self, i: usize, problem: &mut impl FnMut(String, &str)) {
+        if let Some(url) = &self.url {
+            let scheme_ok = ["nats://", "tls://"].iter().any(|s| url.starts_with(s));
+            if !scheme_ok {
+                problem(
+                    format!("handler[{i}].url"),
+                    "must be a nats:// or tls:// URL",
+                );
+            }
+        }
+        if let Some(stream) = &self.stream {
+            if let Err(why) = crate::handlers::nats::check_stream_name(stream) {
+                problem(format!("handler[{i}].stream"), &why);
+            }
+        }
+        if let Some(subject) = &self.subject {
+            if let Err(why) = crate::handlers::nats::SubjectTemplate::parse(subject) {
+                problem(format!("handler[{i}].subject"), &why);
+            }
+        }
+        let ways = [
+            self.token.is_some(),
+            self.user.is_some() || self.password.is_some(),
+            self.credentials.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            problem(
+                format!("handler[{i}].token"),
+                "give one of token, user with password, or credentials",
+            );
+        }
+        if self.user.is_some() != self.password.is_some() {
+            problem(
+                format!("handler[{i}].password"),
+                "user and password go together",
+            );
         }
     }
 }
@@ -987,15 +1084,6 @@ handlers = ["nope"]
         let message = problems(load_str(text, &[]));
         assert!(message.contains("endpoint[0].secrets"), "{message}");
         assert!(!message.contains("hunter2"), "{message}");
-    }
-
-    #[test]
-    fn the_nats_handler_is_refused_until_it_exists() {
-        let text = format!(
-            "{MINIMAL}\n[[handler]]\nname = \"bus\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n"
-        );
-        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
-        assert!(message.contains("handler[0].kind"), "{message}");
     }
 
     #[test]

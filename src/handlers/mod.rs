@@ -14,6 +14,7 @@ mod command;
 mod file;
 mod http;
 mod log;
+pub(crate) mod nats;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub use command::CommandHandler;
 pub use file::FileHandler;
 pub use http::HttpHandler;
 pub use log::LogHandler;
+pub use nats::NatsHandler;
 
 /// Size of the buffers a stored body is written out through, so memory stays bounded whatever
 /// the body size.
@@ -129,8 +131,6 @@ pub enum BuildError {
     },
     #[error("handler {name:?}: the host {host:?} of url is not in allowed_hosts")]
     HostNotAllowed { name: String, host: String },
-    #[error("handler {name:?}: the {kind} handler is not available in this build")]
-    Unavailable { name: String, kind: &'static str },
     #[error("handler {name:?}: cannot build the HTTP client: {source}")]
     HttpClient {
         name: String,
@@ -144,7 +144,7 @@ pub fn build(
     settings: &HandlerSettings,
     secrets: &[SecretString],
 ) -> Result<Arc<dyn Handler>, BuildError> {
-    build_with(settings, secrets, &[])
+    build_with(settings, secrets, &[], None)
 }
 
 /// [`build`], plus the names of environment variables that hold labelhook's own secrets, which
@@ -154,6 +154,7 @@ fn build_with(
     settings: &HandlerSettings,
     secrets: &[SecretString],
     secret_env_vars: &[String],
+    config: Option<&Config>,
 ) -> Result<Arc<dyn Handler>, BuildError> {
     Ok(match settings.kind {
         HandlerKind::Log => Arc::new(LogHandler::from_settings(settings)?),
@@ -162,12 +163,7 @@ fn build_with(
         HandlerKind::Command => {
             Arc::new(CommandHandler::from_settings(settings)?.without_env(secret_env_vars))
         }
-        HandlerKind::Nats => {
-            return Err(BuildError::Unavailable {
-                name: settings.name.clone(),
-                kind: "nats",
-            })
-        }
+        HandlerKind::Nats => Arc::new(NatsHandler::from_settings(settings, config)?),
     })
 }
 
@@ -198,7 +194,7 @@ impl Registry {
         let mut registry = Registry::new();
         for settings in &config.settings.handler {
             let secrets = config.secrets.for_handler(&settings.name);
-            let handler = build_with(settings, secrets, &secret_env_vars)?;
+            let handler = build_with(settings, secrets, &secret_env_vars, Some(config))?;
             registry.register(settings.name.clone(), handler);
         }
         Ok(registry)
@@ -645,21 +641,6 @@ argv = [\"true\"]
         registry.register("mine", custom);
         assert_eq!(registry.names().count(), 4);
         assert!(registry.get("nope").is_none());
-    }
-
-    #[test]
-    fn nats_handlers_are_refused_by_name() {
-        // check-config refuses kind = "nats" already; a config built in code reaches here.
-        let toml = format!("{ENDPOINT}\n[[handler]]\nname = \"bus\"\nkind = \"log\"\n");
-        let mut config = load_config(&toml, &[("LB_SECRET", "s")]);
-        config.settings.handler[0].kind = HandlerKind::Nats;
-        config.settings.handler[0].url = Some("nats://127.0.0.1:4222".to_owned());
-        let message = Registry::from_config(&config).unwrap_err().to_string();
-        assert!(message.contains("\"bus\""), "{message}");
-        assert!(
-            message.contains("nats handler is not available"),
-            "{message}"
-        );
     }
 
     #[test]

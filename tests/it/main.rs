@@ -1,6 +1,8 @@
 //! Tests against the real binary: started on port 0, driven with curl and its own CLI.
 
 mod helpers;
+#[path = "../common/nats.rs"]
+mod nats_stream;
 #[path = "../common/postgres.rs"]
 mod postgres;
 
@@ -8,5 +10,7 @@ mod cli;
 mod dispatch;
 mod durability;
 mod ingress;
+mod nats;
 mod ordering;
 mod replicas;
+mod typed_events;
