@@ -25,10 +25,10 @@ impl Handler for CountAnnotations {
                 // Decoded only when asked: the annotations can be hundreds of MiB.
                 let content = event.label_content().await?.unwrap_or_default();
                 let objects = content["objects"].as_array().map_or(0, Vec::len);
-                tracing::info!(label = %label.label_id, project = ?label.project_id, objects, "label counted");
+                tracing::info!(label = ?label.label_id, project = ?label.project_id, objects, "label counted");
             }
             Event::LabelDeleted(label) => {
-                tracing::info!(label = %label.label_id, "label deleted");
+                tracing::info!(label = ?label.label_id, "label deleted");
             }
             Event::WorkflowAction(action) => {
                 tracing::info!(data_row = ?action.data_row_id, action = ?action.action, "moved");

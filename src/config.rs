@@ -282,6 +282,14 @@ pub struct ModelTrainingSettings {
     /// Keys of the `/models` answer; Labelbox sends the chosen one back as `modelType`.
     #[serde(default)]
     pub model_types: Vec<String>,
+    /// Source addresses allowed to call the model-training routes (Labelbox publishes none
+    /// for them); empty means `network.allowlist`.
+    #[serde(default)]
+    pub allowlist: Vec<IpNet>,
+    /// Identical model-run requests (they carry no delivery id) within this window are one
+    /// request; "0s" makes each a new training request.
+    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    pub duplicate_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -365,6 +373,9 @@ pub struct RouteSettings {
 
 fn default_true() -> bool {
     true
+}
+fn default_duplicate_window() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_max_attempts() -> u32 {
     8
@@ -508,6 +519,7 @@ impl Settings {
                 .with_list_parse_key("network.allowlist")
                 .with_list_parse_key("network.trusted_proxies")
                 .with_list_parse_key("model_training.model_types")
+                .with_list_parse_key("model_training.allowlist")
                 .source(Some(overrides)),
         );
         let raw = builder.build().map_err(|e| {

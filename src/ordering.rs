@@ -1,9 +1,9 @@
 //! The ordering gate: decides whether an event is applied (fresh) or stale for its entity.
 //!
-//! Labelbox retries deliveries and does not keep them in order, so every event is checked
-//! against the last state applied for its entity (a label, a data row, ...). This module only
-//! decides; the store keeps the [`Applied`] state and records the verdict in the same
-//! transaction as the delivery's status. It is pure: no I/O, no clock, no async.
+//! Labelbox may deliver an event more than once and does not keep them in order, so every event
+//! is checked against the last state applied for its entity (a label, a data row, ...). This
+//! module only decides; the store keeps the [`Applied`] state and records the verdict in the
+//! same transaction as the delivery's status. It is pure: no I/O, no clock, no async.
 //!
 //! Rules, for an event with version `v` and kind `c` against the stored state:
 //!

@@ -104,11 +104,22 @@ impl IncomingBody {
     }
 }
 
+/// Where a delivery's id comes from, and so which deliveries are one (dedup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryId {
+    /// `X-Labelbox-Id`, as sent.
+    Given(String),
+    /// The body's SHA-256 in hex: identical bodies are one delivery, whenever they come.
+    BodyHash,
+    /// The body's SHA-256 and the window of time it arrived in: identical bodies within one
+    /// window (aligned to the clock) are one delivery; `window_ms` 0 makes every one new.
+    BodyHashWithin { window_ms: i64 },
+}
+
 /// What a request said about a delivery, besides its body.
 #[derive(Debug, Clone)]
 pub struct Envelope {
-    /// `X-Labelbox-Id`; `None` derives the id from the body's SHA-256.
-    pub delivery_id: Option<String>,
+    pub delivery_id: DeliveryId,
     /// The `[[endpoint]]` name, or `model_training`.
     pub endpoint: String,
     /// `X-Labelbox-Event` as sent (`MODEL_RUN` for model-training callbacks).
@@ -152,9 +163,17 @@ impl VerifiedDelivery {
             Some(topic) if topic.is_known() => Status::Pending,
             _ => Status::Unrecognized,
         };
-        let delivery_id = envelope
-            .delivery_id
-            .unwrap_or_else(|| hex::encode(proof.body_sha256()));
+        let hash = hex::encode(proof.body_sha256());
+        let delivery_id = match envelope.delivery_id {
+            DeliveryId::Given(id) => id,
+            DeliveryId::BodyHash => hash,
+            DeliveryId::BodyHashWithin { window_ms } if window_ms > 0 => {
+                format!("{hash}@{}", envelope.received_at.div_euclid(window_ms))
+            }
+            DeliveryId::BodyHashWithin { .. } => {
+                format!("{hash}@{}-{:08x}", envelope.received_at, fastrand::u32(..))
+            }
+        };
         Self {
             inner: NewDelivery {
                 delivery_id,

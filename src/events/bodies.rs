@@ -4,7 +4,7 @@
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 
-use super::lenient::{First, FirstEntry, IdOnly, Obj, OptBool, OptStr};
+use super::lenient::{FirstEntry, IdOnly, Many, Obj, OptBool, OptStr};
 use super::{
     Event, Label, ModelRun, ParseError, Parsed, Review, Shape, Topic, Unknown, WorkflowAction,
 };
@@ -114,15 +114,22 @@ struct UserV1 {
 
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
-struct DataRowV2 {
+pub(super) struct DataRowV2 {
     id: OptStr,
     external_id: OptStr,
+    details: Obj<DataRowDetails>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct DataRowDetails {
+    last_activity_at: OptStr,
 }
 
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 struct ExportProject {
-    labels: First<Obj<ExportLabel>>,
+    labels: Many<Obj<ExportLabel>>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -137,46 +144,88 @@ struct ExportLabel {
 struct ExportLabelDetails {
     created_at: OptStr,
     updated_at: OptStr,
+    content_last_updated_at: OptStr,
     created_by: OptStr,
+}
+
+/// One label of a v2 snapshot, read.
+struct SnapshotLabel {
+    id: String,
+    created_at: Option<Version>,
+    updated_at: Option<Version>,
+    /// When its content last changed: `content_last_updated_at` (milliseconds, fewer ties)
+    /// when given, else `updated_at` (whole seconds).
+    active_at: Option<Version>,
+    user: Option<String>,
+}
+
+fn snapshot_label(label: ExportLabel) -> Result<Option<SnapshotLabel>, ParseError> {
+    let Some(id) = label.id.0 else {
+        return Ok(None);
+    };
+    let details = label.label_details.0.unwrap_or_default();
+    let updated_at = strict_version(details.updated_at.0.as_deref(), "label_details.updated_at")?;
+    let content_at = strict_version(
+        details.content_last_updated_at.0.as_deref(),
+        "label_details.content_last_updated_at",
+    )?;
+    Ok(Some(SnapshotLabel {
+        id,
+        created_at: strict_version(details.created_at.0.as_deref(), "label_details.created_at")?,
+        updated_at,
+        active_at: content_at.or(updated_at),
+        user: details.created_by.0,
+    }))
 }
 
 fn parse_label(topic: Topic, body: impl BodySource) -> Result<Parsed, ParseError> {
     let body = body.read::<Obj<LabelBody>>()?.0.unwrap_or_default();
     // Detected by shape because no header says which format a webhook uses (LABELBOX.md 2.5).
     let is_v2 = body.data_row.0.is_some() && body.projects.0.is_some();
-    let label = if is_v2 {
+    let change = topic.change();
+    let (label, entity, version, change) = if is_v2 {
         let (project_id, project) = body.projects.0.unwrap_or_default();
-        let first = project
-            .0
-            .and_then(|p| p.labels.0)
-            .and_then(|l| l.0)
-            .unwrap_or_default();
-        let details = first.label_details.0.unwrap_or_default();
         let data_row = body.data_row.0.unwrap_or_default();
-        Label {
-            label_id: first
-                .id
-                .0
-                .ok_or(ParseError::MissingField("projects.*.labels[0].id"))?,
-            data_row_id: data_row.id.0,
+        let data_row_id = data_row
+            .id
+            .0
+            .ok_or(ParseError::MissingField("data_row.id"))?;
+        let mut labels = Vec::new();
+        for label in project.0.unwrap_or_default().labels.0 {
+            if let Some(label) = label.0.map(snapshot_label).transpose()?.flatten() {
+                labels.push(label);
+            }
+        }
+        let row_activity = data_row
+            .details
+            .0
+            .and_then(|d| d.last_activity_at.0)
+            .and_then(|at| Version::parse_rfc3339(&at));
+        // The label whose content changed last is the one the event is about.
+        let latest = labels.iter().max_by_key(|l| l.active_at);
+        // A snapshot is as new as the newest activity it shows; a delete is not final for it,
+        // since new labels can follow, so every snapshot is ordered as an update.
+        let version = latest.and_then(|l| l.active_at).max(row_activity);
+        let label = Label {
+            label_id: latest.map(|l| l.id.clone()),
+            label_ids: labels.iter().map(|l| l.id.clone()).collect(),
+            data_row_id: Some(data_row_id.clone()),
             external_id: data_row.external_id.0,
-            user: details.created_by.0,
-            project_id: Some(project_id),
-            created_at: strict_version(
-                details.created_at.0.as_deref(),
-                "label_details.created_at",
-            )?,
-            updated_at: strict_version(
-                details.updated_at.0.as_deref(),
-                "label_details.updated_at",
-            )?,
+            user: latest.and_then(|l| l.user.clone()),
+            created_at: latest.and_then(|l| l.created_at),
+            updated_at: latest.and_then(|l| l.updated_at),
             deleted: None,
             shape: Shape::ExportV2,
-        }
+            project_id: Some(project_id.clone()),
+        };
+        let entity = format!("labels:{project_id}:{data_row_id}");
+        (label, entity, version, Change::Updated)
     } else {
         let data_row = body.data_row_v1.0.unwrap_or_default();
-        Label {
-            label_id: body.id.0.ok_or(ParseError::MissingField("id"))?,
+        let label_id = body.id.0.ok_or(ParseError::MissingField("id"))?;
+        let label = Label {
+            label_id: Some(label_id.clone()),
+            label_ids: vec![label_id.clone()],
             data_row_id: data_row.id.0,
             external_id: data_row.external_id.0,
             user: body.user.0.and_then(|u| u.email.0),
@@ -185,14 +234,13 @@ fn parse_label(topic: Topic, body: impl BodySource) -> Result<Parsed, ParseError
             updated_at: strict_version(body.updated_at.0.as_deref(), "updatedAt")?,
             deleted: body.deleted.0,
             shape: Shape::V1,
-        }
+        };
+        // updatedAt orders label changes; createdAt stands in when a body has no update time.
+        let version = label.updated_at.or(label.created_at);
+        (label, format!("label:{label_id}"), version, change)
     };
-    let entity = Some(format!("label:{}", label.label_id));
-    // updatedAt orders label changes; createdAt stands in when a body has no update time.
-    let version = label.updated_at.or(label.created_at);
     let project_id = label.project_id.clone();
-    let change = topic.change();
-    let event = match change {
+    let event = match topic.change() {
         Change::Created => Event::LabelCreated(label),
         Change::Updated => Event::LabelUpdated(label),
         Change::Deleted => Event::LabelDeleted(label),
@@ -200,7 +248,7 @@ fn parse_label(topic: Topic, body: impl BodySource) -> Result<Parsed, ParseError
     Ok(Parsed {
         topic,
         event,
-        entity,
+        entity: Some(entity),
         version,
         change,
         project_id,
@@ -261,7 +309,7 @@ pub(super) fn label_content(
                 .into_iter()
                 .filter(|(project, _)| label.project_id.as_deref().is_none_or(|p| p == project))
                 .flat_map(|(_, project)| project.labels)
-                .find(|l| l.id.0.as_deref() == Some(label.label_id.as_str()))
+                .find(|l| l.id.0.is_some() && l.id.0 == label.label_id)
                 .and_then(|l| l.annotations)
                 .ok_or(ParseError::MissingField("projects.*.labels[*].annotations"))?;
             serde_json::from_str(annotations.get()).map_err(label_error)
@@ -271,6 +319,8 @@ pub(super) fn label_content(
 
 // ---- Workflow events -------------------------------------------------------------------------
 
+/// A workflow body: export-shaped (`data_row`, `projects.<id>.project_details.workflow_history`)
+/// as Labelbox's UI-made webhooks send it, or read leniently from several plausible names.
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 struct WorkflowBody {
@@ -293,6 +343,28 @@ struct WorkflowBody {
     project_id_camel: OptStr,
     project_id: OptStr,
     action: OptStr,
+    projects: FirstEntry<Obj<WorkflowProject>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WorkflowProject {
+    project_details: Obj<ProjectDetails>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ProjectDetails {
+    workflow_status: OptStr,
+    workflow_history: Many<Obj<HistoryEntry>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct HistoryEntry {
+    action: OptStr,
+    created_at: OptStr,
+    created_by: OptStr,
 }
 
 fn parse_workflow(body: impl BodySource) -> Result<Parsed, ParseError> {
@@ -300,28 +372,67 @@ fn parse_workflow(body: impl BodySource) -> Result<Parsed, ParseError> {
     let camel = b.data_row_obj_camel.0.map(|d| d.id).unwrap_or_default();
     let snake = b.data_row_obj_snake.0.map(|d| d.id).unwrap_or_default();
     let data_row_id = first_id(&[&camel, &snake, &b.data_row_id_camel, &b.data_row_id]);
+    let (map_project, details) = match b.projects.0 {
+        Some((id, project)) => (
+            Some(id),
+            project
+                .0
+                .and_then(|p| p.project_details.0)
+                .unwrap_or_default(),
+        ),
+        None => (None, ProjectDetails::default()),
+    };
     let project = b.project.0.map(|p| p.id).unwrap_or_default();
-    let project_id = first_id(&[&project, &b.project_id_camel, &b.project_id]);
-    // An update time, when there is one, is preferred over a creation time: if the body turns
-    // out to describe the data row rather than the action, its createdAt never moves and would
+    let project_id =
+        map_project.or_else(|| first_id(&[&project, &b.project_id_camel, &b.project_id]));
+    // The newest history entry is the action this delivery announces.
+    let newest = details
+        .workflow_history
+        .0
+        .into_iter()
+        .filter_map(|entry| entry.0)
+        .filter_map(|entry| {
+            let at = entry
+                .created_at
+                .0
+                .as_deref()
+                .and_then(Version::parse_rfc3339)?;
+            Some((at, entry))
+        })
+        .max_by_key(|(at, _)| *at);
+    // Otherwise an update time, when there is one, is preferred over a creation time: if the
+    // body describes the data row rather than the action, its createdAt never moves and would
     // tie every event, while updatedAt still orders them.
-    let at = lenient_version(&[
-        &b.updated_at_camel,
-        &b.updated_at,
-        &b.timestamp,
-        &b.created_at_camel,
-        &b.created_at,
-    ]);
+    let at = newest.as_ref().map(|(at, _)| *at).or_else(|| {
+        lenient_version(&[
+            &b.updated_at_camel,
+            &b.updated_at,
+            &b.timestamp,
+            &b.created_at_camel,
+            &b.created_at,
+        ])
+    });
+    let (action, user) = match newest {
+        Some((_, entry)) => (entry.action.0, entry.created_by.0),
+        None => (b.action.0, None),
+    };
+    // A data row has a workflow state in each project it sits in: one lane per pair.
+    let entity = data_row_id.as_ref().map(|row| match &project_id {
+        Some(project) => format!("workflow:{project}:{row}"),
+        None => format!("workflow:{row}"),
+    });
     Ok(Parsed {
         topic: Topic::WorkflowAction,
-        entity: data_row_id.as_ref().map(|id| format!("datarow:{id}")),
+        entity,
         version: at,
         change: Change::Updated,
         project_id: project_id.clone(),
         event: Event::WorkflowAction(WorkflowAction {
             data_row_id,
             project_id,
-            action: b.action.0,
+            action,
+            workflow_status: details.workflow_status.0,
+            user,
             at,
         }),
     })

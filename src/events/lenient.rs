@@ -134,44 +134,6 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     }
 }
 
-/// The first element of a JSON array (the rest skipped); `None` for an empty array or anything
-/// else.
-#[derive(Debug)]
-pub(super) struct First<T>(pub(super) Option<T>);
-
-impl<T> Default for First<T> {
-    fn default() -> Self {
-        First(None)
-    }
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = First<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<First<T>, A::Error> {
-                let first = seq.next_element::<T>()?;
-                skip_seq(seq).map(|()| First(first))
-            }
-            skip_other_kinds!(
-                visit_str(&str),
-                visit_bool(bool),
-                visit_i64(i64),
-                visit_u64(u64),
-                visit_f64(f64)
-            );
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<First<T>, A::Error> {
-                skip_map(map).map(|()| First(None))
-            }
-        }
-        d.deserialize_any(V(PhantomData))
-    }
-}
-
 /// The first entry of a JSON object as (key, value), the rest skipped; `None` for an empty
 /// object or anything else. Used for the v2 `projects` map, keyed by project id.
 #[derive(Debug)]
@@ -215,4 +177,44 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for FirstEntry<T> {
 #[serde(default)]
 pub(super) struct IdOnly {
     pub(super) id: OptStr,
+}
+
+/// Every element of a JSON array, each read leniently as `T`; empty for anything else.
+#[derive(Debug)]
+pub(super) struct Many<T>(pub(super) Vec<T>);
+
+impl<T> Default for Many<T> {
+    fn default() -> Self {
+        Many(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Many<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Many<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Many<T>, A::Error> {
+                let mut all = Vec::new();
+                while let Some(item) = seq.next_element::<T>()? {
+                    all.push(item);
+                }
+                Ok(Many(all))
+            }
+            skip_other_kinds!(
+                visit_str(&str),
+                visit_bool(bool),
+                visit_i64(i64),
+                visit_u64(u64),
+                visit_f64(f64)
+            );
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Many<T>, A::Error> {
+                skip_map(map).map(|()| Many(Vec::new()))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }

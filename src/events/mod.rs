@@ -149,10 +149,17 @@ pub enum Shape {
 
 /// A label created, updated or deleted. The annotations themselves are not decoded here: ask
 /// for them with [`label_content`] (they can be hundreds of MiB).
+///
+/// A v1 body is about one label. An export-shaped (v2) body is a snapshot of one data row in
+/// one project, listing every label it has there: `label_id` is the one that changed last
+/// (`None` when the snapshot lists none, as after the last one was deleted) and `label_ids`
+/// all of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Label {
-    pub label_id: String,
+    pub label_id: Option<String>,
+    /// Every label the body lists (v1: the one label).
+    pub label_ids: Vec<String>,
     pub project_id: Option<String>,
     pub data_row_id: Option<String>,
     /// The data row's external id (the file name or key it was imported with).
@@ -174,7 +181,12 @@ pub struct Label {
 pub struct WorkflowAction {
     pub data_row_id: Option<String>,
     pub project_id: Option<String>,
+    /// What happened last (v2: the newest `workflow_history` entry's `action`).
     pub action: Option<String>,
+    /// The data row's workflow status after it (v2 `workflow_status`, e.g. `InReview`).
+    pub workflow_status: Option<String>,
+    /// Who did it (v2: the newest history entry's `created_by`).
+    pub user: Option<String>,
     pub at: Option<Version>,
 }
 
@@ -234,8 +246,10 @@ impl Event {
 pub struct Parsed {
     pub topic: Topic,
     pub event: Event,
-    /// Namespaced entity key for the ordering gate (`label:<id>`, `datarow:<id>`, `review:<id>`,
-    /// `modelrun:<id>`); `None` when the event names no entity (it is then never gated).
+    /// Namespaced entity key for the ordering gate: `label:<id>` (v1 label events),
+    /// `labels:<project>:<data row>` (export-shaped label snapshots), `workflow:<project>:<data
+    /// row>`, `review:<id>`, `modelrun:<id>`; `None` when the event names no entity (it is then
+    /// never gated).
     pub entity: Option<String>,
     /// Version for the ordering gate; `None` when the body has no usable timestamp.
     pub version: Option<Version>,
@@ -344,7 +358,8 @@ mod tests {
     /// The v1 `label` content, as a handler asks for it.
     fn decode_label(body: &[u8]) -> Result<serde_json::Value, ParseError> {
         let label = Label {
-            label_id: "c1".to_owned(),
+            label_id: Some("c1".to_owned()),
+            label_ids: vec!["c1".to_owned()],
             project_id: None,
             data_row_id: None,
             external_id: None,
@@ -483,15 +498,18 @@ mod tests {
     }
 
     #[test]
-    fn label_v2_export_fixture_is_recognised_by_shape() {
+    fn label_v2_export_fixture_is_a_snapshot_of_its_data_row_in_its_project() {
         let body = include_bytes!("../../tests/fixtures/label_updated_v2_export.json");
         let event = parse(Some("LABEL_UPDATED"), body).unwrap();
         let label = label_of(&event);
         assert_eq!(label.shape, Shape::ExportV2);
         assert_eq!(
             event.entity.as_deref(),
-            Some("label:clw1n4r8s000a07mf3b2k6d9p")
+            Some("labels:clu8f2m1p000208l4c7ax9d3k:clu9a7b3c000408jz2e5f6g7h")
         );
+        assert_eq!(label.label_id.as_deref(), Some("clw1n4r8s000a07mf3b2k6d9p"));
+        assert_eq!(label.user.as_deref(), Some("labeler@example.com"));
+        // The content's millisecond time, and the row's last activity (the same here).
         assert_eq!(event.version, version("2024-05-06T09:12:44.120Z"));
         assert_eq!(
             event.project_id.as_deref(),
@@ -505,14 +523,15 @@ mod tests {
     }
 
     #[test]
-    fn workflow_fixture_is_keyed_by_data_row() {
+    fn an_export_shaped_workflow_is_keyed_by_project_and_data_row_and_versioned_by_its_newest_step()
+    {
         let body = include_bytes!("../../tests/fixtures/workflow_action.json");
         let event = parse(Some("WORKFLOW_ACTION"), body).unwrap();
         assert_eq!(
             event.entity.as_deref(),
-            Some("datarow:clu9a7b3c000408jz2e5f6g7h")
+            Some("workflow:clu8f2m1p000208l4c7ax9d3k:clu9a7b3c000408jz2e5f6g7h")
         );
-        assert_eq!(event.version, version("2024-05-04T16:20:07.512Z"));
+        assert_eq!(event.version, version("2024-05-06T09:20:31Z"));
         assert_eq!(event.change, Change::Updated);
         assert_eq!(
             event.project_id.as_deref(),
@@ -521,7 +540,54 @@ mod tests {
         let Event::WorkflowAction(w) = &event.event else {
             panic!("not a workflow event: {:?}", event.event)
         };
-        assert_eq!(w.action.as_deref(), Some("APPROVE"));
+        assert_eq!(w.action.as_deref(), Some("Approve"));
+        assert_eq!(w.user.as_deref(), Some("reviewer@example.com"));
+        assert_eq!(w.workflow_status.as_deref(), Some("Done"));
+        assert_eq!(w.data_row_id.as_deref(), Some("clu9a7b3c000408jz2e5f6g7h"));
+    }
+
+    #[test]
+    fn a_v2_snapshot_with_two_labels_is_about_the_one_that_changed_last() {
+        let snapshot = |first_at: &str, second_at: &str| {
+            format!(
+                r#"{{"data_row": {{"id": "cdr"}}, "projects": {{"cpr": {{"labels": [
+                    {{"id": "cl-one", "label_details": {{"updated_at": "{first_at}"}}}},
+                    {{"id": "cl-two", "label_details": {{"content_last_updated_at": "{second_at}"}}}}
+                ]}}}}}}"#
+            )
+        };
+        let body = snapshot("2024-05-06T09:00:00Z", "2024-05-06T09:05:00.250Z");
+        let event = parse(Some("LABEL_UPDATED"), body.as_bytes()).unwrap();
+        let label = label_of(&event);
+        assert_eq!(label.label_id.as_deref(), Some("cl-two"));
+        assert_eq!(label.label_ids, ["cl-one", "cl-two"]);
+        assert_eq!(event.entity.as_deref(), Some("labels:cpr:cdr"));
+        assert_eq!(event.version, version("2024-05-06T09:05:00.250Z"));
+        let body = snapshot("2024-05-06T09:10:00Z", "2024-05-06T09:05:00.250Z");
+        let event = parse(Some("LABEL_UPDATED"), body.as_bytes()).unwrap();
+        assert_eq!(label_of(&event).label_id.as_deref(), Some("cl-one"));
+        assert_eq!(
+            event.entity.as_deref(),
+            Some("labels:cpr:cdr"),
+            "one entity, both labels"
+        );
+    }
+
+    #[test]
+    fn a_v2_delete_that_left_no_label_keeps_its_project_and_is_not_final() {
+        let body = include_bytes!("../../tests/fixtures/label_deleted_v2_export.json");
+        let event = parse(Some("LABEL_DELETED"), body).unwrap();
+        assert!(matches!(event.event, Event::LabelDeleted(_)));
+        let label = label_of(&event);
+        assert_eq!(label.label_id, None);
+        assert!(label.label_ids.is_empty());
+        assert_eq!(
+            event.project_id.as_deref(),
+            Some("clu8f2m1p000208l4c7ax9d3k")
+        );
+        // Ordered as an update: new labels may follow a snapshot without any.
+        assert_eq!(event.change, Change::Updated);
+        assert_eq!(event.version, version("2024-05-06T09:30:00Z"));
     }
 
     #[test]
@@ -529,12 +595,12 @@ mod tests {
         let body =
             br#"{"data_row_id": "cdr", "project_id": "cpr", "timestamp": "2024-05-04T16:20:07Z"}"#;
         let event = parse(Some("MOVE"), body).unwrap();
-        assert_eq!(event.entity.as_deref(), Some("datarow:cdr"));
+        assert_eq!(event.entity.as_deref(), Some("workflow:cpr:cdr"));
         assert_eq!(event.project_id.as_deref(), Some("cpr"));
         assert_eq!(event.version, version("2024-05-04T16:20:07Z"));
         let body = br#"{"data_row": {"id": "cdr2"}, "projectId": "cpr2", "createdAt": "bad"}"#;
         let event = parse(Some("MOVE"), body).unwrap();
-        assert_eq!(event.entity.as_deref(), Some("datarow:cdr2"));
+        assert_eq!(event.entity.as_deref(), Some("workflow:cpr2:cdr2"));
         assert_eq!(event.project_id.as_deref(), Some("cpr2"));
         assert_eq!(event.version, None);
     }
@@ -701,10 +767,10 @@ mod tests {
                 Err(ParseError::MissingField("id"))
             );
         }
-        let v2 = br#"{"data_row": {"id": "cdr"}, "projects": {"cpr": {"labels": []}}}"#;
+        let v2 = br#"{"data_row": {"name": "x"}, "projects": {"cpr": {"labels": []}}}"#;
         assert_eq!(
             parse(Some("LABEL_CREATED"), v2),
-            Err(ParseError::MissingField("projects.*.labels[0].id"))
+            Err(ParseError::MissingField("data_row.id"))
         );
     }
 

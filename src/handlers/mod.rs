@@ -437,7 +437,8 @@ pub(crate) fn test_event(seq: i64, body: Payload, body_is_json: bool) -> Handler
         delivery_id: format!("delivery-{seq}"),
         topic: "LABEL_CREATED".to_owned(),
         event: Event::LabelCreated(crate::events::Label {
-            label_id: "ckabc".to_owned(),
+            label_id: Some("ckabc".to_owned()),
+            label_ids: vec!["ckabc".to_owned()],
             project_id: Some("proj-1".to_owned()),
             data_row_id: None,
             external_id: None,

@@ -22,7 +22,9 @@ use super::body::{self, BodyError};
 use super::claimed_signature;
 use super::client_ip::{self, Allowlist};
 use crate::config::{Config, ForwardedHeader, Secrets};
-use crate::delivery::{BodyVerifier, Clock, Envelope, SignatureError, VerifiedDelivery};
+use crate::delivery::{
+    BodyVerifier, Clock, DeliveryId, Envelope, SignatureError, VerifiedDelivery,
+};
 use crate::events::Topic;
 use crate::store::{Intake, StoreError};
 
@@ -140,14 +142,23 @@ struct EndpointAuth {
     accept_sha1: bool,
 }
 
+/// The model-training routes' own settings.
+struct ModelTraining {
+    auth: EndpointAuth,
+    types: Vec<String>,
+    /// `model_training.allowlist`, or `network.allowlist` when that is empty.
+    allowlist: Allowlist,
+    /// `model_training.duplicate_window`.
+    duplicate_window_ms: i64,
+}
+
 /// Everything the delivery routes need, shared by all requests.
 #[derive(Clone)]
 pub struct IngressState(Arc<Inner>);
 
 struct Inner {
     endpoints: HashMap<String, EndpointAuth>,
-    model_training: Option<EndpointAuth>,
-    model_types: Vec<String>,
+    model_training: Option<ModelTraining>,
     allowlist: Allowlist,
     trusted_proxies: Vec<IpNet>,
     forwarded_header: ForwardedHeader,
@@ -173,21 +184,25 @@ impl IngressState {
                 (ep.name.clone(), auth)
             })
             .collect();
-        let model_training = s.model_training.as_ref().map(|_| EndpointAuth {
-            secrets: config
-                .secrets
-                .for_endpoint(Secrets::MODEL_TRAINING)
-                .to_vec(),
-            accept_sha1: true,
+        let model_training = s.model_training.as_ref().map(|mt| ModelTraining {
+            auth: EndpointAuth {
+                secrets: config
+                    .secrets
+                    .for_endpoint(Secrets::MODEL_TRAINING)
+                    .to_vec(),
+                accept_sha1: true,
+            },
+            types: mt.model_types.clone(),
+            allowlist: if mt.allowlist.is_empty() {
+                Allowlist::new(s.network.allowlist.clone(), s.network.allow_all)
+            } else {
+                Allowlist::new(mt.allowlist.clone(), false)
+            },
+            duplicate_window_ms: i64::try_from(mt.duplicate_window.as_millis()).unwrap_or(i64::MAX),
         });
         Self(Arc::new(Inner {
             endpoints,
             model_training,
-            model_types: s
-                .model_training
-                .as_ref()
-                .map(|mt| mt.model_types.clone())
-                .unwrap_or_default(),
             allowlist: Allowlist::new(s.network.allowlist.clone(), s.network.allow_all),
             trusted_proxies: s.network.trusted_proxies.clone(),
             forwarded_header: s.network.forwarded_header,
@@ -204,15 +219,20 @@ impl IngressState {
         &self.0.store
     }
 
-    /// The client address, checked against the allowlist.
-    fn allowed_client(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<IpAddr, IpAddr> {
+    /// The client address, checked against `allowlist`.
+    fn allowed_client(
+        &self,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        allowlist: &Allowlist,
+    ) -> Result<IpAddr, IpAddr> {
         let client = client_ip::resolve(
             peer.ip(),
             headers,
             &self.0.trusted_proxies,
             self.0.forwarded_header,
         );
-        if self.0.allowlist.allows(client) {
+        if allowlist.allows(client) {
             Ok(client)
         } else {
             Err(client)
@@ -229,7 +249,7 @@ pub async fn receive_delivery(
     body: Body,
 ) -> Response {
     let topic = header_text(&headers, "x-labelbox-event");
-    let outcome = match state.allowed_client(peer, &headers) {
+    let outcome = match state.allowed_client(peer, &headers, &state.0.allowlist) {
         Err(client) => Err((client, IngressError::AddressNotAllowed)),
         Ok(client) => match state.0.endpoints.get(&endpoint) {
             None => Err((client, IngressError::UnknownEndpoint)),
@@ -238,6 +258,8 @@ pub async fn receive_delivery(
                     endpoint: &endpoint,
                     auth,
                     topic: topic.clone(),
+                    content_type_required: true,
+                    duplicate_window_ms: None,
                 };
                 accept(&state, client, &headers, body, source)
                     .await
@@ -255,31 +277,51 @@ pub async fn receive_delivery(
 }
 
 /// `POST {model_training.path}/model_run`: authenticated like a delivery, topic `MODEL_RUN`.
+/// Labelbox's reference sends only `X-Hub-Signature`: a JSON body without `Content-Type` is
+/// taken, and without `X-Labelbox-Id` identical bodies within `model_training.duplicate_window`
+/// are one request.
 pub async fn receive_model_run(
     State(state): State<IngressState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let outcome = match (
-        state.allowed_client(peer, &headers),
-        &state.0.model_training,
-    ) {
-        (Err(client), _) => Err((client, IngressError::AddressNotAllowed)),
-        (Ok(client), None) => Err((client, IngressError::UnknownEndpoint)),
-        (Ok(client), Some(auth)) => {
-            let source = Source {
-                endpoint: MODEL_TRAINING_ENDPOINT,
-                auth,
-                topic: Some(MODEL_RUN_TOPIC.to_owned()),
-            };
-            accept(&state, client, &headers, body, source)
-                .await
-                .map(|answer| (client, answer))
-                .map_err(|e| (client, e))
-        }
+    let outcome = match &state.0.model_training {
+        None => Err((peer.ip(), IngressError::UnknownEndpoint)),
+        Some(mt) => match model_training_client(&state, mt, peer, &headers) {
+            Err(client) => Err((client, IngressError::AddressNotAllowed)),
+            Ok(client) => {
+                let source = Source {
+                    endpoint: MODEL_TRAINING_ENDPOINT,
+                    auth: &mt.auth,
+                    topic: Some(MODEL_RUN_TOPIC.to_owned()),
+                    content_type_required: false,
+                    duplicate_window_ms: Some(mt.duplicate_window_ms),
+                };
+                accept(&state, client, &headers, body, source)
+                    .await
+                    .map(|answer| (client, answer))
+                    .map_err(|e| (client, e))
+            }
+        },
     };
     respond(MODEL_TRAINING_ENDPOINT, Some(MODEL_RUN_TOPIC), outcome)
+}
+
+/// The caller of a model-training route, checked against its own allowlist. Labelbox does not
+/// publish the addresses these calls come from, so a refusal is logged with the address, for
+/// an operator to find and allow.
+fn model_training_client(
+    state: &IngressState,
+    mt: &ModelTraining,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<IpAddr, IpAddr> {
+    state
+        .allowed_client(peer, headers, &mt.allowlist)
+        .inspect_err(|client| {
+            tracing::warn!(%client, "model-training call refused: add its address to model_training.allowlist if it is Labelbox's");
+        })
 }
 
 /// `GET {model_training.path}/models`: the model types Labelbox offers in its UI. Labelbox
@@ -290,27 +332,24 @@ pub async fn list_models(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if state.allowed_client(peer, &headers).is_err() {
+    let Some(mt) = &state.0.model_training else {
+        return IngressError::UnknownEndpoint.into_response();
+    };
+    if model_training_client(&state, mt, peer, &headers).is_err() {
         return IngressError::AddressNotAllowed.into_response();
     }
-    if let Some(auth) = &state.0.model_training {
-        match claimed_signature(&headers, auth.accept_sha1) {
-            Err(SignatureError::Missing) => {}
-            Err(e) => return IngressError::Signature(e).into_response(),
-            Ok(claimed) => {
-                let verifier = BodyVerifier::new(claimed.algorithm, &auth.secrets);
-                if let Err(e) = verifier.verify(&claimed) {
-                    return IngressError::Signature(e).into_response();
-                }
+    match claimed_signature(&headers, mt.auth.accept_sha1) {
+        Err(SignatureError::Missing) => {}
+        Err(e) => return IngressError::Signature(e).into_response(),
+        Ok(claimed) => {
+            let verifier = BodyVerifier::new(claimed.algorithm, &mt.auth.secrets);
+            if let Err(e) = verifier.verify(&claimed) {
+                return IngressError::Signature(e).into_response();
             }
         }
     }
-    let models: serde_json::Map<String, serde_json::Value> = state
-        .0
-        .model_types
-        .iter()
-        .map(|t| (t.clone(), json!({})))
-        .collect();
+    let models: serde_json::Map<String, serde_json::Value> =
+        mt.types.iter().map(|t| (t.clone(), json!({}))).collect();
     Json(models).into_response()
 }
 
@@ -318,6 +357,12 @@ struct Source<'a> {
     endpoint: &'a str,
     auth: &'a EndpointAuth,
     topic: Option<String>,
+    /// False where a sender is known to leave `Content-Type` out (a present, non-JSON type is
+    /// still refused).
+    content_type_required: bool,
+    /// Without `X-Labelbox-Id`: `None` keys the delivery by its body alone; `Some` by its body
+    /// and the window it arrived in.
+    duplicate_window_ms: Option<i64>,
 }
 
 enum Answer {
@@ -342,7 +387,11 @@ async fn accept(
     if headers.contains_key(header::CONTENT_ENCODING) {
         return Err(IngressError::ContentEncoding);
     }
-    if !is_json(headers) {
+    let content_type_ok = match headers.get(header::CONTENT_TYPE) {
+        None => !source.content_type_required,
+        Some(_) => is_json(headers),
+    };
+    if !content_type_ok {
         return Err(IngressError::ContentType);
     }
     let declared = headers
@@ -373,8 +422,13 @@ async fn accept(
     .map_err(|_| IngressError::BodyTimeout)??;
     let proof = verifier.verify(&claimed)?;
 
+    let delivery_id = match (given_id, source.duplicate_window_ms) {
+        (Some(id), _) => DeliveryId::Given(id),
+        (None, None) => DeliveryId::BodyHash,
+        (None, Some(window_ms)) => DeliveryId::BodyHashWithin { window_ms },
+    };
     let envelope = Envelope {
-        delivery_id: given_id,
+        delivery_id,
         endpoint: source.endpoint.to_owned(),
         topic: source.topic,
         client_ip: client,
@@ -400,8 +454,10 @@ fn respond(
     topic: Option<&str>,
     outcome: Result<(IpAddr, Answer), (IpAddr, IngressError)>,
 ) -> Response {
-    // Raw topics are unbounded; metrics only see the canonical ones.
+    // Raw topics are unbounded; metrics only see the canonical ones, logs a bounded copy.
     let topic_label = topic.map_or("none", Topic::metric_label);
+    let topic = topic.map(bounded_for_log);
+    let topic = topic.as_deref();
     let (label, response) = match outcome {
         Ok((
             client,
@@ -440,6 +496,30 @@ fn respond(
     )
     .increment(1);
     response
+}
+
+/// Longest piece of a client-sent value that reaches a log line.
+const LOGGED_VALUE_MAX_CHARS: usize = 64;
+
+/// A client-sent value fit for a log line whoever sent it: at most `LOGGED_VALUE_MAX_CHARS`
+/// characters, anything but printable ASCII shown as `?`. A refused request must not be able to
+/// write more to the log than a few hundred bytes.
+fn bounded_for_log(value: &str) -> String {
+    let mut shown: String = value
+        .chars()
+        .take(LOGGED_VALUE_MAX_CHARS)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if value.chars().nth(LOGGED_VALUE_MAX_CHARS).is_some() {
+        shown.push_str("...");
+    }
+    shown
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -489,4 +569,19 @@ fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
             (name, value)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_sent_values_reach_logs_bounded_and_printable() {
+        assert_eq!(bounded_for_log("LABEL_UPDATED"), "LABEL_UPDATED");
+        let long = "A".repeat(300_000);
+        let shown = bounded_for_log(&long);
+        assert_eq!(shown.len(), LOGGED_VALUE_MAX_CHARS + 3);
+        assert!(shown.ends_with("..."));
+        assert_eq!(bounded_for_log("a\nb\u{1b}[31mc\u{e9}"), "a?b?[31mc?");
+    }
 }

@@ -393,5 +393,160 @@ handlers = ["everything"]
     assert!(archived[0]["entity"]
         .as_str()
         .unwrap_or_default()
-        .starts_with("datarow:"));
+        .starts_with("workflow:"));
+}
+
+/// An export-shaped (v2) snapshot of data row `cdrsnap` in project `cpsnap` listing labels
+/// `(id, content time)`, with the row's last activity at `row_at`.
+fn snapshot(labels: &[(&str, &str)], row_at: &str) -> Vec<u8> {
+    let labels: Vec<serde_json::Value> = labels
+        .iter()
+        .map(|(id, at)| {
+            serde_json::json!({
+                "id": id,
+                "label_details": {"updated_at": "2026-11-01T00:00:00.000+00:00", "content_last_updated_at": at},
+                "annotations": {"objects": [], "classifications": [], "relationships": []}
+            })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "data_row": {"id": "cdrsnap", "external_id": "snap.jpg", "details": {"last_activity_at": row_at}},
+        "projects": {"cpsnap": {"name": "p", "labels": labels, "project_details": {"workflow_history": []}}}
+    }))
+    .expect("json")
+}
+
+#[test]
+fn export_shaped_snapshots_of_two_labels_are_ordered_per_data_row_and_a_delete_is_not_final() {
+    let server = TestServer::start(&archive_config("STORE_DIR", ""));
+    let (one, two) = ("clabelone", "clabeltwo");
+    // The newest snapshot arrives first; the older ones are stale whichever label changed.
+    let sends = [
+        (
+            "csnap-3",
+            "LABEL_UPDATED",
+            snapshot(
+                &[
+                    (one, "2026-11-01T10:00:03.000+00:00"),
+                    (two, "2026-11-01T10:00:02.000+00:00"),
+                ],
+                "2026-11-01T10:00:03.000+00:00",
+            ),
+        ),
+        (
+            "csnap-1",
+            "LABEL_UPDATED",
+            snapshot(
+                &[(one, "2026-11-01T10:00:01.000+00:00")],
+                "2026-11-01T10:00:01.000+00:00",
+            ),
+        ),
+        (
+            "csnap-2",
+            "LABEL_CREATED",
+            snapshot(
+                &[
+                    (one, "2026-11-01T10:00:01.000+00:00"),
+                    (two, "2026-11-01T10:00:02.000+00:00"),
+                ],
+                "2026-11-01T10:00:02.000+00:00",
+            ),
+        ),
+        // Both labels deleted: a snapshot listing none, newer than everything before.
+        (
+            "csnap-4",
+            "LABEL_DELETED",
+            snapshot(&[], "2026-11-01T10:00:04.000+00:00"),
+        ),
+        // A new label after the delete is applied: the delete was not final for the row.
+        (
+            "csnap-5",
+            "LABEL_CREATED",
+            snapshot(
+                &[("clabelthree", "2026-11-01T10:00:05.000+00:00")],
+                "2026-11-01T10:00:05.000+00:00",
+            ),
+        ),
+    ];
+    for (id, topic, body) in &sends {
+        assert_eq!(deliver(&server, id, topic, body).status, 202, "{id}");
+        // One at a time: arrival order is what this test is about.
+        let status = server.events().iter().any(|e| e["delivery_id"] == *id);
+        assert!(status, "{id} stored");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.status_of(id).as_deref() == Some("pending") {
+            assert!(Instant::now() < deadline, "{id} stayed pending");
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(server.status_of("csnap-1").as_deref(), Some("stale"));
+    assert_eq!(server.status_of("csnap-2").as_deref(), Some("stale"));
+    for fresh in ["csnap-3", "csnap-4", "csnap-5"] {
+        assert_eq!(
+            server.status_of(fresh).as_deref(),
+            Some("delivered"),
+            "{fresh}"
+        );
+    }
+    let archived = wait_for_lines(&server.dir.path().join("events.jsonl"), 3);
+    let seen: Vec<(&str, &str, &str)> = archived
+        .iter()
+        .map(|l| {
+            (
+                l["delivery_id"].as_str().unwrap_or_default(),
+                l["entity"].as_str().unwrap_or_default(),
+                l["project_id"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("csnap-3", "labels:cpsnap:cdrsnap", "cpsnap"),
+            ("csnap-4", "labels:cpsnap:cdrsnap", "cpsnap"),
+            ("csnap-5", "labels:cpsnap:cdrsnap", "cpsnap"),
+        ]
+    );
+}
+
+#[test]
+fn an_export_shaped_workflow_action_is_routed_by_project_and_ordered_per_project_and_data_row() {
+    let server = TestServer::start(&archive_config(
+        "STORE_DIR",
+        r#"
+[[handler]]
+name = "project-log"
+kind = "file"
+path = "STORE_DIR/project.jsonl"
+
+[[route]]
+topics = ["WORKFLOW_ACTION"]
+project_ids = ["clu8f2m1p000208l4c7ax9d3k"]
+handlers = ["project-log"]
+"#,
+    ));
+    let newer = include_bytes!("../fixtures/workflow_action.json");
+    // The same data row, an older move (its history ends earlier).
+    let mut older: serde_json::Value = serde_json::from_slice(newer).expect("json");
+    let history = older["projects"]["clu8f2m1p000208l4c7ax9d3k"]["project_details"]
+        ["workflow_history"]
+        .as_array_mut()
+        .expect("history");
+    history.pop();
+    let older = serde_json::to_vec(&older).expect("json");
+    assert_eq!(
+        deliver(&server, "cmove-new", "WORKFLOW_ACTION", newer).status,
+        202
+    );
+    server.wait_for_status("cmove-new", "delivered");
+    assert_eq!(deliver(&server, "cmove-old", "MOVE", &older).status, 202);
+    server.wait_for_status("cmove-old", "stale");
+    let routed = wait_for_lines(&server.dir.path().join("project.jsonl"), 1);
+    assert_eq!(routed[0]["delivery_id"], "cmove-new");
+    assert_eq!(routed[0]["project_id"], "clu8f2m1p000208l4c7ax9d3k");
+    assert_eq!(
+        routed[0]["entity"],
+        "workflow:clu8f2m1p000208l4c7ax9d3k:clu9a7b3c000408jz2e5f6g7h"
+    );
+    assert_eq!(routed[0]["version"], "2024-05-06T09:20:31Z");
 }

@@ -616,3 +616,96 @@ fn large_bodies_beyond_max_spilling_bodies_wait_instead_of_filling_the_disk() {
     assert_eq!(ids, vec!["cafter1"]);
     assert_eq!(spilled(), 1, "only the accepted delivery's blob is left");
 }
+
+/// A model-run call as Labelbox's reference sends it: the body and `X-Hub-Signature`, no
+/// `Content-Type`, no `X-Labelbox-Id`.
+fn post_model_run_as_labelbox(server: &TestServer, body: &[u8], extra: &[&str]) -> Answer {
+    let file = body_file(server.dir.path(), "model-run-ref.json", body);
+    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
+    // curl adds a form Content-Type to --data-binary unless told to send none.
+    let mut args = vec!["-H", "Content-Type:", "-H", &sig, "--data-binary", &file];
+    args.extend_from_slice(extra);
+    curl(&server.url("/model-training/model_run"), &args)
+}
+
+const MODEL_TRAINING: &str = r#"
+[model_training]
+path = "/model-training"
+secrets = [{ env = "LH_TEST_SECRET" }]
+model_types = ["image_single_classification"]
+"#;
+
+#[test]
+fn a_model_run_sent_as_labelbox_sends_it_is_taken_and_a_repeat_within_the_window_is_one_request() {
+    let server = TestServer::with_base(MODEL_TRAINING);
+    let body = include_bytes!("../fixtures/model_run.json");
+    let first = post_model_run_as_labelbox(&server, body, &[]);
+    assert_eq!(first.status, 202, "{}", first.body);
+    let again = post_model_run_as_labelbox(&server, body, &[]);
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert!(again.body.contains("duplicate"), "{}", again.body);
+    // A Content-Type that is there and not JSON is still refused.
+    let typed = post_model_run_as_labelbox(&server, body, &["-H", "Content-Type: text/plain"]);
+    assert_eq!(typed.status, 415, "{}", typed.body);
+    let events = server.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["topic"], "MODEL_RUN");
+    drop(server);
+
+    // With no window, the same run requested again is a new training request.
+    let server = TestServer::with_base(&format!("{MODEL_TRAINING}duplicate_window = \"0s\"\n"));
+    assert_eq!(post_model_run_as_labelbox(&server, body, &[]).status, 202);
+    assert_eq!(post_model_run_as_labelbox(&server, body, &[]).status, 202);
+    assert_eq!(server.events().len(), 2);
+}
+
+#[test]
+fn model_training_calls_have_their_own_allowlist_and_a_refused_address_is_logged() {
+    // Deliveries from 127.0.0.1 are allowed (network.allowlist); model-training calls are not.
+    let server = TestServer::with_base(&format!("{MODEL_TRAINING}allowlist = [\"10.9.9.9/32\"]\n"));
+    let body = include_bytes!("../fixtures/model_run.json");
+    assert_eq!(post_model_run_as_labelbox(&server, body, &[]).status, 403);
+    assert_eq!(curl(&server.url("/model-training/models"), &[]).status, 403);
+    assert_eq!(
+        deliver(&server, "callowed", "LABEL_UPDATED", LABEL_UPDATED).status,
+        202
+    );
+    let logs = server.logs();
+    let refused = logs
+        .lines()
+        .find(|l| l.contains("model-training call refused"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{logs}"));
+    assert!(refused.contains("127.0.0.1"), "{refused}");
+    assert!(server.events().iter().all(|e| e["topic"] != "MODEL_RUN"));
+}
+
+#[test]
+fn a_refused_request_writes_a_bounded_line_to_the_log_whatever_it_sends() {
+    let server = TestServer::with_base("");
+    let before = server.logs().len();
+    let topic = format!("X-Labelbox-Event: {}", "T".repeat(100_000));
+    let bad_sig = "X-Hub-Signature: sha1=0000000000000000000000000000000000000000";
+    for _ in 0..20 {
+        let answer = curl(
+            &server.url("/webhooks/labelbox"),
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                &topic,
+                "-H",
+                bad_sig,
+                "--data-binary",
+                "{}",
+            ],
+        );
+        assert_eq!(answer.status, 401);
+    }
+    // Every refusal is logged, each in a few hundred bytes, not 100 KB.
+    let written = server.logs().len() - before;
+    assert!(written > 20 * 64, "refusals not logged? {written} bytes");
+    assert!(
+        written < 20 * 1024,
+        "{written} bytes of log for 20 refusals"
+    );
+}

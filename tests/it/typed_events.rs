@@ -20,7 +20,7 @@ type Seen = Arc<Mutex<HashMap<String, Summary>>>;
 enum Summary {
     Label {
         change: &'static str,
-        label: String,
+        label: Option<String>,
         project: Option<String>,
         data_row: Option<String>,
         external_id: Option<String>,
@@ -32,6 +32,7 @@ enum Summary {
         data_row: Option<String>,
         project: Option<String>,
         action: Option<String>,
+        user: Option<String>,
     },
     Review {
         change: Change,
@@ -81,6 +82,7 @@ impl Handler for Recorder {
                 data_row: w.data_row_id.clone(),
                 project: w.project_id.clone(),
                 action: w.action.clone(),
+                user: w.user.clone(),
             },
             Event::Review(r) => Summary::Review {
                 change: r.change,
@@ -235,7 +237,7 @@ handlers = ["recorder"]
         get("t-created"),
         Summary::Label {
             change: "created",
-            label: "clv3k9x2a00013b6m8q7h4z1e".into(),
+            label: Some("clv3k9x2a00013b6m8q7h4z1e".into()),
             project: Some("clu8f2m1p000208l4c7ax9d3k".into()),
             data_row: Some("clu9a7b3c000408jz2e5f6g7h".into()),
             external_id: Some("img_001.jpg".into()),
@@ -248,7 +250,7 @@ handlers = ["recorder"]
         get("t-v2"),
         Summary::Label {
             change: "updated",
-            label: "clw1n4r8s000a07mf3b2k6d9p".into(),
+            label: Some("clw1n4r8s000a07mf3b2k6d9p".into()),
             project: Some("clu8f2m1p000208l4c7ax9d3k".into()),
             data_row: Some("clu9a7b3c000408jz2e5f6g7h".into()),
             external_id: Some("img_001.jpg".into()),
@@ -261,7 +263,7 @@ handlers = ["recorder"]
         get("t-large"),
         Summary::Label {
             change: "updated",
-            label: "clabellarge".into(),
+            label: Some("clabellarge".into()),
             project: Some("cprojlarge".into()),
             data_row: Some("cdrowlarge".into()),
             external_id: Some("large.jpg".into()),
@@ -275,7 +277,8 @@ handlers = ["recorder"]
         Summary::Workflow {
             data_row: Some("clu9a7b3c000408jz2e5f6g7h".into()),
             project: Some("clu8f2m1p000208l4c7ax9d3k".into()),
-            action: Some("APPROVE".into()),
+            action: Some("Approve".into()),
+            user: Some("reviewer@example.com".into()),
         }
     );
     assert_eq!(

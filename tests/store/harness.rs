@@ -9,7 +9,7 @@ use bytes::Bytes;
 use labelhook::config::StoreSettings;
 use labelhook::delivery::signature::sign;
 use labelhook::delivery::{
-    Algorithm, BodyVerifier, ClaimedSignature, Envelope, IncomingBody, ManualClock,
+    Algorithm, BodyVerifier, ClaimedSignature, DeliveryId, Envelope, IncomingBody, ManualClock,
     VerifiedDelivery,
 };
 use labelhook::ordering::{Change, Version};
@@ -156,7 +156,7 @@ pub fn verified(id: &str, topic: &str, bytes: &[u8], body: IncomingBody) -> Veri
     }
     let proof = verifier.verify(&claimed).expect("verified");
     let envelope = Envelope {
-        delivery_id: Some(id.to_owned()),
+        delivery_id: DeliveryId::Given(id.to_owned()),
         endpoint: "labelbox".to_owned(),
         topic: Some(topic.to_owned()),
         client_ip: [127, 0, 0, 1].into(),
