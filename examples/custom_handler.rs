@@ -1,11 +1,15 @@
 //! A handler written in Rust and plugged into labelhook: one arm per kind of Labelbox event,
-//! no parsing of its own. Run it with a config whose route names `count` (see README,
-//! "Writing a handler in Rust"):
+//! no parsing of its own (see README, "Writing a handler in Rust"). From the repository:
 //!
 //! ```sh
 //! LABELBOX_WEBHOOK_SECRET=devsecret cargo run --example custom_handler
 //! ```
+//!
+//! It reads `LABELHOOK_CONFIG`, else `examples/custom_handler.toml`, whose route names
+//! `count` and which listens on 127.0.0.1:8081 with a database of its own, so it runs beside
+//! the quick start's server.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -50,13 +54,44 @@ impl Handler for CountAnnotations {
     }
 }
 
+/// The configuration when `LABELHOOK_CONFIG` does not name one.
+const DEFAULT_CONFIG: &str = "examples/custom_handler.toml";
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // The same file and variable `labelhook serve` reads.
-    let path = std::env::var("LABELHOOK_CONFIG").unwrap_or_else(|_| "config/labelhook.toml".into());
-    let config = labelhook::Config::load_from_env(path.as_ref(), true)?;
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Like the labelhook binary: `error: ...` lines.
+            for line in e.lines() {
+                eprintln!("error: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let path = std::env::var("LABELHOOK_CONFIG").unwrap_or_else(|_| DEFAULT_CONFIG.to_owned());
+    let config =
+        labelhook::Config::load_from_env(path.as_ref(), true).map_err(|e| e.to_string())?;
     labelhook::init_logging(&config.settings.log);
-    let mut app = labelhook::Application::build(config).await?;
+    let mut app = labelhook::Application::build(config).await.map_err(|e| {
+        use labelhook::{store::StoreError, StartError};
+        // A SQLite database and a port are held by one process: say how to run beside one.
+        let taken = matches!(
+            e,
+            StartError::Bind { .. } | StartError::Store(StoreError::Locked(_))
+        );
+        let hint = if taken {
+            "\nanother process holds it: give this program a configuration of its own \
+             (LABELHOOK_CONFIG), or another store and port, e.g. \
+             LABELHOOK__STORE__URL=sqlite://data/other.db LABELHOOK__SERVER__LISTEN=127.0.0.1:8082"
+        } else {
+            ""
+        };
+        format!("{e}{hint}")
+    })?;
     // A route in the config names it: handlers = ["count"]
     app.handlers_mut()
         .register("count", Arc::new(CountAnnotations));

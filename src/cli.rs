@@ -1,6 +1,10 @@
 //! The command line: `serve` and the tools around it (`check-config`, `sign`, `send`, `events`,
 //! `healthcheck`). Every command takes `--config` and talks to the store the config names, so
 //! the tools work while the server runs.
+//!
+//! Rules of thumb: every option has a help text (a test walks them all); every failure is
+//! printed as `error: ...` lines on stderr with its cause, and a file that cannot be read is
+//! named.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -8,13 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{Config, ConfigError, Settings, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, ConfigError, Settings, StoreSettings, DEFAULT_CONFIG_PATH};
 use crate::delivery::signature::{sign, sign_reader, Algorithm};
 use crate::delivery::{Status, SystemClock};
-use crate::store::{redact_url, Inspect, ListQuery, ReplayTarget, StoreError};
+use crate::store::{redact_url, Backend, ListQuery, ReplayTarget, StoreError};
 use crate::{server, telemetry, Application, StartError};
 
 /// The secret `sign` and `send` use when no option names one.
@@ -30,11 +35,42 @@ const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
     about = "Receives Labelbox webhooks and never loses one"
 )]
 pub struct Cli {
-    /// Configuration file.
+    /// Configuration file. `sign` and `send` read it only when it is given on the command
+    /// line (then they sign with the secret of its endpoint).
     #[arg(long, global = true, env = "LABELHOOK_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+    /// Whether `--config` was given on the command line (rather than by LABELHOOK_CONFIG or
+    /// the default).
+    #[arg(skip)]
+    pub config_on_command_line: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's arguments (exiting with clap's message on a mistake), noting
+    /// whether `--config` was given on the command line.
+    pub fn parse_args() -> Cli {
+        Self::parse_from_args(std::env::args_os())
+    }
+
+    /// [`Cli::parse_args`] from given arguments.
+    pub fn parse_from_args<I, T>(args: I) -> Cli
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command().get_matches_from(args);
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let mut level = Some(&matches);
+        while let Some(m) = level {
+            if m.value_source("config") == Some(ValueSource::CommandLine) {
+                cli.config_on_command_line = true;
+            }
+            level = m.subcommand().map(|(_, sub)| sub);
+        }
+        cli
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,11 +86,16 @@ pub enum Command {
     /// Inspect and replay stored deliveries.
     #[command(subcommand)]
     Events(EventsCommand),
-    /// Exit 0 when /healthz answers 200 (for images without curl).
+    /// Exit 0 when /healthz (or, with --ready, /readyz) answers 200: for images without curl.
     Healthcheck {
-        /// Base URL or full /healthz URL; default from the config's admin or main listener.
+        /// Base URL, or a full /healthz or /readyz URL [default: the configured admin
+        /// listener, else the main one, on this host].
         #[arg(long)]
         url: Option<String>,
+        /// Probe /readyz (the store is reachable and writable) instead of /healthz (the
+        /// process is up).
+        #[arg(long)]
+        ready: bool,
     },
 }
 
@@ -66,6 +107,10 @@ pub struct SecretArgs {
     /// File holding the secret (a trailing newline is ignored).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// With --config on the command line: use the first secret of this [[endpoint]]
+    /// [default: the first endpoint].
+    #[arg(long, conflicts_with_all = ["secret_env", "secret_file"])]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -100,10 +145,14 @@ pub struct SendArgs {
 pub enum EventsCommand {
     /// Recent deliveries, newest first.
     List {
+        /// Only deliveries with this status: pending, delivered, stale, dead or
+        /// unrecognized.
         #[arg(long)]
         status: Option<Status>,
+        /// Only deliveries with this topic (X-Labelbox-Event), e.g. LABEL_UPDATED.
         #[arg(long)]
         topic: Option<String>,
+        /// At most this many deliveries.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// One JSON object per line.
@@ -111,13 +160,29 @@ pub enum EventsCommand {
         json: bool,
     },
     /// One delivery: headers kept, body, per-handler attempts and errors.
-    Show { id: String },
+    Show {
+        /// The delivery id (X-Labelbox-Id, or the body's SHA-256 when it had none).
+        id: String,
+    },
     /// Put deliveries back in the queue: one by id, or all with a status.
+    #[command(group(ArgGroup::new("target").required(true).args(["id", "status"])))]
     Replay {
-        #[arg(required_unless_present = "status", conflicts_with = "status")]
+        /// The delivery id to replay.
         id: Option<String>,
+        /// Replay every delivery with this status, e.g. dead (handlers that already
+        /// succeeded are not run again).
         #[arg(long)]
         status: Option<Status>,
+    },
+    /// Delete what `[store.retention]` no longer keeps (finished deliveries past their time,
+    /// bodies past theirs, bodies over the budget); never a delivery with work left.
+    Prune {
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON object instead of lines of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -131,6 +196,11 @@ pub enum CliError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Secret(String),
+    #[error("cannot read {}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("request failed: {0}")]
@@ -144,19 +214,54 @@ pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            report(&e);
             ExitCode::FAILURE
         }
     }
 }
 
+/// Prints an error and its causes, each line as `error: ...`.
+pub fn report(error: &dyn std::error::Error) {
+    for line in with_causes(error).lines() {
+        eprintln!("error: {line}");
+    }
+}
+
+/// An error's message followed by those of its sources that it does not already contain
+/// (reqwest's "error sending request" says why only in its sources).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The innermost cause: "Connection refused (os error 111)" rather than reqwest's "error
+/// sending request for url (...)".
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
 async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     let env: HashMap<String, String> = std::env::vars().collect();
+    // `sign` and `send` read no configuration unless told to on the command line.
+    let given_config = cli.config_on_command_line.then_some(cli.config.as_path());
     match cli.command {
         Command::Serve => serve(&cli.config, &env).await,
         Command::CheckConfig => check_config(&cli.config, &env),
         Command::Sign(args) => {
-            let secret = read_secret(&args.secret, &env)?;
+            let secret = secret_for(&args.secret, given_config, &env)?;
             let algorithm = if args.sha256 {
                 Algorithm::Sha256
             } else {
@@ -169,20 +274,34 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                 Some(p) if p == Path::new("-") => {
                     sign_reader(key, std::io::stdin().lock(), algorithm)?
                 }
-                Some(p) => sign_reader(key, std::fs::File::open(p)?, algorithm)?,
+                Some(p) => {
+                    let file = std::fs::File::open(p).map_err(|source| CliError::File {
+                        path: p.to_owned(),
+                        source,
+                    })?;
+                    sign_reader(key, file, algorithm).map_err(|source| CliError::File {
+                        path: p.to_owned(),
+                        source,
+                    })?
+                }
             };
             println!("{signature}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Send(args) => send(args, &env).await,
+        Command::Send(args) => {
+            let secret = secret_for(&args.secret, given_config, &env)?;
+            send(args, &secret).await
+        }
         Command::Events(command) => events(&cli.config, &env, command).await,
-        Command::Healthcheck { url } => healthcheck(&cli.config, &env, url).await,
+        Command::Healthcheck { url, ready } => healthcheck(&cli.config, &env, url, ready).await,
     }
 }
 
 async fn serve(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, CliError> {
     let config = Config::load(path, env, true)?;
     telemetry::init_logging(&config.settings.log);
+    log_environment_overrides(path, &config.settings);
+    check_store_directory(&config.settings.store);
     let app = Application::build(config).await?;
     // Scripts and tests read these lines to learn the real ports.
     println!("listening on {}", server::display_addr(app.local_addr()));
@@ -193,6 +312,87 @@ async fn serve(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, C
     tracing::info!(addr = %app.local_addr(), "labelhook started");
     app.run_until_stopped(server::shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says which keys the environment set, and which of them override the file: a value in the
+/// file that an image's or a platform's variable replaces must not go unnoticed.
+fn log_environment_overrides(path: &Path, settings: &Settings) {
+    for o in &settings.from_environment {
+        if o.overrides_file {
+            tracing::warn!(
+                key = %o.key,
+                variable = %o.variable,
+                file = %path.display(),
+                "the environment overrides this key of the config file"
+            );
+        } else {
+            tracing::info!(key = %o.key, variable = %o.variable, "key set by the environment");
+        }
+    }
+}
+
+/// With SQLite, the store's directory must be writable by this process. Otherwise the
+/// server runs but answers every delivery 503 (and /readyz 503): say so at start, as an
+/// error, with what to do. The usual cause is a bind mount owned by root over the image's
+/// /data, which belongs to the image's user.
+fn check_store_directory(store: &StoreSettings) {
+    let Ok(Backend::Sqlite(database)) = Backend::from_url(&store.url) else {
+        return;
+    };
+    let Err((dir, error)) = probe_writable(&database) else {
+        return;
+    };
+    let uid = current_uid();
+    let who = uid.map_or_else(|| "this process's user".to_owned(), |u| format!("uid {u}"));
+    let owner = uid.map_or_else(|| "<uid>".to_owned(), |u| format!("{u}:{u}"));
+    tracing::error!(
+        directory = %dir.display(),
+        error = %error,
+        "the SQLite store's directory {} is not writable by {who}: every delivery will be \
+         answered 503 and /readyz will fail until it is. Make it writable by that user: for a \
+         bind mount, `chown -R {owner} <host directory>` (Kubernetes: fsGroup); or use a named \
+         volume (`-v labelhook-data:/data`), which Docker creates owned by the image's user",
+        dir.display()
+    );
+}
+
+/// Tries to create a file where the database lives (or in the nearest directory that exists,
+/// since the store creates the missing ones), and to open the database for writing.
+fn probe_writable(database: &Path) -> Result<(), (PathBuf, std::io::Error)> {
+    let mut dir = database
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    while !dir.exists() {
+        dir = dir
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+    }
+    let probe = dir.join(format!(".labelhook-write-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => return Err((dir.to_owned(), e)),
+    }
+    if database.exists() {
+        if let Err(e) = std::fs::OpenOptions::new().write(true).open(database) {
+            return Err((database.to_owned(), e));
+        }
+    }
+    Ok(())
+}
+
+/// The real user id, from /proc (Linux); `None` elsewhere.
+fn current_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_whitespace().next()?.parse().ok()
 }
 
 fn check_config(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, CliError> {
@@ -207,11 +407,19 @@ fn check_config(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, 
                 s.route.len(),
                 redact_url(s.store.url.split('?').next().unwrap_or_default())
             );
+            for o in &s.from_environment {
+                let how = if o.overrides_file {
+                    "overrides the file"
+                } else {
+                    "not in the file"
+                };
+                println!("{}: set by {} ({how})", o.key, o.variable);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(ConfigError::Invalid(problems)) => {
             for problem in problems {
-                eprintln!("{problem}");
+                eprintln!("error: {problem}");
             }
             Ok(ExitCode::FAILURE)
         }
@@ -219,10 +427,32 @@ fn check_config(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, 
     }
 }
 
+/// The secret for `sign` and `send`: from --secret-file or --secret-env; else, when
+/// `--config` was given on the command line, from the configuration's endpoint; else from
+/// LABELBOX_WEBHOOK_SECRET.
+fn secret_for(
+    args: &SecretArgs,
+    given_config: Option<&Path>,
+    env: &HashMap<String, String>,
+) -> Result<SecretString, CliError> {
+    match given_config {
+        Some(path) if args.secret_env.is_none() && args.secret_file.is_none() => {
+            let settings = Settings::load(path, env, true)?;
+            Ok(settings.endpoint_secret(args.endpoint.as_deref(), env)?)
+        }
+        _ if args.endpoint.is_some() => Err(CliError::Failed(
+            "--endpoint picks a secret of the configuration: give --config PATH too".into(),
+        )),
+        _ => read_secret(args, env),
+    }
+}
+
 fn read_secret(args: &SecretArgs, env: &HashMap<String, String>) -> Result<SecretString, CliError> {
     if let Some(path) = &args.secret_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| CliError::Secret(format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::File {
+            path: path.clone(),
+            source,
+        })?;
         let secret = text.trim_end_matches(['\n', '\r']);
         if secret.is_empty() {
             return Err(CliError::Secret(format!("{} is empty", path.display())));
@@ -233,7 +463,8 @@ fn read_secret(args: &SecretArgs, env: &HashMap<String, String>) -> Result<Secre
     match env.get(var) {
         Some(v) if !v.is_empty() => Ok(SecretString::from(v.clone())),
         _ => Err(CliError::Secret(format!(
-            "no secret: {var} is not set (or pass --secret-env VAR / --secret-file FILE)"
+            "no secret: {var} is not set (or pass --secret-env VAR / --secret-file FILE, or \
+             --config PATH to use its endpoint's secret)"
         ))),
     }
 }
@@ -244,7 +475,10 @@ fn read_input(file: &Path) -> Result<Vec<u8>, CliError> {
         std::io::stdin().read_to_end(&mut body)?;
         Ok(body)
     } else {
-        Ok(std::fs::read(file)?)
+        std::fs::read(file).map_err(|source| CliError::File {
+            path: file.to_owned(),
+            source,
+        })
     }
 }
 
@@ -257,8 +491,7 @@ fn new_delivery_id() -> String {
     format!("c{tail}")
 }
 
-async fn send(args: SendArgs, env: &HashMap<String, String>) -> Result<ExitCode, CliError> {
-    let secret = read_secret(&args.secret, env)?;
+async fn send(args: SendArgs, secret: &SecretString) -> Result<ExitCode, CliError> {
     let body = read_input(&args.file)?;
     let key = secret.expose_secret().as_bytes();
     let id = args.id.unwrap_or_else(new_delivery_id);
@@ -296,12 +529,64 @@ async fn events(
         std::sync::Arc::new(SystemClock),
     )
     .await?;
-    events_with(store.as_ref(), command).await
+    events_with(store.as_ref(), &settings.store.retention, command).await
 }
 
-async fn events_with(store: &dyn Inspect, command: EventsCommand) -> Result<ExitCode, CliError> {
+/// `events prune`: what retention allows now, or what it would remove.
+async fn prune(
+    store: &dyn crate::store::Maintenance,
+    retention: &crate::store::RetentionSettings,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let cutoffs = crate::store::Cutoffs::at(crate::delivery::now_millis(), retention);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let report = crate::store::retention::prune(store, &cutoffs, dry_run, &stop).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line = serde_json::json!({
+            "dry_run": dry_run,
+            "deleted": report.deleted.iter().map(|(s, n)| (s.as_str(), n)).collect::<std::collections::BTreeMap<_, _>>(),
+            "bodies_dropped": report.bodies_dropped,
+            "body_bytes": report.body_bytes,
+        });
+        writeln!(out, "{line}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    let by_status: Vec<String> = report
+        .deleted
+        .iter()
+        .map(|(status, n)| format!("{n} {status}"))
+        .collect();
+    let deliveries = if by_status.is_empty() {
+        "no deliveries".to_owned()
+    } else {
+        format!(
+            "{} deliveries ({})",
+            report.deleted_total(),
+            by_status.join(", ")
+        )
+    };
+    writeln!(
+        out,
+        "{verb} {deliveries} and the bodies of {} more, freeing {} bytes of bodies",
+        report.bodies_dropped, report.body_bytes
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn events_with(
+    store: &dyn crate::store::Operations,
+    retention: &crate::store::RetentionSettings,
+    command: EventsCommand,
+) -> Result<ExitCode, CliError> {
     let mut out = std::io::stdout().lock();
     match command {
+        EventsCommand::Prune { dry_run, json } => {
+            drop(out);
+            prune(store, retention, dry_run, json).await
+        }
         EventsCommand::List {
             status,
             topic,
@@ -322,15 +607,26 @@ async fn events_with(store: &dyn Inspect, command: EventsCommand) -> Result<Exit
                     writeln!(out, "{line}")?;
                 }
             } else {
+                // Each column as wide as its widest value: a delivery id can be a 64-digit
+                // body hash, a topic anything a sender chose.
+                let width = |least: usize, values: &mut dyn Iterator<Item = usize>| {
+                    values.fold(least, usize::max)
+                };
+                let time = width(24, &mut rows.iter().map(|r| r.received_at.len()));
+                let id = width(28, &mut rows.iter().map(|r| r.delivery_id.len()));
+                let topic = width(
+                    16,
+                    &mut rows.iter().map(|r| r.topic.as_deref().map_or(1, str::len)),
+                );
                 writeln!(
                     out,
-                    "{:<24}  {:<28}  {:<16}  {:<12}  ENTITY",
+                    "{:<time$}  {:<id$}  {:<topic$}  {:<12}  ENTITY",
                     "RECEIVED_AT", "DELIVERY_ID", "TOPIC", "STATUS"
                 )?;
                 for row in &rows {
                     writeln!(
                         out,
-                        "{:<24}  {:<28}  {:<16}  {:<12}  {}",
+                        "{:<time$}  {:<id$}  {:<topic$}  {:<12}  {}",
                         row.received_at,
                         row.delivery_id,
                         row.topic.as_deref().unwrap_or("-"),
@@ -392,13 +688,20 @@ async fn events_with(store: &dyn Inspect, command: EventsCommand) -> Result<Exit
                         a.error.as_deref().unwrap_or("")
                     )?;
                 }
-                writeln!(out, "body ({} bytes):", d.body.len())?;
-                if d.body.len() > SHOW_BODY_MAX_BYTES {
+                if d.body_pruned {
+                    writeln!(
+                        out,
+                        "body ({} bytes): dropped by retention (store.retention.bodies)",
+                        s.body_len
+                    )?;
+                } else if d.body.len() > SHOW_BODY_MAX_BYTES {
+                    writeln!(out, "body ({} bytes):", d.body.len())?;
                     writeln!(
                         out,
                         "  (larger than {SHOW_BODY_MAX_BYTES} bytes; not printed)"
                     )?;
                 } else {
+                    writeln!(out, "body ({} bytes):", d.body.len())?;
                     let bytes = d.body.read_all().await?;
                     writeln!(out, "{}", String::from_utf8_lossy(&bytes))?;
                 }
@@ -410,7 +713,9 @@ async fn events_with(store: &dyn Inspect, command: EventsCommand) -> Result<Exit
             let target = match (id, status) {
                 (Some(id), _) => ReplayTarget::DeliveryId(id),
                 (None, Some(status)) => ReplayTarget::Status(status),
-                (None, None) => return Err(CliError::Failed("give an id or --status".into())),
+                (None, None) => {
+                    return Err(CliError::Failed("give a delivery id or --status".into()))
+                }
             };
             let outcome = store.replay(&target).await?;
             writeln!(out, "replayed {} deliveries", outcome.replayed)?;
@@ -432,40 +737,125 @@ async fn events_with(store: &dyn Inspect, command: EventsCommand) -> Result<Exit
     }
 }
 
+/// Where `healthcheck` looks, and, for a failure's message, why there.
+fn probe_url(
+    path: &Path,
+    env: &HashMap<String, String>,
+    url: Option<String>,
+    ready: bool,
+) -> Result<(String, Option<String>), CliError> {
+    let route = if ready { "/readyz" } else { "/healthz" };
+    if let Some(url) = url {
+        let trimmed = url.trim_end_matches('/');
+        let url = if trimmed.ends_with("/healthz") || trimmed.ends_with("/readyz") {
+            url
+        } else {
+            format!("{trimmed}{route}")
+        };
+        return Ok((url, None));
+    }
+    // Only the listen addresses matter here; a problem elsewhere in the file (a secret not
+    // set in this shell, say) does not.
+    let (settings, problems) = Settings::load_lenient(path, env, false)?;
+    let server_problems: Vec<_> = problems
+        .into_iter()
+        .filter(|p| p.key.starts_with("server."))
+        .collect();
+    if !server_problems.is_empty() {
+        return Err(ConfigError::Invalid(server_problems).into());
+    }
+    let (key, mut addr) = match settings.server.admin_listen {
+        Some(addr) => ("server.admin_listen", addr),
+        None => ("server.listen", settings.server.listen),
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let origin = if let Some(o) = settings.from_environment.iter().find(|o| o.key == key) {
+        format!("the address is {key}, set by {}", o.variable)
+    } else if !path.exists() {
+        format!(
+            "{} does not exist, so this is the default {key}; run healthcheck with the \
+             server's --config (or LABELHOOK_CONFIG), or pass --url",
+            path.display()
+        )
+    } else {
+        format!("the address is {key} in {}", path.display())
+    };
+    Ok((format!("http://{addr}{route}"), Some(origin)))
+}
+
 async fn healthcheck(
     path: &Path,
     env: &HashMap<String, String>,
     url: Option<String>,
+    ready: bool,
 ) -> Result<ExitCode, CliError> {
-    let url = match url {
-        Some(url) => url,
-        None => {
-            let settings = Settings::load(path, env, false)?;
-            let mut addr = settings
-                .server
-                .admin_listen
-                .unwrap_or(settings.server.listen);
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            format!("http://{addr}")
-        }
+    let (url, origin) = probe_url(path, env, url, ready)?;
+    let failed = |what: String| {
+        let origin = origin
+            .as_deref()
+            .map_or_else(String::new, |o| format!("\n{o}"));
+        CliError::Failed(format!("{url}: {what}{origin}"))
     };
-    let url = if url.trim_end_matches('/').ends_with("/healthz") {
-        url
-    } else {
-        format!("{}/healthz", url.trim_end_matches('/'))
-    };
-    let response = reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .timeout(HEALTHCHECK_TIMEOUT)
-        .build()?
-        .get(&url)
-        .send()
-        .await?;
-    if response.status().is_success() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("{url}: {}", response.status());
-        Ok(ExitCode::FAILURE)
+        .build()?;
+    let response = match client.get(&url).send().await {
+        Ok(response) => response,
+        Err(e) => return Err(failed(format!("no answer: {}", root_cause(&e)))),
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // /readyz says why in a small JSON body ({"error":"store unavailable"}).
+    let body = response.text().await.unwrap_or_default();
+    Err(failed(format!("answered {status} {}", body.trim())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_and_argument_has_a_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "labelhook", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn config_on_the_command_line_is_told_apart_from_the_default() {
+        let cli = Cli::parse_from_args(["labelhook", "sign", "--config", "x.toml", "body.json"]);
+        assert!(cli.config_on_command_line);
+        let cli = Cli::parse_from_args(["labelhook", "--config", "x.toml", "sign"]);
+        assert!(cli.config_on_command_line);
+        let cli = Cli::parse_from_args(["labelhook", "sign", "body.json"]);
+        assert!(!cli.config_on_command_line);
+    }
+
+    #[test]
+    fn causes_are_appended_once() {
+        let inner = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let outer = CliError::File {
+            path: PathBuf::from("body.json"),
+            source: inner,
+        };
+        assert_eq!(with_causes(&outer), "cannot read body.json: gone");
     }
 }

@@ -19,6 +19,12 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+/// Strict field deserializers; `de::duration` is for any duration key (`#[serde(with = ...)]`).
+pub(crate) mod de;
+mod load;
+
+pub use load::EnvOverride;
+
 /// Where the config file is looked for when neither `--config` nor `LABELHOOK_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "config/labelhook.toml";
 
@@ -33,44 +39,41 @@ pub const LABELBOX_EGRESS: [&str; 4] = [
     "34.10.80.254/32",
 ];
 
-/// The whole configuration, as loaded and validated.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole configuration, as loaded and validated. Each section is read on its own (see
+/// [`load`]), so that a wrong value in one does not hide the problems of the others; a new
+/// top-level section is added here and in `load::Draft::read_sections`.
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
-    #[serde(default)]
     pub server: ServerSettings,
-    #[serde(default)]
     pub network: NetworkSettings,
-    #[serde(default)]
     pub store: StoreSettings,
-    #[serde(default)]
     pub dispatch: DispatchSettings,
-    #[serde(default)]
     pub log: LogSettings,
-    #[serde(default)]
     pub endpoint: Vec<EndpointSettings>,
-    #[serde(default)]
     pub model_training: Option<ModelTrainingSettings>,
-    #[serde(default)]
     pub handler: Vec<HandlerSettings>,
-    #[serde(default)]
     pub route: Vec<RouteSettings>,
+    /// The keys set by `LABELHOOK__` variables, which win over the file: `serve` logs them
+    /// and `check-config` prints them, so that a file's value silently ignored is visible.
+    pub from_environment: Vec<EnvOverride>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     /// Address of the webhook listener; port 0 picks a free port.
+    #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
     /// Address of /metrics, /healthz and /readyz; `None` serves them on `listen`.
+    #[serde(deserialize_with = "de::socket_addr_option")]
     pub admin_listen: Option<SocketAddr>,
     /// Bodies above this size are refused with 413.
     pub max_body_bytes: u64,
     /// A client that has not sent its request headers by then is disconnected.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "de::duration")]
     pub header_timeout: Duration,
     /// The whole body must arrive within this, or the request gets 408.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "de::duration")]
     pub body_timeout: Duration,
     /// Writes waiting for the store writer; above this, new deliveries get 503.
     pub queue_capacity: usize,
@@ -80,8 +83,14 @@ pub struct ServerSettings {
     /// `body_timeout`) with their bytes left in the socket.
     pub max_spilling_bodies: usize,
     /// How long shutdown waits for in-flight requests before closing them.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "de::duration")]
     pub shutdown_timeout: Duration,
+    /// Deliveries waiting for their handlers beyond which answers are held back (up to
+    /// `backlog_max_delay`), so that a sender slows down to what the handlers get; 0 never.
+    pub backlog_limit: u64,
+    /// The longest an answer is held back, reached when the backlog is twice the limit.
+    #[serde(with = "de::duration")]
+    pub backlog_max_delay: Duration,
 }
 
 impl Default for ServerSettings {
@@ -95,6 +104,8 @@ impl Default for ServerSettings {
             queue_capacity: 4096,
             max_spilling_bodies: 4,
             shutdown_timeout: Duration::from_secs(30),
+            backlog_limit: crate::ingress::admission::DEFAULT_BACKLOG_LIMIT,
+            backlog_max_delay: crate::ingress::admission::DEFAULT_MAX_DELAY,
         }
     }
 }
@@ -103,10 +114,12 @@ impl Default for ServerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkSettings {
     /// Client addresses allowed to deliver.
+    #[serde(deserialize_with = "de::cidrs")]
     pub allowlist: Vec<IpNet>,
     /// Skip the allowlist entirely; must be said explicitly.
     pub allow_all: bool,
     /// Peers whose forwarding header is believed.
+    #[serde(deserialize_with = "de::cidrs")]
     pub trusted_proxies: Vec<IpNet>,
     /// The one header the trusted proxies maintain: the other is ignored, since a proxy passes
     /// a header it does not maintain through unchanged, as the client wrote it.
@@ -153,6 +166,8 @@ pub struct StoreSettings {
     /// PostgreSQL: the password, from a secret source (a Kubernetes secret file, say) rather
     /// than written into `url`; wins over a password in `url`.
     pub password: Option<SecretSource>,
+    /// `[store.retention]`: how long deliveries and their bodies are kept.
+    pub retention: crate::store::RetentionSettings,
 }
 
 impl fmt::Debug for StoreSettings {
@@ -164,6 +179,7 @@ impl fmt::Debug for StoreSettings {
             .field("commit_batch_max", &self.commit_batch_max)
             .field("max_connections", &self.max_connections)
             .field("password", &self.password)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -176,6 +192,7 @@ impl Default for StoreSettings {
             commit_batch_max: 256,
             max_connections: 16,
             password: None,
+            retention: crate::store::RetentionSettings::default(),
         }
     }
 }
@@ -191,13 +208,13 @@ pub struct DispatchSettings {
     /// How long claimed work stays reserved for this process without being renewed. It is
     /// renewed every third of this while handlers run; work of a process that died is taken
     /// over by another once this has passed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "de::duration")]
     pub lease: Duration,
     /// The longest one handler attempt may take, whatever the handler itself allows.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "de::duration")]
     pub attempt_timeout: Duration,
     /// How often the store is polled when nothing wakes the dispatcher earlier.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "de::duration")]
     pub poll_interval: Duration,
 }
 
@@ -284,11 +301,11 @@ pub struct ModelTrainingSettings {
     pub model_types: Vec<String>,
     /// Source addresses allowed to call the model-training routes (Labelbox publishes none
     /// for them); empty means `network.allowlist`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::cidrs")]
     pub allowlist: Vec<IpNet>,
     /// Identical model-run requests (they carry no delivery id) within this window are one
     /// request; "0s" makes each a new training request.
-    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    #[serde(default = "default_duplicate_window", with = "de::duration")]
     pub duplicate_window: Duration,
 }
 
@@ -325,14 +342,14 @@ pub struct HandlerSettings {
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt, with jitter.
-    #[serde(default = "default_backoff", with = "humantime_serde")]
+    #[serde(default = "default_backoff", with = "de::duration")]
     pub backoff: Duration,
     /// `file`: the JSON-lines file.
     pub path: Option<PathBuf>,
     /// `http`: where to POST; `nats`: the server.
     pub url: Option<String>,
     /// `http` and `command`: per-attempt time limit.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "de::duration::option")]
     pub timeout: Option<Duration>,
     /// `http`: hosts the handler may reach (default: the host of `url` only).
     pub allowed_hosts: Option<Vec<String>>,
@@ -461,26 +478,35 @@ pub struct Config {
 
 impl Config {
     /// Loads `path` (a missing file is an error only when `required`), applies the
-    /// `LABELHOOK__` variables of `env`, validates, and resolves the secrets.
+    /// `LABELHOOK__` variables of `env`, validates, and resolves the secrets. Every problem
+    /// is reported at once.
     pub fn load(
         path: &Path,
         env: &HashMap<String, String>,
         required: bool,
     ) -> Result<Config, ConfigError> {
-        let settings = Settings::load(path, env, required)?;
-        let mut problems = Vec::new();
-        let secrets = settings.resolve_secrets(env, &mut problems);
-        if problems.is_empty() {
-            Ok(Config { settings, secrets })
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        let mut draft = load::read(path, env, required)?;
+        draft.check();
+        let mut found = Vec::new();
+        let secrets = draft.settings.resolve_secrets(env, &mut found);
+        draft.add_checked(found);
+        let settings = draft.finish()?;
+        Ok(Config { settings, secrets })
     }
 
     /// Loads with the process environment; what the binary does.
     pub fn load_from_env(path: &Path, required: bool) -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
         Self::load(path, &env, required)
+    }
+}
+
+impl load::Draft {
+    /// The checks across keys, once the values are read.
+    fn check(&mut self) {
+        let mut found = Vec::new();
+        self.settings.validate(&mut found, &self.unread_handlers);
+        self.add_checked(found);
     }
 }
 
@@ -492,74 +518,66 @@ impl Settings {
         env: &HashMap<String, String>,
         required: bool,
     ) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder();
-        if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        } else if required {
-            return Err(ConfigError::Read {
-                path: path.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
+        let mut draft = load::read(path, env, required)?;
+        draft.check();
+        draft.finish()
+    }
+
+    /// The settings as far as they can be read, and the problems found (a wrong value is
+    /// replaced by its default): for `healthcheck`, which needs only the listen addresses.
+    pub fn load_lenient(
+        path: &Path,
+        env: &HashMap<String, String>,
+        required: bool,
+    ) -> Result<(Settings, Vec<Problem>), ConfigError> {
+        let mut draft = load::read(path, env, required)?;
+        draft.check();
+        let settings = draft.settings.clone();
+        match draft.finish() {
+            Ok(_) => Ok((settings, Vec::new())),
+            Err(ConfigError::Invalid(problems)) => Ok((settings, problems)),
+            Err(other) => Err(other),
         }
-        let overrides: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("LABELHOOK__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("LABELHOOK")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("network.allowlist")
-                .with_list_parse_key("network.trusted_proxies")
-                .with_list_parse_key("model_training.model_types")
-                .with_list_parse_key("model_training.allowlist")
-                .source(Some(overrides)),
-        );
-        let raw = builder.build().map_err(|e| {
-            ConfigError::Invalid(vec![Problem {
-                key: "(file)".to_owned(),
-                message: e.to_string(),
-            }])
-        })?;
-        let settings: Settings = serde_path_to_error::deserialize(raw).map_err(|e| {
-            let key = e.path().to_string();
-            // serde's messages quote the offending value, which under a secrets key may be
-            // the secret itself.
-            let secret_key = ["secrets", "password", "token", "credentials"]
+    }
+
+    /// The first secret of the `[[endpoint]]` named `name` (the first endpoint when `None`),
+    /// for `sign` and `send` given a configuration.
+    pub fn endpoint_secret(
+        &self,
+        name: Option<&str>,
+        env: &HashMap<String, String>,
+    ) -> Result<SecretString, ConfigError> {
+        let invalid =
+            |key: String, message: String| ConfigError::Invalid(vec![Problem { key, message }]);
+        let found = match name {
+            Some(name) => self
+                .endpoint
                 .iter()
-                .any(|k| key.contains(k));
-            let message = if secret_key && key.contains("secrets") {
-                "has the wrong form: a list like [{ env = \"VAR\" }, { file = \"/path\" }] \
-                 (the value is not shown)"
-                    .to_owned()
-            } else if secret_key {
-                "has the wrong form: one of { env = \"VAR\" }, { file = \"/path\" } or \
-                 { value = \"...\" } (the value is not shown)"
-                    .to_owned()
-            } else {
-                e.inner().to_string()
-            };
-            let key = if key == "." {
-                "(top level)".to_owned()
-            } else {
-                key
-            };
-            ConfigError::Invalid(vec![Problem { key, message }])
-        })?;
-        let mut problems = Vec::new();
-        settings.validate(&mut problems);
-        if problems.is_empty() {
-            Ok(settings)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+                .enumerate()
+                .find(|(_, e)| e.name == name),
+            None => self.endpoint.iter().enumerate().next(),
+        };
+        let Some((i, endpoint)) = found else {
+            let names: Vec<&str> = self.endpoint.iter().map(|e| e.name.as_str()).collect();
+            return Err(invalid(
+                "endpoint".to_owned(),
+                match name {
+                    Some(name) => {
+                        format!("no [[endpoint]] is named {name:?} (there are {names:?})")
+                    }
+                    None => "the configuration has no [[endpoint]]".to_owned(),
+                },
+            ));
+        };
+        let Some(source) = endpoint.secrets.first() else {
+            return Err(invalid(
+                format!("endpoint[{i}].secrets"),
+                "needs at least one secret".to_owned(),
+            ));
+        };
+        source.resolve(env).map_err(|(suffix, message)| {
+            invalid(format!("endpoint[{i}].secrets[0]{suffix}"), message)
+        })
     }
 
     /// Resolves `store.password` alone: for commands that reach the store without the other
@@ -579,7 +597,9 @@ impl Settings {
         })
     }
 
-    fn validate(&self, problems: &mut Vec<Problem>) {
+    /// Checks across keys. `unread_handlers` are `[[handler]]`s whose values were refused:
+    /// a route naming one is not wrong.
+    fn validate(&self, problems: &mut Vec<Problem>, unread_handlers: &BTreeSet<String>) {
         let mut problem = |key: String, message: &str| {
             problems.push(Problem {
                 key,
@@ -725,7 +745,7 @@ impl Settings {
                 problem(format!("route[{i}].handlers"), "needs at least one handler");
             }
             for (j, name) in r.handlers.iter().enumerate() {
-                if !handler_names.contains(name.as_str()) {
+                if !handler_names.contains(name.as_str()) && !unread_handlers.contains(name) {
                     problem(
                         format!("route[{i}].handlers[{j}]"),
                         &format!("no [[handler]] is named {name:?}"),
@@ -1155,6 +1175,172 @@ handlers = ["nope"]
         );
         let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
         assert!(message.contains("store.password.env"), "{message}");
+    }
+
+    #[test]
+    fn booleans_are_booleans_and_durations_are_strings_with_a_unit() {
+        let text = format!(
+            "{MINIMAL}\n[server]\nbody_timeout = 300\n[[handler]]\nname = \"h\"\nkind = \"log\"\n\
+             [[route]]\ntopics = [\"*\"]\nhandlers = [\"h\"]\ndeliver_stale = \"yes\"\n"
+        );
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        let lines: Vec<&str> = message.lines().collect();
+        assert!(
+            lines.contains(&"server.body_timeout: expected a duration like \"300s\", got 300"),
+            "{message}"
+        );
+        assert!(
+            lines.contains(&"route[0].deliver_stale: expected true or false, got \"yes\""),
+            "{message}"
+        );
+        // TOML booleans stay booleans, and the environment's "true" is one too.
+        let text = format!("{MINIMAL}\n[network]\nallow_all = true\n");
+        let config = load_str(&text, &[("LB_SECRET", "x")]).expect("valid");
+        assert!(config.settings.network.allow_all);
+        let config = load_str(
+            MINIMAL,
+            &[
+                ("LB_SECRET", "x"),
+                ("LABELHOOK__NETWORK__ALLOW_ALL", "TRUE"),
+            ],
+        )
+        .expect("valid");
+        assert!(config.settings.network.allow_all);
+        // A bare number from the environment is refused like one in the file, naming the
+        // variable.
+        let message = problems(load_str(
+            MINIMAL,
+            &[
+                ("LB_SECRET", "x"),
+                ("LABELHOOK__SERVER__BODY_TIMEOUT", "300"),
+            ],
+        ));
+        assert_eq!(
+            message,
+            "server.body_timeout: expected a duration like \"300s\", got 300 \
+             (set by LABELHOOK__SERVER__BODY_TIMEOUT)"
+        );
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_in_one_run_with_its_key_and_value() {
+        let text = r#"
+[server]
+listen = "localhost:8080"
+header_timeout = "soon"
+listen_port = 8080
+
+[network]
+allowlist = ["10.0.0.0/8", "not-a-cidr", "192.0.2.7", "also bad"]
+allow_all = "no"
+
+[[endpoint]]
+name = "labelbox"
+secrets = [{ env = "NOT_SET_ANYWHERE" }]
+
+[[handler]]
+name = "broken"
+kind = "htp"
+
+[[handler]]
+name = "archive"
+kind = "file"
+
+[[route]]
+topics = ["*"]
+handlers = ["broken", "archive", "missing"]
+deliver_stale = 1
+"#;
+        let message = problems(load_str(text, &[]));
+        let expected = [
+            "server.listen: expected an IP address and port like \"0.0.0.0:8080\" or \"[::1]:8080\", got \"localhost:8080\"",
+            "server.header_timeout: expected a duration like \"300s\", got \"soon\"",
+            "server.listen_port: unknown key",
+            "network.allowlist[1]: expected a CIDR like \"10.0.0.0/8\" or \"192.0.2.7/32\", got \"not-a-cidr\"",
+            "network.allowlist[2]: expected a CIDR like \"10.0.0.0/8\" or \"192.0.2.7/32\", got \"192.0.2.7\"",
+            "network.allowlist[3]: expected a CIDR like \"10.0.0.0/8\" or \"192.0.2.7/32\", got \"also bad\"",
+            "network.allow_all: expected true or false, got \"no\"",
+            "handler[0].kind: expected one of `log`, `file`, `http`, `command`, `nats`, got \"htp\"",
+            "handler[1].path: is required for kind \"file\"",
+            "route[0].deliver_stale: expected true or false, got 1",
+            "route[0].handlers[2]: no [[handler]] is named \"missing\"",
+            "endpoint[0].secrets[0].env: environment variable NOT_SET_ANYWHERE is not set or empty",
+        ];
+        for line in expected {
+            assert!(
+                message.lines().any(|l| l.starts_with(line)),
+                "{line:?} missing in\n{message}"
+            );
+        }
+        // The handler that could not be read is not also reported as missing by the route.
+        assert!(!message.contains("named \"broken\""), "{message}");
+        assert_eq!(message.lines().count(), expected.len(), "{message}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file_and_never_shows_its_lines() {
+        let text = "[[endpoint]]\nname = \"lb\"\nsecrets = [{ value = \"hunter2\" }\n";
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(text.as_bytes()).expect("write");
+        let message = match Config::load(file.path(), &HashMap::new(), true) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("expected a syntax error"),
+        };
+        let path = file.path().display().to_string();
+        assert!(
+            message.starts_with(&format!("{path}: not valid TOML: line 3")),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn values_under_secret_keys_are_never_shown() {
+        for text in [
+            "[[endpoint]]\nname = \"lb\"\nsecrets = [{ value = 8675309 }]\n",
+            "[[endpoint]]\nname = \"lb\"\nsecrets = [{ valu = \"x\" }, \"8675309\"]\n",
+            "[[endpoint]]\nname = \"lb\"\nsecrets = [{ value = \"x\" }]\n\
+             [store]\nurl = \"postgres://u@h/db\"\npassword = 8675309\n",
+            "[[endpoint]]\nname = \"lb\"\nsecrets = [{ value = \"x\" }]\n\
+             [[handler]]\nname = \"bus\"\nkind = \"nats\"\nurl = \"nats://h:4222\"\ntoken = { value = [8675309] }\n",
+        ] {
+            let message = problems(load_str(text, &[]));
+            assert!(!message.contains("8675309"), "{message}");
+            assert!(message.contains("not shown"), "{message}");
+        }
+    }
+
+    #[test]
+    fn keys_set_by_the_environment_are_listed_with_what_they_override() {
+        let text = format!("{MINIMAL}\n[server]\nlisten = \"127.0.0.1:8080\"\n");
+        let config = load_str(
+            &text,
+            &[
+                ("LB_SECRET", "x"),
+                ("LABELHOOK__SERVER__LISTEN", "0.0.0.0:9000"),
+                ("LABELHOOK__LOG__FORMAT", "json"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            config.settings.from_environment,
+            vec![
+                EnvOverride {
+                    key: "log.format".into(),
+                    variable: "LABELHOOK__LOG__FORMAT".into(),
+                    overrides_file: false,
+                },
+                EnvOverride {
+                    key: "server.listen".into(),
+                    variable: "LABELHOOK__SERVER__LISTEN".into(),
+                    overrides_file: true,
+                },
+            ]
+        );
+        assert_eq!(
+            config.settings.server.listen,
+            "0.0.0.0:9000".parse().expect("addr")
+        );
     }
 
     #[test]

@@ -122,7 +122,28 @@ impl Application {
     /// closes the store after its last commit.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         let settings = &self.config.settings;
-        let state = IngressState::new(&self.config, self.store.clone(), self.clock.clone());
+        let stop_background = CancellationToken::new();
+        let admission = Arc::new(ingress::admission::Admission::new(
+            settings.server.backlog_limit,
+            settings.server.backlog_max_delay,
+        ));
+        let watching = tokio::spawn(ingress::admission::watch_backlog(
+            self.store.clone(),
+            admission.clone(),
+            stop_background.clone(),
+        ));
+        let pruning = tokio::spawn(store::retention::run_pruner(
+            self.store.clone(),
+            settings.store.retention.clone(),
+            self.clock.clone(),
+            stop_background.clone(),
+        ));
+        let state = IngressState::new(
+            &self.config,
+            self.store.clone(),
+            self.clock.clone(),
+            admission,
+        );
         let model_path = settings.model_training.as_ref().map(|m| m.path.as_str());
         let stop = CancellationToken::new();
         let stop_dispatch = CancellationToken::new();
@@ -170,6 +191,8 @@ impl Application {
                 tracing::warn!("handlers still running at shutdown; they run again later");
             }
         }
+        stop_background.cancel();
+        let _ = tokio::join!(watching, pruning);
         self.store.close().await;
         tracing::info!("stopped");
     }

@@ -2,10 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = labelhook::cli::Cli::parse();
+    let cli = labelhook::cli::Cli::parse_args();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

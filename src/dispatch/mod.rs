@@ -95,6 +95,12 @@ impl Dispatcher {
 
     /// Runs until `stop` is cancelled, then lets running deliveries finish (their leases kept
     /// alive meanwhile).
+    ///
+    /// Gating and running are two loops side by side: the gate loop parses and gates new
+    /// deliveries as they arrive, in batches, and says when it made work due; the run loop
+    /// claims due work whenever there is room and calls the handlers. Neither waits for the
+    /// other's round trips to the store, so handlers are never starved by the stream of new
+    /// deliveries, nor gating by slow handlers.
     pub async fn run(self, stop: CancellationToken) {
         tracing::info!(owner = %self.owner, "dispatcher started");
         let this = Arc::new(self);
@@ -106,50 +112,91 @@ impl Dispatcher {
             this.running.clone(),
             stop_renewing.clone(),
         ));
-        let mut running: JoinSet<()> = JoinSet::new();
-        while !stop.is_cancelled() {
-            let busy = match this.round(&mut running).await {
-                Ok(busy) => busy,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dispatch round failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(STORE_ERROR_PAUSE) => {}
-                        () = stop.cancelled() => {}
-                    }
-                    false
-                }
-            };
-            if busy && running.len() < this.concurrency {
-                continue;
-            }
-            tokio::select! {
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-                () = this.queue.wait_for_work(this.poll_interval) => {}
-                () = stop.cancelled() => {}
-            }
-            if let Ok(depth) = this.queue.queue_depth().await {
-                metrics::gauge!("labelhook_queue_depth").set(depth as f64);
-            }
-        }
-        // Drain: what runs finishes and is recorded; nothing new is claimed.
-        while running.join_next().await.is_some() {}
+        let due = Arc::new(tokio::sync::Notify::new());
+        let gating = tokio::spawn(this.clone().gate_until_stopped(due.clone(), stop.clone()));
+        this.run_until_stopped(&due, &stop).await;
+        let _ = gating.await;
         stop_renewing.cancel();
         let _ = renewing.await;
     }
 
-    /// One gate pass and one claim pass. True when there may be more work right away.
-    async fn round(self: &Arc<Self>, running: &mut JoinSet<()>) -> Result<bool, StoreError> {
-        // A failure to gate must not stop the claims: retries and other lanes go on.
-        let gated_any = match self.gate_round().await {
-            Ok(gated) => gated,
-            Err(e) => {
-                tracing::warn!(error = %e, "gating failed; retrying next round");
-                false
+    /// The gate loop: gates new deliveries until there are none, then waits for more (a
+    /// delivery accepted here or, on a shared store, by another replica) or `poll_interval`.
+    async fn gate_until_stopped(
+        self: Arc<Self>,
+        due: Arc<tokio::sync::Notify>,
+        stop: CancellationToken,
+    ) {
+        while !stop.is_cancelled() {
+            match self.gate_round().await {
+                Ok(true) => {
+                    due.notify_one();
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "gating failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(STORE_ERROR_PAUSE) => {}
+                        () = stop.cancelled() => {}
+                    }
+                    continue;
+                }
             }
-        };
-        let room = self.concurrency.saturating_sub(running.len());
+            tokio::select! {
+                () = self.queue.wait_for_work(self.poll_interval) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+    }
+
+    /// The run loop: claims due work whenever a good share of the lanes is free, runs it, and
+    /// waits for a handler to finish, new due work, or `poll_interval` (retries coming due).
+    async fn run_until_stopped(
+        self: &Arc<Self>,
+        due: &tokio::sync::Notify,
+        stop: &CancellationToken,
+    ) {
+        let mut running: JoinSet<()> = JoinSet::new();
+        // Claims are batched: wait for a quarter of the lanes to be free, unless all are.
+        let claim_at = (self.concurrency / 4).max(1);
+        while !stop.is_cancelled() {
+            while running.try_join_next().is_some() {}
+            let room = self.concurrency.saturating_sub(running.len());
+            if room >= claim_at || running.is_empty() {
+                match self.claim_into(&mut running, room).await {
+                    // Everything asked for was due: there may be more.
+                    Ok(true) if running.len() < self.concurrency => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming failed; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(STORE_ERROR_PAUSE) => {}
+                            () = stop.cancelled() => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                () = due.notified() => {}
+                () = tokio::time::sleep(self.poll_interval) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+        // Drain: what runs finishes and is recorded; nothing new is claimed.
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Claims up to `room` due deliveries and starts them. True when all `room` were due.
+    async fn claim_into(
+        self: &Arc<Self>,
+        running: &mut JoinSet<()>,
+        room: usize,
+    ) -> Result<bool, StoreError> {
         if room == 0 {
-            return Ok(gated_any);
+            return Ok(false);
         }
         let limit = u32::try_from(room).unwrap_or(u32::MAX);
         let claimed = self.queue.claim(&self.owner, self.lease, limit).await?;
@@ -163,7 +210,7 @@ impl Dispatcher {
                 this.running.finish(seq);
             });
         }
-        Ok(gated_any || claimed_all)
+        Ok(claimed_all)
     }
 
     /// Parses and gates the next batch of new deliveries. True when there were any.

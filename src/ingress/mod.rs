@@ -5,6 +5,7 @@
 //! whose signature matched yields the [`crate::delivery::Verified`] proof that building a
 //! [`crate::delivery::VerifiedDelivery`] takes, and only that can be given to the store.
 
+pub mod admission;
 pub mod body;
 pub mod client_ip;
 pub mod webhook;

@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use serde_json::json;
 
+use super::admission::Admission;
 use super::body::{self, BodyError};
 use super::claimed_signature;
 use super::client_ip::{self, Allowlist};
@@ -168,10 +169,16 @@ struct Inner {
     body_timeout: Duration,
     store: Arc<dyn Intake>,
     clock: Arc<dyn Clock>,
+    admission: Arc<Admission>,
 }
 
 impl IngressState {
-    pub fn new(config: &Config, store: Arc<dyn Intake>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Intake>,
+        clock: Arc<dyn Clock>,
+        admission: Arc<Admission>,
+    ) -> Self {
         let s = &config.settings;
         let endpoints = s
             .endpoint
@@ -212,6 +219,7 @@ impl IngressState {
             body_timeout: s.server.body_timeout,
             store,
             clock,
+            admission,
         }))
     }
 
@@ -438,6 +446,13 @@ async fn accept(
     let verified = VerifiedDelivery::new(proof, envelope, received);
     let delivery_id = verified.delivery_id().to_owned();
     let accepted = state.0.store.accept(verified).await?;
+    if !accepted.duplicate {
+        // Stored and safe; the answer waits while handlers are far behind (see `admission`).
+        let delay = state.0.admission.delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
     Ok(if accepted.duplicate {
         Answer::Duplicate { delivery_id }
     } else {

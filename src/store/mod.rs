@@ -20,6 +20,7 @@
 mod gate;
 mod model;
 pub mod postgres;
+pub mod retention;
 pub mod sqlite;
 
 use std::io;
@@ -34,6 +35,8 @@ use secrecy::SecretString;
 use crate::config::StoreSettings;
 use crate::delivery::{Clock, StagedBody, Status, VerifiedDelivery};
 use crate::ordering::Verdict;
+
+pub use retention::{Cutoffs, PruneReport, RetentionSettings, StoreStats};
 
 pub use model::{
     status_after_runs, Accepted, AttemptKind, AttemptOutcome, AttemptRecord, AttemptResult,
@@ -107,7 +110,9 @@ pub trait Intake: Send + Sync {
 /// lease: work is reserved for that owner until the lease runs out, then anyone may take it.
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// Reserves up to `limit` deliveries not yet gated, oldest first, that no live lease holds.
+    /// Up to `limit` deliveries not yet gated, oldest first. A back-end that several processes
+    /// share reserves them for `owner` for `lease`, so that two dispatchers do not parse the
+    /// same bodies; whoever takes them, [`Queue::record_gates`] gates each only once.
     async fn take_ungated(
         &self,
         owner: &LeaseOwner,
@@ -172,9 +177,34 @@ pub trait Inspect: Send + Sync {
     async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError>;
 }
 
+/// Retention and the store's statistics: for the background pruner and `events prune`.
+#[async_trait]
+pub trait Maintenance: Send + Sync {
+    /// Removes up to `limit` deliveries (and bodies) past their retention, oldest first, each
+    /// only when nothing is left to do for it; with `dry_run`, counts all of them and changes
+    /// nothing.
+    async fn prune_batch(
+        &self,
+        cutoffs: &Cutoffs,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<PruneReport, StoreError>;
+
+    /// Gives space freed by pruning back to the file system where the database does not do it
+    /// itself (SQLite's incremental vacuum; PostgreSQL leaves it to autovacuum).
+    async fn reclaim_space(&self) -> Result<(), StoreError>;
+
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}
+
+/// What the CLI's `events` commands use.
+pub trait Operations: Inspect + Maintenance {}
+
+impl<T: Inspect + Maintenance> Operations for T {}
+
 /// A whole back-end, as `serve` uses it.
 #[async_trait]
-pub trait Store: Intake + Queue + Inspect {
+pub trait Store: Intake + Queue + Inspect + Maintenance {
     /// Finishes what was handed to the store, then lets go of it.
     async fn close(&self);
 }
@@ -245,7 +275,7 @@ pub async fn open_for_inspection(
     settings: &StoreSettings,
     password: Option<&SecretString>,
     clock: Arc<dyn Clock>,
-) -> Result<Arc<dyn Inspect>, StoreError> {
+) -> Result<Arc<dyn Operations>, StoreError> {
     Ok(match Backend::from_url(&settings.url)? {
         Backend::Sqlite(path) => Arc::new(sqlite::SqliteInspector::open(path, clock)?),
         Backend::Postgres(url) => postgres::PgStore::open(&url, password, settings, clock, false)?,

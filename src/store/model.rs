@@ -155,7 +155,10 @@ pub struct DeliveryDetail {
     pub summary: DeliverySummary,
     pub client_ip: String,
     pub headers: Vec<(String, String)>,
+    /// Empty when `body_pruned`.
     pub body: Payload,
+    /// Retention dropped the body; the row describing it is kept a while longer.
+    pub body_pruned: bool,
     pub fresh: Option<bool>,
     pub parse_error: Option<String>,
     pub handlers: Vec<HandlerRun>,

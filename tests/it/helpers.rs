@@ -446,3 +446,106 @@ pub fn sign_file(path: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// A program that prints a `listening on URL` line (`labelhook serve`, the custom handler
+/// example), started with a command the test builds itself: its own working directory,
+/// environment or wrapper, where [`TestServer`] fixes them. Killed on drop.
+pub struct Listening {
+    child: Child,
+    /// The URL of its `listening on` line.
+    pub url: String,
+    /// That line, as printed.
+    pub line: String,
+    stderr_path: PathBuf,
+}
+
+impl Listening {
+    /// Spawns `command` with stdout piped and stderr to `stderr_path`, and waits (bounded)
+    /// for its `listening on` line.
+    pub fn start(mut command: Command, stderr_path: &Path) -> Listening {
+        let stderr = std::fs::File::create(stderr_path).expect("stderr log");
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        return Listening {
+                            url: url.to_owned(),
+                            line,
+                            child,
+                            stderr_path: stderr_path.to_owned(),
+                        };
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "no `listening on` line in time; stderr:\n{}",
+                        std::fs::read_to_string(stderr_path).unwrap_or_default()
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Polls (bounded) until the logs contain `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.logs().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the logs:\n{}",
+                self.logs()
+            );
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The combined stdout and stderr of a finished command, for messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// This process's user id (from /proc), to tell whether file permissions bind it.
+pub fn current_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+        .expect("a Uid line")
+}

@@ -12,5 +12,7 @@ mod durability;
 mod ingress;
 mod nats;
 mod ordering;
+mod readme;
 mod replicas;
+mod retention;
 mod typed_events;

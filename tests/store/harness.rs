@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use labelhook::config::StoreSettings;
 use labelhook::delivery::signature::sign;
+use labelhook::delivery::Clock;
 use labelhook::delivery::{
     Algorithm, BodyVerifier, ClaimedSignature, DeliveryId, Envelope, IncomingBody, ManualClock,
     VerifiedDelivery,
@@ -77,6 +78,11 @@ impl Harness {
         })
     }
 
+    /// The SQLite database file, for the SQLite back-end.
+    pub fn sqlite_file(&self) -> Option<std::path::PathBuf> {
+        self._dir.as_ref().map(|d| d.path().join("labelhook.db"))
+    }
+
     /// Another replica's handle on the same database.
     pub fn other(&self) -> Arc<dyn Store> {
         self.other.clone().unwrap_or_else(|| self.store.clone())
@@ -115,15 +121,9 @@ impl Harness {
 
     /// Accepts `body` as delivery `id` of `topic`, verified as the ingress would.
     pub async fn accept(&self, id: &str, topic: &str, body: &[u8]) -> Accepted {
-        self.store
-            .accept(verified(
-                id,
-                topic,
-                body,
-                IncomingBody::Inline(Bytes::copy_from_slice(body)),
-            ))
-            .await
-            .expect("accept")
+        let inline = IncomingBody::Inline(Bytes::copy_from_slice(body));
+        let delivery = verified_at(id, topic, body, inline, self.clock.now());
+        self.store.accept(delivery).await.expect("accept")
     }
 
     /// Takes everything ungated for `owner`, gates each as `gates` says, and returns the
@@ -133,20 +133,37 @@ impl Harness {
         plan: impl Fn(i64) -> GateRequest,
     ) -> Vec<(i64, Option<labelhook::ordering::Verdict>)> {
         let owner = LeaseOwner::named("gater");
-        let ungated = self
-            .store
-            .take_ungated(&owner, LEASE, 1000)
-            .await
-            .expect("take ungated");
-        let requests: Vec<GateRequest> = ungated.iter().map(|u| plan(u.seq)).collect();
-        let seqs: Vec<i64> = requests.iter().map(|g| g.seq).collect();
-        let verdicts = self.store.record_gates(requests).await.expect("gate");
-        seqs.into_iter().zip(verdicts).collect()
+        let mut all = Vec::new();
+        loop {
+            let ungated = self
+                .store
+                .take_ungated(&owner, LEASE, 1000)
+                .await
+                .expect("take ungated");
+            if ungated.is_empty() {
+                return all;
+            }
+            let requests: Vec<GateRequest> = ungated.iter().map(|u| plan(u.seq)).collect();
+            let seqs: Vec<i64> = requests.iter().map(|g| g.seq).collect();
+            let verdicts = self.store.record_gates(requests).await.expect("gate");
+            all.extend(seqs.into_iter().zip(verdicts));
+        }
     }
 }
 
 /// A delivery verified by the real verifier: there is no other way to make one.
 pub fn verified(id: &str, topic: &str, bytes: &[u8], body: IncomingBody) -> VerifiedDelivery {
+    verified_at(id, topic, bytes, body, labelhook::delivery::now_millis())
+}
+
+/// [`verified`], received at `received_at`.
+pub fn verified_at(
+    id: &str,
+    topic: &str,
+    bytes: &[u8],
+    body: IncomingBody,
+    received_at: i64,
+) -> VerifiedDelivery {
     let header = sign(SECRET.as_bytes(), bytes, Algorithm::Sha256);
     let claimed = ClaimedSignature::pick(Some(header.as_bytes()), None, true).expect("claimed");
     let mut verifier =
@@ -161,7 +178,7 @@ pub fn verified(id: &str, topic: &str, bytes: &[u8], body: IncomingBody) -> Veri
         topic: Some(topic.to_owned()),
         client_ip: [127, 0, 0, 1].into(),
         headers: vec![("x-labelbox-event".to_owned(), topic.to_owned())],
-        received_at: labelhook::delivery::now_millis(),
+        received_at,
     };
     VerifiedDelivery::new(proof, envelope, body)
 }

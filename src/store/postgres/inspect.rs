@@ -56,8 +56,8 @@ impl Inspect for PgStore {
     async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
         self.ready().await?;
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, body, blob_id, fresh, parse_error \
-             FROM deliveries WHERE delivery_id = $1 ORDER BY seq"
+            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, body, blob_id, fresh, parse_error, \
+             body_pruned FROM deliveries WHERE delivery_id = $1 ORDER BY seq"
         );
         let rows = sqlx::query(&sql)
             .bind(delivery_id)
@@ -67,11 +67,18 @@ impl Inspect for PgStore {
         for row in &rows {
             let summary = summary(row)?;
             let headers: String = row.try_get("headers")?;
+            let body_pruned: bool = row.try_get("body_pruned")?;
+            let body = if body_pruned {
+                crate::delivery::Payload::inline(bytes::Bytes::new())
+            } else {
+                self.body_of(row)?
+            };
             details.push(DeliveryDetail {
                 client_ip: row.try_get("client_ip")?,
                 headers: serde_json::from_str(&headers)
                     .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?,
-                body: self.body_of(row)?,
+                body,
+                body_pruned,
                 fresh: row.try_get("fresh")?,
                 parse_error: row.try_get("parse_error")?,
                 handlers: self.handler_runs(summary.seq).await?,

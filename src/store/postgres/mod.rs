@@ -23,6 +23,7 @@
 mod bodies;
 mod inspect;
 mod intake;
+mod prune;
 mod queue;
 
 use std::str::FromStr;

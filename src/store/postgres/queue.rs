@@ -82,20 +82,45 @@ impl Queue for PgStore {
     ) -> Result<Vec<Option<Verdict>>, StoreError> {
         self.ready().await?;
         let now = self.clock.now();
+        // Entities in one order in every transaction, so that two replicas gating overlapping
+        // batches wait for each other instead of deadlocking; one entity's deliveries stay in
+        // arrival order.
+        let mut order: Vec<usize> = (0..gates.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&gates[a].entity, gates[a].seq).cmp(&(&gates[b].entity, gates[b].seq))
+        });
+        let mut verdicts = vec![None; gates.len()];
+        // The whole batch in one transaction; should a gate fail, each again in a savepoint of
+        // its own, so that only the failing one is left for another round.
         let mut tx = self.pool.begin().await?;
-        let mut verdicts = Vec::with_capacity(gates.len());
-        for gate in &gates {
-            // A savepoint per gate: one that fails is left for another round alone.
+        let mut failed = false;
+        for &i in &order {
+            match record_gate(&mut tx, &gates[i], now).await {
+                Ok(verdict) => verdicts[i] = verdict,
+                Err(e) => {
+                    tracing::warn!(seq = gates[i].seq, error = %e, "gate failed; gating the batch one by one");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !failed {
+            tx.commit().await?;
+            return Ok(verdicts);
+        }
+        tx.rollback().await?;
+        let mut verdicts = vec![None; gates.len()];
+        let mut tx = self.pool.begin().await?;
+        for &i in &order {
             let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
-            match record_gate(&mut savepoint, gate, now).await {
+            match record_gate(&mut savepoint, &gates[i], now).await {
                 Ok(verdict) => {
                     savepoint.commit().await?;
-                    verdicts.push(verdict);
+                    verdicts[i] = verdict;
                 }
                 Err(e) => {
                     savepoint.rollback().await?;
-                    tracing::error!(seq = gate.seq, error = %e, "gate failed; left for the next round");
-                    verdicts.push(None);
+                    tracing::error!(seq = gates[i].seq, error = %e, "gate failed; left for the next round");
                 }
             }
         }
@@ -282,85 +307,88 @@ impl Queue for PgStore {
     }
 }
 
-/// The gate for one delivery, with its entity's row locked. `None` when the delivery was
-/// gated already (by another replica, or before a replay's reset was undone).
+/// The entity's state as the gate reads it: version, change, lane_next, active_pos.
+type EntityRow = (Option<i64>, Option<String>, i64, Option<i64>);
+/// Whether the delivery is gated, and its entity's state.
+type GatedAndEntity = (bool, Option<i64>, Option<String>, i64, Option<i64>);
+
+/// The gate for one delivery, with its entity's row locked, in two round trips: one locks the
+/// delivery and the entity (creating its row when missing) and reads the entity's state, one
+/// writes the verdict. `None` when the delivery was gated already (by another replica, or
+/// before a replay's reset was undone).
 async fn record_gate(
     conn: &mut PgConnection,
     gate: &GateRequest,
     now: UnixMillis,
 ) -> Result<Option<Verdict>, StoreError> {
-    let gated: Option<bool> =
-        sqlx::query_scalar("SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE")
+    let (gated, state): (Option<bool>, Option<EntityRow>) = match &gate.entity {
+        None => {
+            let gated =
+                sqlx::query_scalar("SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE")
+                    .bind(gate.seq)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            (gated, None)
+        }
+        Some(entity) => {
+            // A replica gating the same entity now waits on the entity's row until this
+            // transaction is committed, and then reads its verdict.
+            let row: Option<GatedAndEntity> = sqlx::query_as(
+                "WITH d AS (SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE), \
+                     e AS (INSERT INTO entities (entity, lane_next, updated_at) VALUES ($2, 0, $3) \
+                           ON CONFLICT (entity) DO UPDATE SET entity = excluded.entity \
+                           RETURNING version, change, lane_next, active_pos) \
+                     SELECT d.gated, e.version, e.change, e.lane_next, e.active_pos FROM d, e",
+            )
             .bind(gate.seq)
+            .bind(entity)
+            .bind(now)
             .fetch_optional(&mut *conn)
             .await?;
+            match row {
+                None => (None, None),
+                Some((gated, version, change, lane_next, active_pos)) => {
+                    (Some(gated), Some((version, change, lane_next, active_pos)))
+                }
+            }
+        }
+    };
     if gated != Some(false) {
         return Ok(None);
     }
-    let (verdict, lane_pos, lane_busy) = match &gate.entity {
-        None => (Verdict::Fresh, None, false),
-        Some(entity) => {
-            // Make sure the row exists, then lock it: a replica gating the same entity now
-            // waits here until this transaction is committed, and then sees its verdict.
-            sqlx::query(
-                "INSERT INTO entities (entity, lane_next, updated_at) VALUES ($1, 0, $2) \
-                 ON CONFLICT (entity) DO NOTHING",
-            )
-            .bind(entity)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-            let (version, change, lane_pos, active_pos): (
-                Option<i64>,
-                Option<String>,
-                i64,
-                Option<i64>,
-            ) = sqlx::query_as(
-                "SELECT version, change, lane_next, active_pos FROM entities \
-                 WHERE entity = $1 FOR UPDATE",
-            )
-            .bind(entity)
-            .fetch_one(&mut *conn)
-            .await?;
+    let (verdict, lane_pos, lane_busy, entity_update) = match state {
+        None => (Verdict::Fresh, None, false, None),
+        Some((version, change, lane_pos, active_pos)) => {
             let last = match change {
                 Some(change) => Some(applied(version, &change)?),
                 None => None,
             };
             let decision = decide_in_lane(last, lane_pos, active_pos, gate);
-            sqlx::query(
-                "UPDATE entities SET version = $2, change = $3, lane_next = $4, \
-                 active_pos = $5, updated_at = $6 WHERE entity = $1",
+            (
+                decision.verdict,
+                Some(lane_pos),
+                active_pos.is_some(),
+                Some((decision.state, lane_pos + 1, decision.active_pos)),
             )
-            .bind(entity)
-            .bind(decision.state.version.map(Version::as_nanos))
-            .bind(decision.state.change.as_str())
-            .bind(lane_pos + 1)
-            .bind(decision.active_pos)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-            (decision.verdict, Some(lane_pos), active_pos.is_some())
         }
     };
     let fresh = verdict.is_fresh();
     let handlers = gate.handlers(fresh);
     let waiting = lane_busy && !handlers.is_empty();
-    if !handlers.is_empty() {
-        sqlx::query(
-            "INSERT INTO handler_runs (delivery_seq, handler, state, attempts, next_at) \
-             SELECT $1, h, 'pending', 0, $3 FROM UNNEST($2::text[]) AS h \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(gate.seq)
-        .bind(handlers)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
+    let (state, lane_next, active_pos) = match entity_update {
+        Some((state, next, active)) => (Some(state), Some(next), active),
+        None => (None, None, None),
+    };
+    // The entity's new state, the handler runs and the delivery's verdict, in one statement.
     sqlx::query(
-        "UPDATE deliveries SET gated = true, entity = $2, version = $3, change = $4, \
-         project_id = $5, fresh = $6, lane_pos = $7, parse_error = $8, status = $9, \
-         due_at = $10, waiting = $11, event = $12, gate_owner = NULL, gate_until = NULL \
+        "WITH e AS (UPDATE entities SET version = $12, change = $13, lane_next = $14, \
+                    active_pos = $15, updated_at = $16 WHERE entity = $2 AND $14 IS NOT NULL), \
+              r AS (INSERT INTO handler_runs (delivery_seq, handler, state, attempts, next_at) \
+                    SELECT $1, h, 'pending', 0, $16 FROM UNNEST($17::text[]) AS h \
+                    ON CONFLICT DO NOTHING) \
+         UPDATE deliveries SET gated = true, entity = $2, version = $3, change = $4, \
+             project_id = $5, fresh = $6, lane_pos = $7, parse_error = $8, status = $9, \
+             due_at = $10, waiting = $11, event = $18, gate_owner = NULL, gate_until = NULL \
          WHERE seq = $1",
     )
     .bind(gate.seq)
@@ -374,6 +402,12 @@ async fn record_gate(
     .bind(gate.status(fresh).as_str())
     .bind((!handlers.is_empty() && !waiting).then_some(now))
     .bind(waiting)
+    .bind(state.and_then(|s| s.version).map(Version::as_nanos))
+    .bind(state.map(|s| s.change.as_str()))
+    .bind(lane_next)
+    .bind(active_pos)
+    .bind(now)
+    .bind(handlers)
     .bind(&gate.event)
     .execute(&mut *conn)
     .await?;

@@ -51,6 +51,18 @@ impl BlobDir {
         })
     }
 
+    /// Deletes the blob files of bodies that retention dropped (their rows are committed
+    /// without them). Best effort: a file left behind is swept at the next start.
+    pub fn remove(&self, names: &[String]) {
+        for name in names {
+            if let Err(e) = std::fs::remove_file(self.resolve(name)) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, blob = %name, "could not delete a pruned body");
+                }
+            }
+        }
+    }
+
     /// Makes the directory entries of newly written blobs durable.
     pub fn sync_dir(&self) -> io::Result<()> {
         std::fs::File::open(&self.path)?.sync_all()

@@ -227,8 +227,7 @@ pub fn replay(
     let mut reset = conn.prepare_cached(
         "UPDATE deliveries SET gated = 0, fresh = NULL, lane_pos = NULL, waiting = 0, \
          status = CASE WHEN status = 'unrecognized' THEN status ELSE 'pending' END, \
-         due_at = NULL, lease_owner = NULL, lease_until = NULL, gate_owner = NULL, \
-         gate_until = NULL WHERE seq = ?1",
+         due_at = NULL, lease_owner = NULL, lease_until = NULL WHERE seq = ?1",
     )?;
     let mut outcome = ReplayOutcome::default();
     for (seq, running) in rows {

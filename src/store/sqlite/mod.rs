@@ -14,6 +14,7 @@
 mod blob;
 mod lanes;
 mod ops;
+mod prune;
 mod reads;
 mod writer;
 
@@ -30,16 +31,16 @@ use self::ops::{Op, Output};
 use self::reads::Readers;
 use self::writer::{Request, WriteRequest, Writer};
 use super::{
-    Accepted, AttemptResult, BodyStore, Claimed, DeliveryDetail, DeliverySummary, GateRequest,
-    Inspect, Intake, LeaseOwner, ListQuery, Queue, ReplayOutcome, ReplayTarget, Store, StoreError,
-    Ungated,
+    Accepted, AttemptResult, BodyStore, Claimed, Cutoffs, DeliveryDetail, DeliverySummary,
+    GateRequest, Inspect, Intake, LeaseOwner, ListQuery, Maintenance, PruneReport, Queue,
+    ReplayOutcome, ReplayTarget, Store, StoreError, StoreStats, Ungated,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{after, Clock, Status, VerifiedDelivery};
 use crate::ordering::Verdict;
 
-/// How long the CLI's replay waits for the writer's lock.
-const REPLAY_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the CLI's writes (replay, prune) wait for the server writer's lock.
+const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -251,23 +252,18 @@ impl Intake for SqliteStore {
 
 #[async_trait]
 impl Queue for SqliteStore {
+    /// One process per SQLite database: nobody else gates, so nothing needs reserving, and
+    /// this is a read (the gate itself skips a delivery gated meanwhile).
     async fn take_ungated(
         &self,
-        owner: &LeaseOwner,
-        lease: Duration,
+        _owner: &LeaseOwner,
+        _lease: Duration,
         limit: u32,
     ) -> Result<Vec<Ungated>, StoreError> {
-        let now = self.clock.now();
-        let op = Op::TakeUngated {
-            owner: owner.as_str().to_owned(),
-            now,
-            until: after(now, lease),
-            limit,
-        };
-        match self.write(op, true).await? {
-            Output::Ungated(ungated) => Ok(ungated),
-            other => Err(unexpected(other)),
-        }
+        let blobs = self.blobs.clone();
+        self.readers
+            .run(move |conn| reads::ungated(conn, &blobs, limit))
+            .await
     }
 
     async fn record_gates(
@@ -372,6 +368,55 @@ impl Inspect for SqliteStore {
     }
 }
 
+/// Free pages given back per reclaim step: a short write each, between other writes.
+const RECLAIM_PAGES: u32 = 2048;
+
+#[async_trait]
+impl Maintenance for SqliteStore {
+    async fn prune_batch(
+        &self,
+        cutoffs: &Cutoffs,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<PruneReport, StoreError> {
+        if dry_run {
+            let cutoffs = *cutoffs;
+            return self
+                .readers
+                .run(move |conn| prune::dry_run(conn, &cutoffs))
+                .await;
+        }
+        let op = Op::Prune {
+            cutoffs: *cutoffs,
+            limit,
+        };
+        match self.write(op, true).await? {
+            Output::Pruned(report, blobs) => {
+                self.blobs.remove(&blobs);
+                Ok(report)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn reclaim_space(&self) -> Result<(), StoreError> {
+        loop {
+            let op = Op::Reclaim {
+                pages: RECLAIM_PAGES,
+            };
+            match self.write(op, true).await? {
+                Output::Reclaimed(true) => tokio::task::yield_now().await,
+                Output::Reclaimed(false) => return Ok(()),
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.readers.run(prune::stats).await
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn close(&self) {
@@ -429,7 +474,20 @@ impl Inspect for SqliteInspector {
     /// for the writer) through SQLite's lock. The server's dispatcher finds the replayed
     /// deliveries at its next poll.
     async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
-        let (path, target, now) = (self.path.clone(), target.clone(), self.clock.now());
+        let (target, now) = (target.clone(), self.clock.now());
+        self.write(move |conn| lanes::replay(conn, &target, now))
+            .await
+    }
+}
+
+impl SqliteInspector {
+    /// Runs `write` in one short transaction on a connection of its own, on a blocking thread.
+    async fn write<T, F>(&self, write: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             if !path.exists() {
                 return Err(StoreError::Unavailable(format!(
@@ -441,15 +499,50 @@ impl Inspect for SqliteInspector {
                 &path,
                 OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
-            conn.busy_timeout(REPLAY_BUSY_TIMEOUT)?;
-            // As the writer does: a replay acknowledged is a replay on disk.
+            conn.busy_timeout(WRITE_BUSY_TIMEOUT)?;
+            // As the writer does: a change acknowledged is a change on disk.
             conn.pragma_update(None, "synchronous", "FULL")?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let outcome = lanes::replay(&tx, &target, now)?;
+            let result = write(&tx)?;
             tx.commit()?;
-            Ok(outcome)
+            Ok(result)
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("replay thread failed: {e}")))?
+        .map_err(|e| StoreError::Unavailable(format!("store thread failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Maintenance for SqliteInspector {
+    async fn prune_batch(
+        &self,
+        cutoffs: &Cutoffs,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<PruneReport, StoreError> {
+        let cutoffs = *cutoffs;
+        if dry_run {
+            return self
+                .readers
+                .run(move |conn| prune::dry_run(conn, &cutoffs))
+                .await;
+        }
+        let (report, blobs) = self
+            .write(move |conn| prune::prune_batch(conn, &cutoffs, limit))
+            .await?;
+        self.blobs.remove(&blobs);
+        Ok(report)
+    }
+
+    async fn reclaim_space(&self) -> Result<(), StoreError> {
+        while self
+            .write(|conn| prune::reclaim(conn, RECLAIM_PAGES))
+            .await?
+        {}
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.readers.run(prune::stats).await
     }
 }

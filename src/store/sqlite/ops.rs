@@ -10,12 +10,13 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::blob::BlobDir;
-use super::lanes;
+use super::{lanes, prune};
 use crate::delivery::{IncomingBody, NewDelivery, Payload, Status, UnixMillis};
 use crate::ordering::{Verdict, Version};
 use crate::store::gate::{applied, decide_in_lane};
+use crate::store::retention::{Cutoffs, PruneReport};
 use crate::store::{
-    Accepted, AttemptResult, Claimed, GateRequest, ReplayOutcome, ReplayTarget, StoreError, Ungated,
+    Accepted, AttemptResult, Claimed, GateRequest, ReplayOutcome, ReplayTarget, StoreError,
 };
 
 /// A write, as queued for the writer. Times are taken from the store's clock when the op is
@@ -26,12 +27,6 @@ pub enum Op {
     /// Proves the store takes commits (`/readyz`).
     Probe {
         now: UnixMillis,
-    },
-    TakeUngated {
-        owner: String,
-        now: UnixMillis,
-        until: UnixMillis,
-        limit: u32,
     },
     Gate {
         gates: Vec<GateRequest>,
@@ -62,6 +57,15 @@ pub enum Op {
     },
     /// At start: one server per SQLite file, so every lease found is a dead process's.
     ReleaseLeases,
+    /// One batch of retention.
+    Prune {
+        cutoffs: Cutoffs,
+        limit: u32,
+    },
+    /// Gives up to `pages` free pages back to the file system.
+    Reclaim {
+        pages: u32,
+    },
 }
 
 /// What an op produced; handed to its caller once the batch is committed.
@@ -69,7 +73,6 @@ pub enum Op {
 pub enum Output {
     Accepted(Accepted),
     Probed,
-    Ungated(Vec<Ungated>),
     /// Per gate, in order: its verdict, or `None` when it failed or was gated already.
     Gated(Vec<Option<Verdict>>),
     Claimed(Vec<Claimed>),
@@ -77,15 +80,29 @@ pub enum Output {
     Recorded(Status),
     Replayed(ReplayOutcome),
     Released(u64),
+    /// What the batch removed, and the blob files to delete now that it is committed.
+    Pruned(PruneReport, Vec<String>),
+    /// True when free pages are left.
+    Reclaimed(bool),
 }
 
 impl Op {
+    /// The dispatcher's bookkeeping (and the operator's), as opposed to deliveries coming in:
+    /// committed first when both wait.
+    pub fn is_dispatch(&self) -> bool {
+        !matches!(self, Op::Accept(_) | Op::Probe { .. })
+    }
+
     /// Single statements are atomic by themselves and skip the savepoint; `Gate` keeps one
     /// per delivery itself, so that one failing gate does not undo the others.
     pub fn needs_savepoint(&self) -> bool {
         !matches!(
             self,
-            Op::Probe { .. } | Op::ReleaseLeases | Op::Gate { .. } | Op::Renew { .. }
+            Op::Probe { .. }
+                | Op::ReleaseLeases
+                | Op::Gate { .. }
+                | Op::Renew { .. }
+                | Op::Reclaim { .. }
         )
     }
 
@@ -98,12 +115,6 @@ impl Op {
                     .execute([now])?;
                 Ok(Output::Probed)
             }
-            Op::TakeUngated {
-                owner,
-                now,
-                until,
-                limit,
-            } => take_ungated(conn, blobs, owner, *now, *until, *limit).map(Output::Ungated),
             Op::Gate { gates, now } => Ok(Output::Gated(record_gates(conn, gates, *now)?)),
             Op::Claim {
                 owner,
@@ -125,12 +136,16 @@ impl Op {
                 let n = conn
                     .prepare_cached(
                         "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL, \
-                         gate_owner = NULL, gate_until = NULL \
-                         WHERE lease_owner IS NOT NULL OR gate_owner IS NOT NULL",
+                         WHERE lease_owner IS NOT NULL",
                     )?
                     .execute([])?;
                 Ok(Output::Released(n as u64))
             }
+            Op::Prune { cutoffs, limit } => {
+                let (report, blobs) = prune::prune_batch(conn, cutoffs, *limit)?;
+                Ok(Output::Pruned(report, blobs))
+            }
+            Op::Reclaim { pages } => prune::reclaim(conn, *pages).map(Output::Reclaimed),
         }
     }
 }
@@ -213,47 +228,6 @@ pub(super) fn body_of(
                 .ok_or_else(|| StoreError::Corrupt(format!("delivery {seq} has no body")))?,
         )),
     })
-}
-
-/// Reserves the oldest deliveries not yet gated for `owner` until `until`.
-fn take_ungated(
-    conn: &Connection,
-    blobs: &BlobDir,
-    owner: &str,
-    now: UnixMillis,
-    until: UnixMillis,
-    limit: u32,
-) -> Result<Vec<Ungated>, StoreError> {
-    let rows = conn
-        .prepare_cached(
-            "UPDATE deliveries SET gate_owner = ?1, gate_until = ?2 WHERE seq IN ( \
-                 SELECT seq FROM deliveries \
-                 WHERE gated = 0 AND (gate_until IS NULL OR gate_until < ?3) \
-                 ORDER BY seq LIMIT ?4) \
-             RETURNING seq, topic, blob_name, body_len",
-        )?
-        .query_map(params![owner, until, now, i64::from(limit)], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, Option<String>>(2)?,
-                row.get::<_, i64>(3)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut ungated = rows
-        .into_iter()
-        .map(|(seq, topic, blob_name, len)| {
-            Ok(Ungated {
-                seq,
-                topic,
-                body: body_of(conn, blobs, seq, blob_name, len)?,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    // Oldest first: the gate decides in arrival order.
-    ungated.sort_by_key(|u| u.seq);
-    Ok(ungated)
 }
 
 /// Each gate in a savepoint of its own, so one that fails is left for the next round alone.
@@ -348,8 +322,7 @@ fn record_gate(
     conn.prepare_cached(
         "UPDATE deliveries SET gated = 1, entity = ?2, version = ?3, change = ?4, \
          project_id = ?5, fresh = ?6, lane_pos = ?7, parse_error = ?8, status = ?9, \
-         due_at = ?10, waiting = ?11, event = ?12, gate_owner = NULL, gate_until = NULL \
-         WHERE seq = ?1",
+         due_at = ?10, waiting = ?11, event = ?12 WHERE seq = ?1",
     )?
     .execute(params![
         gate.seq,

@@ -11,10 +11,10 @@ use rusqlite::{params, Connection, OpenFlags, Row};
 
 use super::blob::BlobDir;
 use super::ops::body_of;
-use crate::delivery::format_millis;
+use crate::delivery::{format_millis, Payload};
 use crate::ordering::Version;
 use crate::store::{
-    AttemptRecord, DeliveryDetail, DeliverySummary, HandlerRun, ListQuery, StoreError,
+    AttemptRecord, DeliveryDetail, DeliverySummary, HandlerRun, ListQuery, StoreError, Ungated,
 };
 
 /// How long a reader waits for a lock (the writer checkpointing, another process).
@@ -136,8 +136,8 @@ pub fn show(
     delivery_id: &str,
 ) -> Result<Vec<DeliveryDetail>, StoreError> {
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, client_ip, headers, blob_name, fresh, parse_error \
-         FROM deliveries d WHERE delivery_id = ?1 ORDER BY d.seq"
+        "SELECT {SUMMARY_COLUMNS}, client_ip, headers, blob_name, fresh, parse_error, \
+         body_pruned FROM deliveries d WHERE delivery_id = ?1 ORDER BY d.seq"
     );
     let rows = conn
         .prepare_cached(&sql)?
@@ -149,17 +149,24 @@ pub fn show(
                 row.get::<_, Option<String>>(12)?,
                 row.get::<_, Option<bool>>(13)?,
                 row.get::<_, Option<String>>(14)?,
+                row.get::<_, bool>(15)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut details = Vec::with_capacity(rows.len());
-    for (summary, client_ip, headers, blob_name, fresh, parse_error) in rows {
+    for (summary, client_ip, headers, blob_name, fresh, parse_error, body_pruned) in rows {
         let seq = summary.seq;
+        let body = if body_pruned {
+            Payload::inline(bytes::Bytes::new())
+        } else {
+            body_of(conn, blobs, seq, blob_name, summary.body_len as i64)?
+        };
         details.push(DeliveryDetail {
             client_ip,
             headers: serde_json::from_str(&headers)
                 .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?,
-            body: body_of(conn, blobs, seq, blob_name, summary.body_len as i64)?,
+            body,
+            body_pruned,
             fresh,
             parse_error,
             handlers: handler_runs(conn, seq)?,
@@ -226,6 +233,37 @@ fn attempts(conn: &Connection, seq: i64) -> Result<Vec<AttemptRecord>, StoreErro
                 outcome: outcome.parse().map_err(StoreError::Corrupt)?,
                 error,
             })
+        })
+        .collect()
+}
+
+/// The oldest deliveries not gated yet, with their bodies.
+pub fn ungated(conn: &Connection, blobs: &BlobDir, limit: u32) -> Result<Vec<Ungated>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT d.seq, topic, blob_name, body_len, b.body FROM deliveries d \
+             LEFT JOIN bodies b ON b.seq = d.seq WHERE gated = 0 ORDER BY d.seq LIMIT ?1",
+        )?
+        .query_map([i64::from(limit)], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, Option<Vec<u8>>>(4)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(seq, topic, blob_name, len, inline)| {
+            let body = match (blob_name, inline) {
+                (Some(name), _) => Payload::stored(len.max(0) as u64, blobs.source(&name)),
+                (None, Some(bytes)) => Payload::inline(bytes.into()),
+                (None, None) => {
+                    return Err(StoreError::Corrupt(format!("delivery {seq} has no body")))
+                }
+            };
+            Ok(Ungated { seq, topic, body })
         })
         .collect()
 }

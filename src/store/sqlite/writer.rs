@@ -28,8 +28,8 @@ use crate::store::StoreError;
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: [&str; 3] = [
     include_str!("migrations/0001_init.sql"),
-    include_str!("migrations/0002_gate_leases.sql"),
-    include_str!("migrations/0003_event.sql"),
+    include_str!("migrations/0002_event.sql"),
+    include_str!("migrations/0003_body_pruned.sql"),
 ];
 /// How long the writer waits for a lock held by another process (the CLI's reads).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +42,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// this the WAL would grow without bound; by then the checkpointer thread has copied most
 /// pages already, so the writer's share is small.
 const WRITER_CHECKPOINT_PAGES: u32 = 4096;
+/// How many batches' worth of queued requests the writer looks at when it forms a batch.
+const LOOKAHEAD_BATCHES: usize = 4;
 /// After a WAL restart the file is cut back to this size instead of staying at its peak.
 const WAL_KEEP_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -73,25 +75,32 @@ impl Writer {
             tracing::warn!(error = %e, "store not available yet; will retry");
         }
         let _ = ready.send(());
-        let mut batch = Vec::with_capacity(self.batch_max);
+        // Requests taken off the channel, not yet committed: the dispatcher's go first, so
+        // that a flood of deliveries never starves the handling of the ones already stored.
+        let mut waiting: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
         let mut close = None;
-        while close.is_none() {
-            let Some(first) = rx.blocking_recv() else {
-                break;
-            };
-            let mut next = Some(first);
-            // Whatever is already waiting joins this commit.
-            while let Some(request) = next.take() {
-                match request {
-                    WriteRequest::Write(r) => batch.push(r),
+        while close.is_none() || !waiting.is_empty() {
+            if waiting.is_empty() {
+                let Some(first) = rx.blocking_recv() else {
+                    break;
+                };
+                match first {
+                    WriteRequest::Write(r) => waiting.push_back(r),
                     WriteRequest::Close(done) => close = Some(done),
                 }
-                if close.is_none() && batch.len() < self.batch_max {
-                    next = rx.try_recv().ok();
+            }
+            // Whatever is already waiting joins this commit; a few batches' worth are looked at
+            // so that the dispatcher's requests behind deliveries are found.
+            while close.is_none() && waiting.len() < self.batch_max * LOOKAHEAD_BATCHES {
+                match rx.try_recv() {
+                    Ok(WriteRequest::Write(r)) => waiting.push_back(r),
+                    Ok(WriteRequest::Close(done)) => close = Some(done),
+                    Err(_) => break,
                 }
             }
+            let batch = self.next_batch(&mut waiting);
             if !batch.is_empty() {
-                self.commit(std::mem::take(&mut batch));
+                self.commit(batch);
             }
         }
         rx.close();
@@ -107,6 +116,19 @@ impl Writer {
         if let Some(done) = close {
             let _ = done.send(());
         }
+    }
+
+    /// Up to `batch_max` requests for the next commit: the dispatcher's first, then deliveries
+    /// in arrival order.
+    fn next_batch(&self, waiting: &mut std::collections::VecDeque<Request>) -> Vec<Request> {
+        let (first, rest): (Vec<Request>, Vec<Request>) =
+            waiting.drain(..).partition(|r| r.op.is_dispatch());
+        let mut ordered: std::collections::VecDeque<Request> =
+            first.into_iter().chain(rest).collect();
+        let take = ordered.len().min(self.batch_max);
+        let batch = ordered.drain(..take).collect();
+        *waiting = ordered;
+        batch
     }
 
     fn connection(&mut self) -> Result<&mut Connection, StoreError> {
@@ -202,6 +224,16 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     let unavailable = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
     let mut conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+    // A new database gives pages freed by retention back to the file system, step by step
+    // (`incremental_vacuum`). This can only be chosen before the first table exists; a database
+    // made by an earlier version keeps reusing its free pages instead.
+    let tables: i64 = conn
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))
+        .map_err(unavailable)?;
+    if tables == 0 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(unavailable)?;
+    }
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
