@@ -6,7 +6,11 @@
 # accepted, deliveries handled (the file handler's successful attempts), the backlog (queue
 # depth), resident memory and the SQLite WAL's size. After the load it keeps sampling until the
 # backlog is gone (or DRAIN_SECS pass), to see how fast it drains.
-# Usage: bench/sustained.sh [sqlite|postgres]   (env: SECS=60 LABELS=2000 CONNS=32 DRAIN_SECS=120)
+# RETENTION=on prunes while the load runs (delivered deliveries kept 20 s, bodies 10 s, the
+# pruner every 2 s), to compare with a run without it (the default keeps everything 14 days, so
+# the pruner finds nothing in a minute).
+# Usage: bench/sustained.sh [sqlite|postgres]
+#   (env: SECS=60 LABELS=2000 CONNS=32 DRAIN_SECS=120 RETENTION=off)
 # Prints a markdown section on stdout.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +19,7 @@ secs=${SECS:-60}
 labels=${LABELS:-2000}
 conns=${CONNS:-32}
 drain_secs=${DRAIN_SECS:-120}
+retention=${RETENTION:-off}
 pg_url=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 bin=$root/target/release/labelhook
 work=$(mktemp -d)
@@ -33,6 +38,9 @@ if [ "$backend" = postgres ]; then
     "$root/bench/labelhook-postgres.toml" > "$work/labelhook.toml"
 else
   sed "s|STORE_DIR|$work|g" "$root/bench/labelhook.toml" > "$work/labelhook.toml"
+fi
+if [ "$retention" = on ]; then
+  printf '\n[store.retention]\ndelivered = "20s"\nbodies = "10s"\ninterval = "2s"\n' >> "$work/labelhook.toml"
 fi
 BENCH_SECRET=bench-secret "$bin" serve --config "$work/labelhook.toml" > "$work/out" 2> "$work/err" &
 server=$!
@@ -76,6 +84,7 @@ while [ $(( elapsed - load_end )) -lt "$drain_secs" ]; do
     break
   fi
 done
+pruned=$(curl -s http://127.0.0.1:9105/metrics | awk '/^labelhook_pruned_deliveries_total/ {s += $NF} END {print s + 0}')
 hwm=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$server/status")
 kill "$server"; wait "$server" 2>/dev/null || true
 # Handlers see a delivery at least once; how often more than once shows here.
@@ -88,7 +97,7 @@ read -r accepted_end handled_end depth_end _ _ <<< "$end_sample"
 accept_rate=$(echo "scale=0; $accepted_end / $load_end" | bc)
 handle_rate=$(echo "scale=0; $handled_end / $load_end" | bc)
 ratio=$(echo "scale=2; $handled_end / ($accepted_end + 0.0001)" | bc)
-echo "### Sustained load, $backend: ${secs} s of wrk ($conns connections), 2 KiB label deliveries over $labels labels, routed to \`file\`"
+echo "### Sustained load, $backend, retention $retention: ${secs} s of wrk ($conns connections), 2 KiB label deliveries over $labels labels, routed to \`file\`"
 echo
 echo "| t (s) | accepted | handled | backlog | RSS (MiB) | WAL (MiB) | phase |"
 echo "|---|---|---|---|---|---|---|"
@@ -105,4 +114,7 @@ else
   echo "- backlog not drained within ${drain_secs} s after the load"
 fi
 echo "- peak RSS: $hwm MiB"
+if [ "$retention" = on ]; then
+  echo "- pruned while running: $pruned deliveries"
+fi
 echo "- the file handler wrote $lines lines for $unique deliveries ($(( lines - unique )) handed on twice)"

@@ -16,7 +16,9 @@ use clap::parser::ValueSource;
 use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{Config, ConfigError, Settings, StoreSettings, DEFAULT_CONFIG_PATH};
+use crate::config::{
+    Config, ConfigError, ServerSettings, Settings, StoreSettings, DEFAULT_CONFIG_PATH,
+};
 use crate::delivery::signature::{sign, sign_reader, Algorithm};
 use crate::delivery::{Status, SystemClock};
 use crate::store::{redact_url, Backend, ListQuery, ReplayTarget, StoreError};
@@ -305,9 +307,10 @@ async fn serve(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, C
     let app = Application::build(config).await?;
     // Scripts and tests read these lines to learn the real ports.
     println!("listening on {}", server::display_addr(app.local_addr()));
-    if let Some(admin) = app.admin_addr() {
-        println!("admin listening on {}", server::display_addr(admin));
-    }
+    println!(
+        "admin listening on {}",
+        server::display_addr(app.admin_addr())
+    );
     std::io::stdout().flush()?;
     tracing::info!(addr = %app.local_addr(), "labelhook started");
     app.run_until_stopped(server::shutdown_signal()).await;
@@ -529,7 +532,7 @@ async fn events(
         std::sync::Arc::new(SystemClock),
     )
     .await?;
-    events_with(store.as_ref(), &settings.store.retention, command).await
+    events_with(store.as_ref(), &settings, command).await
 }
 
 /// `events prune`: what retention allows now, or what it would remove.
@@ -578,14 +581,14 @@ async fn prune(
 
 async fn events_with(
     store: &dyn crate::store::Operations,
-    retention: &crate::store::RetentionSettings,
+    settings: &Settings,
     command: EventsCommand,
 ) -> Result<ExitCode, CliError> {
     let mut out = std::io::stdout().lock();
     match command {
         EventsCommand::Prune { dry_run, json } => {
             drop(out);
-            prune(store, retention, dry_run, json).await
+            prune(store, &settings.store.retention, dry_run, json).await
         }
         EventsCommand::List {
             status,
@@ -598,6 +601,7 @@ async fn events_with(
                     status,
                     topic,
                     limit,
+                    ..ListQuery::default()
                 })
                 .await?;
             if json {
@@ -710,31 +714,58 @@ async fn events_with(
             Ok(ExitCode::SUCCESS)
         }
         EventsCommand::Replay { id, status } => {
-            let target = match (id, status) {
-                (Some(id), _) => ReplayTarget::DeliveryId(id),
-                (None, Some(status)) => ReplayTarget::Status(status),
-                (None, None) => {
-                    return Err(CliError::Failed("give a delivery id or --status".into()))
-                }
-            };
-            let outcome = store.replay(&target).await?;
-            writeln!(out, "replayed {} deliveries", outcome.replayed)?;
-            if outcome.running > 0 {
-                writeln!(
-                    out,
-                    "left {} alone: being handled right now (replay them once they finish)",
-                    outcome.running
-                )?;
-            }
-            Ok(
-                if outcome.replayed == 0 && matches!(target, ReplayTarget::DeliveryId(_)) {
-                    ExitCode::FAILURE
-                } else {
-                    ExitCode::SUCCESS
-                },
-            )
+            drop(out);
+            replay(store, settings, id, status).await
         }
     }
+}
+
+/// `events replay`: says per delivery what was done (as the console's replay page does); an
+/// id that names no stored delivery is an error that names it.
+async fn replay(
+    store: &dyn crate::store::Operations,
+    settings: &Settings,
+    id: Option<String>,
+    status: Option<Status>,
+) -> Result<ExitCode, CliError> {
+    let target = match (id, status) {
+        (Some(id), _) => ReplayTarget::DeliveryId(id),
+        (None, Some(status)) => ReplayTarget::Status(status),
+        (None, None) => return Err(CliError::Failed("give a delivery id or --status".into())),
+    };
+    let items = store.replay_each(&target).await?;
+    if let (ReplayTarget::DeliveryId(id), true) = (&target, items.is_empty()) {
+        return Err(CliError::Failed(format!(
+            "no delivery with id {id:?} is stored"
+        )));
+    }
+    let routes = crate::dispatch::Routes::new(&settings.route);
+    let mut out = std::io::stdout().lock();
+    for item in &items {
+        let s = &item.summary;
+        writeln!(
+            out,
+            "{} seq={} {}: {}",
+            s.delivery_id,
+            s.seq,
+            s.status,
+            crate::console::replay::describe(item, &routes)
+        )?;
+    }
+    let replayed = items.iter().filter(|i| i.effect.replays()).count();
+    writeln!(out, "replayed {replayed} deliveries")?;
+    let running = items.len() - replayed;
+    if running > 0 {
+        writeln!(
+            out,
+            "left {running} alone: being handled right now (replay them once they finish)"
+        )?;
+    }
+    // One delivery asked for and not replayed (being handled) is not what was asked.
+    Ok(match target {
+        ReplayTarget::DeliveryId(_) if replayed == 0 => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 /// Where `healthcheck` looks, and, for a failure's message, why there.
@@ -764,10 +795,7 @@ fn probe_url(
     if !server_problems.is_empty() {
         return Err(ConfigError::Invalid(server_problems).into());
     }
-    let (key, mut addr) = match settings.server.admin_listen {
-        Some(addr) => ("server.admin_listen", addr),
-        None => ("server.listen", settings.server.listen),
-    };
+    let (key, mut addr) = ("server.admin_listen", settings.server.admin_listen);
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
@@ -777,6 +805,11 @@ fn probe_url(
         format!(
             "{} does not exist, so this is the default {key}; run healthcheck with the \
              server's --config (or LABELHOOK_CONFIG), or pass --url",
+            path.display()
+        )
+    } else if settings.server.admin_listen == ServerSettings::default().admin_listen {
+        format!(
+            "the address is {key} in {} (its default, unless the file sets it to that)",
             path.display()
         )
     } else {

@@ -53,6 +53,7 @@ pub struct Settings {
     pub model_training: Option<ModelTrainingSettings>,
     pub handler: Vec<HandlerSettings>,
     pub route: Vec<RouteSettings>,
+    pub admin: AdminSettings,
     /// The keys set by `LABELHOOK__` variables, which win over the file: `serve` logs them
     /// and `check-config` prints them, so that a file's value silently ignored is visible.
     pub from_environment: Vec<EnvOverride>,
@@ -64,9 +65,10 @@ pub struct ServerSettings {
     /// Address of the webhook listener; port 0 picks a free port.
     #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
-    /// Address of /metrics, /healthz and /readyz; `None` serves them on `listen`.
-    #[serde(deserialize_with = "de::socket_addr_option")]
-    pub admin_listen: Option<SocketAddr>,
+    /// Address of the console (`/ui/`), /metrics, /healthz and /readyz: localhost unless said
+    /// otherwise. They are never served on `listen`.
+    #[serde(deserialize_with = "de::socket_addr")]
+    pub admin_listen: SocketAddr,
     /// Bodies above this size are refused with 413.
     pub max_body_bytes: u64,
     /// A client that has not sent its request headers by then is disconnected.
@@ -82,6 +84,23 @@ pub struct ServerSettings {
     /// `max_spilling_bodies * max_body_bytes`; further large bodies wait their turn (within
     /// `body_timeout`) with their bytes left in the socket.
     pub max_spilling_bodies: usize,
+    /// Of `max_spilling_bodies`, the most one client address may hold at once, so that one
+    /// sender cannot take every slot; its further large bodies wait their turn.
+    pub max_spilling_bodies_per_client: usize,
+    /// A body must arrive at least this fast (bytes per second, counting only the time spent
+    /// waiting for the client), or the request gets 408 and gives up what it held (a spill
+    /// slot, buffered bytes, the connection); 0 turns the rule off.
+    pub min_body_bytes_per_second: u64,
+    /// How far a body may fall behind `min_body_bytes_per_second`: the time it may stall at
+    /// its start, and at most at any point later.
+    #[serde(with = "de::duration")]
+    pub body_rate_grace: Duration,
+    /// Connections served at once on each listener; beyond it, new connections are answered
+    /// 503 at once and closed.
+    pub max_connections: usize,
+    /// Body bytes held in memory by all requests in flight together; a request whose next
+    /// bytes would go beyond it gets 503.
+    pub max_buffered_bytes: u64,
     /// How long shutdown waits for in-flight requests before closing them.
     #[serde(with = "de::duration")]
     pub shutdown_timeout: Duration,
@@ -97,12 +116,17 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            admin_listen: None,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             max_body_bytes: 1 << 30,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(300),
             queue_capacity: 4096,
             max_spilling_bodies: 4,
+            max_spilling_bodies_per_client: 2,
+            min_body_bytes_per_second: crate::ingress::body::DEFAULT_MIN_BODY_BYTES_PER_SECOND,
+            body_rate_grace: crate::ingress::body::DEFAULT_BODY_RATE_GRACE,
+            max_connections: 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             backlog_limit: crate::ingress::admission::DEFAULT_BACKLOG_LIMIT,
             backlog_max_delay: crate::ingress::admission::DEFAULT_MAX_DELAY,
@@ -290,6 +314,15 @@ pub struct EndpointSettings {
     pub accept_sha1: bool,
 }
 
+/// `[admin]`: who may use the console and `/metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// When set, the console wants it at its login form and `/metrics` as
+    /// `Authorization: Bearer <token>`; for an admin listener reachable from other machines.
+    pub token: Option<SecretSource>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelTrainingSettings {
@@ -443,6 +476,13 @@ impl Secrets {
     pub const MODEL_TRAINING: &'static str = "\0model_training";
     /// Key under which the store's password is kept.
     const STORE: &'static str = "\0store";
+    /// Key under which `[admin] token` is kept.
+    const ADMIN_TOKEN: &'static str = "\0admin";
+
+    /// `[admin] token`, when the configuration gives one.
+    pub fn admin_token(&self) -> Option<&SecretString> {
+        self.for_endpoint(Self::ADMIN_TOKEN).first()
+    }
 
     /// `store.password`, when the configuration gives one.
     pub fn store_password(&self) -> Option<&SecretString> {
@@ -613,6 +653,33 @@ impl Settings {
             problem(
                 "server.max_spilling_bodies".into(),
                 "must be greater than 0",
+            );
+        }
+        if self.server.max_spilling_bodies_per_client == 0 {
+            problem(
+                "server.max_spilling_bodies_per_client".into(),
+                "must be greater than 0",
+            );
+        }
+        if self.server.max_connections == 0 {
+            problem("server.max_connections".into(), "must be greater than 0");
+        }
+        if self.server.max_buffered_bytes < self.store.inline_body_max_bytes {
+            problem(
+                "server.max_buffered_bytes".into(),
+                "must be at least store.inline_body_max_bytes, or bodies of that size would \
+                 always be refused",
+            );
+        }
+        let (listen, admin) = (self.server.listen, self.server.admin_listen);
+        let overlapping = listen.ip() == admin.ip()
+            || listen.ip().is_unspecified()
+            || admin.ip().is_unspecified();
+        if listen.port() == admin.port() && listen.port() != 0 && overlapping {
+            problem(
+                "server.admin_listen".into(),
+                "must differ from server.listen: the console and /metrics are never served \
+                 where webhooks come in",
             );
         }
         if self.server.queue_capacity == 0 {
@@ -821,6 +888,19 @@ impl Settings {
                         message,
                     }),
                 }
+            }
+        }
+        if let Some(source) = &self.admin.token {
+            match source.resolve(env) {
+                Ok(token) => {
+                    secrets
+                        .by_owner
+                        .insert(Secrets::ADMIN_TOKEN.to_owned(), vec![token]);
+                }
+                Err((suffix, message)) => problems.push(Problem {
+                    key: format!("admin.token{suffix}"),
+                    message,
+                }),
             }
         }
         match self.store_password(env) {

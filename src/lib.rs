@@ -6,6 +6,8 @@
 //! needs) → [`store`] (durable commit, then the 2xx) → [`dispatch`] (claim, [`events`] parse,
 //! [`ordering`] gate, route) → [`handlers`]. [`delivery`] sits below ingress and store and says
 //! what a delivery is. [`cli`] holds the commands; nothing in the library depends on it.
+//! `console` serves the operations pages on the admin listener, reading through the store's
+//! inspection trait.
 
 //!
 //! The public face is what a program embedding labelhook needs: build and run the
@@ -14,6 +16,7 @@
 
 pub mod cli;
 pub mod config;
+mod console;
 pub mod delivery;
 mod dispatch;
 pub mod events;
@@ -53,6 +56,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Handler(#[from] handlers::BuildError),
+    #[error(transparent)]
+    Console(#[from] console::GuardError),
 }
 
 /// A built service: listeners bound (so the real ports are known), store opened.
@@ -61,8 +66,10 @@ pub struct Application {
     clock: Arc<dyn Clock>,
     store: Arc<dyn Store>,
     listener: TcpListener,
-    admin_listener: Option<TcpListener>,
+    admin_listener: TcpListener,
     handlers: handlers::Registry,
+    console: console::Console,
+    tally: Arc<console::Tally>,
 }
 
 impl Application {
@@ -80,10 +87,16 @@ impl Application {
         let handlers = handlers::Registry::from_config(&config)?;
         let server = &config.settings.server;
         let listener = bind(server.listen).await?;
-        let admin_listener = match server.admin_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
+        let admin_listener = bind(server.admin_listen).await?;
+        if !server.admin_listen.ip().is_loopback() && config.secrets.admin_token().is_none() {
+            tracing::warn!(
+                admin_listen = %server.admin_listen,
+                "the console and /metrics answer anyone who reaches server.admin_listen: \
+                 set [admin] token, or keep the port private"
+            );
+        }
+        let tally = Arc::new(console::Tally::from_recorder());
+        let console = console::Console::new(&config, store.clone(), clock.clone(), tally.clone())?;
         Ok(Self {
             config,
             clock,
@@ -91,6 +104,8 @@ impl Application {
             listener,
             admin_listener,
             handlers,
+            console,
+            tally,
         })
     }
 
@@ -101,11 +116,11 @@ impl Application {
             .unwrap_or(self.config.settings.server.listen)
     }
 
-    /// The admin listener's address, when it is separate.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
+    /// The admin listener's address: the console, /metrics, /healthz, /readyz.
+    pub fn admin_addr(&self) -> SocketAddr {
         self.admin_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+            .local_addr()
+            .unwrap_or(self.config.settings.server.admin_listen)
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
@@ -138,6 +153,17 @@ impl Application {
             self.clock.clone(),
             stop_background.clone(),
         ));
+        // `labelhook_store_ready` stays current whether or not anything polls /readyz.
+        let probing = tokio::spawn(telemetry::watch_readiness(
+            self.store.clone(),
+            stop_background.clone(),
+        ));
+        // The console's count of refusals over time (see `console::tally`).
+        let sampling = tokio::spawn(console::tally::sample_until_stopped(
+            self.tally.clone(),
+            self.clock.clone(),
+            stop_background.clone(),
+        ));
         let state = IngressState::new(
             &self.config,
             self.store.clone(),
@@ -160,23 +186,23 @@ impl Application {
             None
         };
         let mut servers = tokio::task::JoinSet::new();
-        let separate_admin = self.admin_listener.is_some();
+        let limits = server::ServeLimits {
+            header_timeout: settings.server.header_timeout,
+            shutdown_timeout: settings.server.shutdown_timeout,
+            max_connections: settings.server.max_connections,
+        };
         servers.spawn(server::serve(
             self.listener,
-            server::app(state.clone(), model_path, !separate_admin),
-            settings.server.header_timeout,
-            settings.server.shutdown_timeout,
+            server::app(state.clone(), model_path),
+            limits,
             stop.clone(),
         ));
-        if let Some(admin) = self.admin_listener {
-            servers.spawn(server::serve(
-                admin,
-                server::admin_app(state),
-                settings.server.header_timeout,
-                settings.server.shutdown_timeout,
-                stop.clone(),
-            ));
-        }
+        servers.spawn(server::serve(
+            self.admin_listener,
+            server::admin_app(state, self.console),
+            limits,
+            stop.clone(),
+        ));
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing open requests");
         stop.cancel();
@@ -192,7 +218,7 @@ impl Application {
             }
         }
         stop_background.cancel();
-        let _ = tokio::join!(watching, pruning);
+        let _ = tokio::join!(watching, pruning, probing, sampling);
         self.store.close().await;
         tracing::info!("stopped");
     }

@@ -8,6 +8,7 @@
 //! `server.shutdown_timeout`), then the caller drains the dispatcher and closes the store.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -22,17 +23,20 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::console::Console;
 use crate::ingress::{webhook, IngressState};
 
 /// How long `/readyz` waits for the store's probe commit.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The delivery routes (and the admin routes when they share the listener).
-pub fn app(state: IngressState, model_training_path: Option<&str>, with_admin: bool) -> Router {
+/// The delivery routes. The admin routes are never among them: they are [`admin_app`], on a
+/// listener of their own.
+pub fn app(state: IngressState, model_training_path: Option<&str>) -> Router {
     let mut router = Router::new().route("/webhooks/{endpoint}", post(webhook::receive_delivery));
     if let Some(path) = model_training_path {
         router = router
@@ -42,12 +46,12 @@ pub fn app(state: IngressState, model_training_path: Option<&str>, with_admin: b
                 post(webhook::receive_model_run),
             );
     }
-    let mut router = router
+    // The request span is outermost, so that everything below logs inside it, and the id
+    // reaches the answer whatever it is.
+    let router = router
         .route_layer(middleware::from_fn(record_request))
-        .with_state(state.clone());
-    if with_admin {
-        router = router.merge(admin_app(state));
-    }
+        .route_layer(middleware::from_fn(crate::telemetry::request_span))
+        .with_state(state);
     router
         // Bodies are streamed and limited by the ingress itself (`server.max_body_bytes`).
         .layer(DefaultBodyLimit::disable())
@@ -60,8 +64,8 @@ pub fn app(state: IngressState, model_training_path: Option<&str>, with_admin: b
         }))
 }
 
-/// `/healthz`, `/readyz`, `/metrics`.
-pub fn admin_app(state: IngressState) -> Router {
+/// The admin listener's routes: `/healthz`, `/readyz`, `/metrics` and the console.
+pub fn admin_app(state: IngressState, console: Console) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -70,13 +74,19 @@ pub fn admin_app(state: IngressState) -> Router {
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
-            get(|| async { crate::telemetry::metrics_handle().render() }),
+            get(|| async { crate::telemetry::metrics_handle().render() }).route_layer(
+                middleware::from_fn_with_state(console.clone(), crate::console::require_bearer),
+            ),
         )
         .with_state(state)
+        // The operations console, `/ui/`.
+        .merge(console.router())
 }
 
 async fn readyz(State(state): State<IngressState>) -> Response {
-    match tokio::time::timeout(READY_TIMEOUT, state.store().check_ready()).await {
+    let checked = tokio::time::timeout(READY_TIMEOUT, state.store().check_ready()).await;
+    crate::telemetry::set_store_ready(matches!(checked, Ok(Ok(()))));
+    match checked {
         Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "not ready");
@@ -121,16 +131,47 @@ async fn record_request(request: Request, next: Next) -> Response {
     response
 }
 
+/// How one listener's connections are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// `server.header_timeout`.
+    pub header_timeout: Duration,
+    /// `server.shutdown_timeout`.
+    pub shutdown_timeout: Duration,
+    /// `server.max_connections`: connections served at once on this listener.
+    pub max_connections: usize,
+}
+
+/// Connections being answered 503 at once, beyond which a connection past the limit is simply
+/// closed: the answer is a courtesy, and must not itself become a way to hold descriptors.
+const MAX_REFUSING: usize = 64;
+/// How long a refused connection may take to read its 503, and how long it is drained so the
+/// close does not reset the connection before the client has read it.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Most bytes read and dropped from a refused connection while it lingers.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+/// Least time between two warnings that connections are being refused (one line per refusal
+/// would let a flood write the log).
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Serves `router` on `listener` until `stop` is cancelled, then waits (up to
 /// `shutdown_timeout`) for open requests to finish.
+///
+/// Each connection holds one of `max_connections` permits until it closes. A connection
+/// beyond them is accepted only to be answered `503` with `Retry-After` and closed, rather
+/// than left in the kernel's queue: a sender learns at once that it must come back, and the
+/// queue does not fill with connections nobody will serve in time. The body pace rule and
+/// the header timeout make sure the permits held by slow clients come back.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    header_timeout: Duration,
-    shutdown_timeout: Duration,
+    limits: ServeLimits,
     stop: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let mut last_warned: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -144,6 +185,23 @@ pub async fn serve(
             },
             () = stop.cancelled() => break,
         };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            metrics::counter!("labelhook_connections_refused_total").increment(1);
+            if last_warned.is_none_or(|at| at.elapsed() >= REFUSAL_WARN_EVERY) {
+                last_warned = Some(Instant::now());
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "connection limit reached: new connections are answered 503"
+                );
+            }
+            if let Ok(refusal) = Arc::clone(&refusing).try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream).await;
+                    drop(refusal);
+                });
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = router
             .clone()
@@ -155,22 +213,56 @@ pub async fn serve(
             });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
+            .header_read_timeout(limits.header_timeout)
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown timeout: closing connections with requests still open");
     }
+}
+
+/// The whole answer to a connection over the limit: written by hand, since hyper (and the
+/// memory of a served connection) is what the limit keeps it from.
+fn refusal_response() -> Vec<u8> {
+    let body = json!({ "error": "too many connections" }).to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        crate::ingress::webhook::RETRY_AFTER_SECONDS,
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Answers 503 and closes, reading (and dropping) what the client sends meanwhile: closing a
+/// socket with unread bytes resets it, and a reset can destroy the answer before it is read.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = async {
+        stream.write_all(&refusal_response()).await?;
+        stream.shutdown().await?;
+        let mut drained = 0;
+        let mut buf = [0u8; 4096];
+        while drained < REFUSAL_DRAIN_BYTES {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, answer).await;
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -108,13 +108,6 @@ pub fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketA
     deserializer.deserialize_any(SocketAddrVisitor)
 }
 
-/// `server.admin_listen`: absent is `None`.
-pub fn socket_addr_option<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<SocketAddr>, D::Error> {
-    socket_addr(deserializer).map(Some)
-}
-
 struct SocketAddrVisitor;
 
 impl Visitor<'_> for SocketAddrVisitor {

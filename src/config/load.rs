@@ -27,12 +27,13 @@ const LIST_KEYS: [&str; 4] = [
 ];
 
 /// The top-level keys, in the order they are checked.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "server",
     "network",
     "store",
     "dispatch",
     "log",
+    "admin",
     "endpoint",
     "model_training",
     "handler",
@@ -224,6 +225,11 @@ impl Draft {
                 "log" => {
                     if let Some(s) = self.part(value, vec![Seg::key(&key)]) {
                         self.settings.log = s;
+                    }
+                }
+                "admin" => {
+                    if let Some(s) = self.part(value, vec![Seg::key(&key)]) {
+                        self.settings.admin = s;
                     }
                 }
                 "model_training" => {

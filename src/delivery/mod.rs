@@ -18,7 +18,7 @@ use std::str::FromStr;
 use bytes::Bytes;
 
 pub use clock::{after, format_millis, now_millis, Clock, ManualClock, SystemClock, UnixMillis};
-pub use payload::{ChunkStream, Payload, PayloadSource, StagedBody, Staging};
+pub use payload::{BodyReadError, ChunkStream, Payload, PayloadSource, StagedBody, Staging};
 pub use signature::{Algorithm, BodyVerifier, ClaimedSignature, SignatureError, Verified};
 
 use crate::events::Topic;
@@ -128,6 +128,9 @@ pub struct Envelope {
     /// Headers worth keeping, signatures already redacted.
     pub headers: Vec<(String, String)>,
     pub received_at: UnixMillis,
+    /// The id of the HTTP request that brought it (`X-Request-Id`, or made by the ingress),
+    /// kept so that later log lines of this delivery carry it too.
+    pub request_id: Option<String>,
 }
 
 /// The fields of a [`VerifiedDelivery`] that the store writes, taken apart.
@@ -143,6 +146,7 @@ pub struct NewDelivery {
     pub headers: Vec<(String, String)>,
     pub body: IncomingBody,
     pub received_at: UnixMillis,
+    pub request_id: Option<String>,
 }
 
 /// A delivery whose signature was checked against its endpoint's secrets.
@@ -185,6 +189,7 @@ impl VerifiedDelivery {
                 headers: envelope.headers,
                 body,
                 received_at: envelope.received_at,
+                request_id: envelope.request_id,
             },
         }
     }

@@ -72,15 +72,18 @@ impl Payload {
     }
 
     /// The body from its start, in chunks. A stored body that ends before `len` bytes, or runs
-    /// past them, is an error rather than a silently different body.
+    /// past them, is an error rather than a silently different body. Every error of a stored
+    /// body carries a [`BodyReadError`], so that a caller copying the body somewhere can tell
+    /// the body's failure from its destination's.
     pub async fn stream(&self) -> io::Result<ChunkStream> {
         match &self.repr {
             Repr::Inline(bytes) => Ok(stream::once(std::future::ready(Ok(bytes.clone()))).boxed()),
             Repr::Stored(source) => Ok(Exact {
-                inner: source.open().await?,
+                inner: source.open().await.map_err(BodyReadError::wrap)?,
                 remaining: self.len,
                 done: false,
             }
+            .map(|chunk| chunk.map_err(BodyReadError::wrap))
             .boxed()),
         }
     }
@@ -105,6 +108,27 @@ impl Payload {
         Ok(tokio_util::io::SyncIoBridge::new(
             tokio_util::io::StreamReader::new(stream),
         ))
+    }
+}
+
+/// A stored body could not be read (its file is gone or unreadable, its chunks are missing,
+/// it is shorter or longer than recorded), as opposed to whatever it was being copied to.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the delivery's stored body: {0}")]
+pub struct BodyReadError(io::Error);
+
+impl BodyReadError {
+    /// `error` marked as the body's, keeping its kind.
+    fn wrap(error: io::Error) -> io::Error {
+        if Self::find(&error).is_some() {
+            return error;
+        }
+        io::Error::new(error.kind(), BodyReadError(error))
+    }
+
+    /// The body's own failure inside `error`, when that is what it is.
+    pub fn find(error: &io::Error) -> Option<&BodyReadError> {
+        error.get_ref()?.downcast_ref::<BodyReadError>()
     }
 }
 
@@ -244,6 +268,32 @@ mod tests {
         let long = Payload::stored(2, Arc::new(Chunks(vec![b"abc"])));
         let err = long.read_all().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(BodyReadError::find(&err).is_some(), "{err}");
+    }
+
+    #[derive(Debug)]
+    struct Gone;
+
+    #[async_trait::async_trait]
+    impl PayloadSource for Gone {
+        async fn open(&self) -> io::Result<ChunkStream> {
+            Err(io::Error::new(io::ErrorKind::NotFound, "no such blob"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stored_body_that_cannot_be_opened_says_it_is_the_body() {
+        let err = Payload::stored(3, Arc::new(Gone))
+            .stream()
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(BodyReadError::find(&err).is_some());
+        assert_eq!(
+            err.to_string(),
+            "cannot read the delivery's stored body: no such blob"
+        );
     }
 
     #[derive(Debug)]

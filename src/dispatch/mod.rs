@@ -19,19 +19,23 @@ mod routes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::delivery::{format_millis, Clock, Payload};
 use crate::events::{self, Event, Topic};
 use crate::handlers::{HandlerError, HandlerEvent, Registry};
+use crate::ingress::webhook::bounded_for_log;
 use crate::ordering::Change;
 use crate::store::{
-    AttemptOutcome, AttemptResult, Claimed, GateRequest, LeaseOwner, Queue, StoreError, Ungated,
+    AttemptOutcome, AttemptResult, Claimed, DueRun, GateRequest, LeaseOwner, Queue, StoreError,
+    Ungated,
 };
+use crate::telemetry;
 
 pub use retry::RetryPolicy;
 pub use routes::Routes;
@@ -78,6 +82,7 @@ impl Dispatcher {
                 (h.name.clone(), policy)
             })
             .collect();
+        zero_handler_counters(&registry);
         Self {
             queue,
             clock,
@@ -223,27 +228,99 @@ impl Dispatcher {
             return Ok(false);
         }
         let mut requests = Vec::with_capacity(ungated.len());
+        let mut spans = Vec::with_capacity(ungated.len());
         for delivery in &ungated {
-            match self.gate_request(delivery).await {
-                Ok(request) => requests.push(request),
+            let span = gate_span(delivery);
+            match self.gate_request(delivery).instrument(span.clone()).await {
+                Ok(request) => {
+                    span.record("entity", request.entity.as_deref());
+                    requests.push(request);
+                    spans.push(span);
+                }
                 // The body could not be read (a passing I/O error): it stays ungated and is
                 // tried again, rather than being judged unparseable for good.
-                Err(e) => {
-                    tracing::warn!(seq = delivery.seq, error = %e, "cannot read the body; will retry");
-                }
+                Err(e) => span.in_scope(|| {
+                    tracing::warn!(error = %e, "cannot read the body; will retry");
+                }),
             }
         }
         // One op for the whole batch: decided in arrival order, committed together.
         let verdicts = self.queue.record_gates(requests.clone()).await?;
-        for (request, verdict) in requests.iter().zip(verdicts) {
-            if verdict.is_some_and(|v| !v.is_fresh()) {
+        for ((request, verdict), span) in requests.iter().zip(verdicts).zip(&spans) {
+            let _in_gate = span.enter();
+            let Some(verdict) = verdict else {
+                tracing::debug!("not gated here: the gate failed, or another dispatcher gated it");
+                continue;
+            };
+            let fresh = verdict.is_fresh();
+            let handlers = request.handlers(fresh).len();
+            let version = request.version.map(|v| v.to_string());
+            let verdict = if fresh {
+                "fresh"
+            } else {
                 metrics::counter!("labelhook_stale_events_total", "topic" => request.topic_label)
                     .increment(1);
-                let entity = request.entity.as_deref();
-                tracing::info!(seq = request.seq, entity, "stale event");
-            }
+                "stale"
+            };
+            tracing::info!(verdict, version, handlers, "gated");
         }
         Ok(true)
+    }
+
+    /// One attempt of one handler, counted and logged (one line whatever its outcome) inside an
+    /// `attempt` span, itself inside the delivery's `dispatch` span.
+    #[tracing::instrument(
+        name = "attempt",
+        skip_all,
+        fields(handler = %run.handler, attempt = run.attempts + 1)
+    )]
+    async fn attempt(&self, event: &HandlerEvent, run: &DueRun) -> AttemptResult {
+        let attempt = run.attempts + 1;
+        let started_at = self.clock.now();
+        let started = Instant::now();
+        let result = match self.registry.get(&run.handler) {
+            // A handler that hangs must not hold its entity's lane for ever.
+            Some(handler) => {
+                let limit = self.attempt_timeout;
+                tokio::time::timeout(limit, handler.handle(event))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(HandlerError::Retryable(format!(
+                            "attempt took longer than {} (dispatch.attempt_timeout)",
+                            humantime::format_duration(limit)
+                        )))
+                    })
+            }
+            None => Err(HandlerError::Permanent(format!(
+                "no handler named {:?} is configured",
+                run.handler
+            ))),
+        };
+        let took = started.elapsed();
+        let finished_at = self.clock.now();
+        let policy = self.policies.get(&run.handler).copied().unwrap_or_default();
+        let outcome = outcome_of(result, attempt, &policy, finished_at);
+        count_attempt(&run.handler, &outcome, took);
+        let duration_ms = took.as_secs_f64() * 1000.0;
+        match &outcome {
+            AttemptOutcome::Ok => tracing::info!(duration_ms, "handler done"),
+            AttemptOutcome::Retry { error, next_at } => tracing::warn!(
+                delivery_id = %event.delivery_id, handler = %run.handler, attempt, %error,
+                duration_ms, next_attempt_at = %format_millis(*next_at),
+                "handler failed; will retry"
+            ),
+            AttemptOutcome::Dead { error } => tracing::error!(
+                delivery_id = %event.delivery_id, handler = %run.handler, attempt, %error,
+                duration_ms, "handler failed for good; dead-lettered"
+            ),
+        }
+        AttemptResult {
+            handler: run.handler.clone(),
+            attempt,
+            started_at,
+            finished_at,
+            outcome,
+        }
     }
 
     /// Parses one delivery and picks its handlers for either verdict of the gate. Errors only
@@ -308,6 +385,17 @@ impl Dispatcher {
 
     /// Calls every due handler of one claimed delivery and records the attempts, unless `lost`
     /// says the lease went to someone else meanwhile.
+    #[tracing::instrument(
+        name = "dispatch",
+        skip_all,
+        fields(
+            delivery_id = %claimed.delivery_id,
+            seq = claimed.seq,
+            request_id = claimed.request_id.as_deref(),
+            topic = claimed.topic.as_deref().map(bounded_for_log).as_deref(),
+            entity = claimed.entity.as_deref(),
+        )
+    )]
     async fn run_delivery(&self, claimed: Claimed, lost: CancellationToken) {
         let typed = match self.typed_event(&claimed).await {
             Ok(typed) => typed,
@@ -330,58 +418,7 @@ impl Dispatcher {
             body_is_json: claimed.body_is_json,
             body: claimed.body.clone(),
         };
-        let attempts = claimed.runs.iter().map(|run| {
-            let event = &event;
-            async move {
-                let attempt = run.attempts + 1;
-                let started_at = self.clock.now();
-                let result = match self.registry.get(&run.handler) {
-                    // A handler that hangs must not hold its entity's lane for ever.
-                    Some(handler) => {
-                        let limit = self.attempt_timeout;
-                        tokio::time::timeout(limit, handler.handle(event))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(HandlerError::Retryable(format!(
-                                    "attempt took longer than {} (dispatch.attempt_timeout)",
-                                    humantime::format_duration(limit)
-                                )))
-                            })
-                    }
-                    None => Err(HandlerError::Permanent(format!(
-                        "no handler named {:?} is configured",
-                        run.handler
-                    ))),
-                };
-                let finished_at = self.clock.now();
-                let policy = self.policies.get(&run.handler).copied().unwrap_or_default();
-                let outcome = outcome_of(result, attempt, &policy, finished_at);
-                metrics::counter!(
-                    "labelhook_handler_attempts_total",
-                    "handler" => run.handler.clone(),
-                    "outcome" => outcome.kind().as_str(),
-                )
-                .increment(1);
-                match &outcome {
-                    AttemptOutcome::Ok => {}
-                    AttemptOutcome::Retry { error, .. } => tracing::warn!(
-                        delivery_id = %event.delivery_id, handler = %run.handler, attempt, %error,
-                        "handler failed; will retry"
-                    ),
-                    AttemptOutcome::Dead { error } => tracing::error!(
-                        delivery_id = %event.delivery_id, handler = %run.handler, attempt, %error,
-                        "handler failed for good; dead-lettered"
-                    ),
-                }
-                AttemptResult {
-                    handler: run.handler.clone(),
-                    attempt,
-                    started_at,
-                    finished_at,
-                    outcome,
-                }
-            }
-        });
+        let attempts = claimed.runs.iter().map(|run| self.attempt(&event, run));
         let results = tokio::select! {
             results = futures_util::future::join_all(attempts) => results,
             () = lost.cancelled() => return,
@@ -415,6 +452,51 @@ impl Dispatcher {
                 }
             }
         }
+    }
+}
+
+/// The span of one delivery's way through the gate; `entity` is recorded once it is parsed.
+fn gate_span(delivery: &Ungated) -> tracing::Span {
+    let topic = delivery.topic.as_deref().map(bounded_for_log);
+    tracing::info_span!(
+        "gate",
+        delivery_id = %delivery.delivery_id,
+        seq = delivery.seq,
+        request_id = delivery.request_id.as_deref(),
+        topic = topic.as_deref(),
+        entity = tracing::field::Empty,
+    )
+}
+
+/// Counts one attempt: every outcome, and failures and dead letters by handler, which is what
+/// an operator is paged on.
+fn count_attempt(handler: &str, outcome: &AttemptOutcome, took: Duration) {
+    let handler = handler.to_owned();
+    metrics::histogram!(telemetry::HANDLER_ATTEMPT_SECONDS, "handler" => handler.clone())
+        .record(took.as_secs_f64());
+    metrics::counter!(
+        "labelhook_handler_attempts_total",
+        "handler" => handler.clone(),
+        "outcome" => outcome.kind().as_str(),
+    )
+    .increment(1);
+    if matches!(outcome, AttemptOutcome::Ok) {
+        return;
+    }
+    metrics::counter!(telemetry::HANDLER_FAILURES_TOTAL, "handler" => handler.clone()).increment(1);
+    if matches!(outcome, AttemptOutcome::Dead { .. }) {
+        metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "handler" => handler).increment(1);
+    }
+}
+
+/// Publishes each handler's failure and dead-letter counters at zero, so that the first
+/// failure is an increase Prometheus sees (a series that starts at 1 has no increase).
+fn zero_handler_counters(registry: &Registry) {
+    for handler in registry.names() {
+        let handler = handler.to_owned();
+        metrics::counter!(telemetry::HANDLER_FAILURES_TOTAL, "handler" => handler.clone())
+            .increment(0);
+        metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "handler" => handler).increment(0);
     }
 }
 

@@ -7,6 +7,9 @@
 //! the caller; stored bodies are streamed by the writer itself in chunks, each in a batch of
 //! its own, so no body is ever held whole in memory. A failed batch is cut off the file again,
 //! so a half-written line never corrupts the lines after it.
+//!
+//! A failure names what failed: the output file (`path: error`), or the event's stored body
+//! when that is what could not be read, which is no fault of the file.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, OnceCell};
 
 use super::{write_event_json, BuildError, Handler, HandlerError, HandlerEvent};
 use crate::config::HandlerSettings;
+use crate::delivery::BodyReadError;
 
 /// Lines waiting for the writer; callers wait (back-pressure) beyond this.
 const QUEUE_CAPACITY: usize = 1024;
@@ -35,7 +39,25 @@ pub struct FileHandler {
 #[derive(Debug)]
 struct Job {
     line: Line,
-    done: oneshot::Sender<std::io::Result<()>>,
+    done: oneshot::Sender<Result<(), Failure>>,
+}
+
+/// Why a line was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// The event's stored body could not be read; the message says so.
+    Body(String),
+    /// Writing or syncing the output file failed.
+    File(String),
+}
+
+impl Failure {
+    fn of(error: &std::io::Error) -> Self {
+        match BodyReadError::find(error) {
+            Some(body) => Self::Body(body.to_string()),
+            None => Self::File(error.to_string()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -99,7 +121,11 @@ impl Handler for FileHandler {
             .map_err(|_| stopped())?;
         match answer.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(retryable(&self.path, &e)),
+            Ok(Err(Failure::Body(message))) => Err(HandlerError::Retryable(message)),
+            Ok(Err(Failure::File(message))) => Err(HandlerError::Retryable(format!(
+                "{}: {message}",
+                self.path.display()
+            ))),
             Err(_) => Err(stopped()),
         }
     }
@@ -131,16 +157,15 @@ async fn run_writer(path: PathBuf, mut rx: mpsc::Receiver<Job>) {
 
 /// Writes and syncs `jobs`, then answers each of them.
 async fn commit(path: &Path, file: &mut Option<File>, jobs: Vec<Job>) {
-    let outcome = write_batch(path, file, &jobs).await;
+    let outcome = write_batch(path, file, &jobs)
+        .await
+        .map_err(|e| Failure::of(&e));
     if outcome.is_err() {
         // Reopen next time: after a failed write the handle's state is not trusted.
         *file = None;
     }
     for job in jobs {
-        let answer = match &outcome {
-            Ok(()) => Ok(()),
-            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-        };
+        let answer = outcome.clone();
         // The caller may have given up waiting; its line is on disk either way.
         let _ = job.done.send(answer);
     }
@@ -291,6 +316,13 @@ mod tests {
         );
         let err = handler.handle(&gone).await.unwrap_err();
         assert!(matches!(err, HandlerError::Retryable(_)), "{err:?}");
+        // The body is what could not be read, not the output file.
+        let message = err.to_string();
+        assert!(
+            message.starts_with("cannot read the delivery's stored body: "),
+            "{message}"
+        );
+        assert!(!message.contains("events.jsonl"), "{message}");
         handler.handle(&inline(2, b"{}", true)).await.unwrap();
         let lines = read_lines(&path);
         assert_eq!(lines.len(), 1);

@@ -82,7 +82,7 @@ impl HandlerEvent {
                 .map_err(permanent);
         }
         let retryable =
-            |e: std::io::Error| HandlerError::Retryable(format!("cannot read the body: {e}"));
+            |e: std::io::Error| HandlerError::Retryable(format!("reading the label failed: {e}"));
         let reader = self.body.blocking_reader().await.map_err(retryable)?;
         let label = label.clone();
         tokio::task::spawn_blocking(move || {
@@ -242,20 +242,38 @@ struct EventHeader<'a> {
     fresh: bool,
     project_id: Option<&'a str>,
     received_at: &'a str,
+    body_encoding: BodyEncoding,
+}
+
+/// How a line's `body` holds the delivery's bytes, stated in the line as `body_encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyEncoding {
+    /// The body's JSON itself, embedded.
+    Json,
+    /// A JSON string holding the body, which is UTF-8 text but not JSON.
+    Text,
+    /// A base64 string (standard alphabet, padded) of the exact bytes, which are not UTF-8
+    /// text. JSON text must be UTF-8, and a body with stray bytes inside a string can still
+    /// pass a JSON parser that skips what it does not need.
+    Base64,
 }
 
 /// Writes the event as one JSON object (no trailing newline) with `seq`, `delivery_id`, `topic`,
-/// `entity`, `version` (RFC 3339 or null), `fresh`, `project_id`, `received_at` and `body`.
+/// `entity`, `version` (RFC 3339 or null), `fresh`, `project_id`, `received_at`,
+/// `body_encoding` ([`BodyEncoding`]) and `body`.
 ///
-/// `body` is the body's JSON embedded as-is when `body_is_json`, except that line breaks (which
-/// in valid JSON can only be whitespace between tokens) become spaces so the object stays on one
-/// line; otherwise the body as a JSON string (lossy UTF-8). An inline body claimed to be JSON
-/// that does not parse is written as a string too, so the output is always valid JSON. A stored
-/// body is streamed piece by piece without loading it.
+/// `body` is the body's JSON embedded as-is when it is JSON and UTF-8, except that line breaks
+/// (which in valid JSON can only be whitespace between tokens) become spaces so the object
+/// stays on one line; otherwise a JSON string of the body when it is UTF-8; otherwise base64
+/// of its bytes. So the line is always valid JSON text and the body can be had back exactly.
+/// A stored body is streamed piece by piece without loading it (read twice when it is not in
+/// memory: once to learn whether it is UTF-8, once to write it).
 pub async fn write_event_json<W: AsyncWrite + Unpin>(
     event: &HandlerEvent,
     out: &mut W,
 ) -> std::io::Result<()> {
+    let encoding = body_encoding(event).await?;
     let header = EventHeader {
         seq: event.seq,
         delivery_id: &event.delivery_id,
@@ -265,6 +283,7 @@ pub async fn write_event_json<W: AsyncWrite + Unpin>(
         fresh: event.fresh,
         project_id: event.project_id.as_deref(),
         received_at: &event.received_at,
+        body_encoding: encoding,
     };
     let mut head = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
     // Reopen the object to append the body, which may be too large to build in memory.
@@ -273,38 +292,170 @@ pub async fn write_event_json<W: AsyncWrite + Unpin>(
     out.write_all(&head).await?;
     if let Some(bytes) = event.body.as_inline() {
         let mut buf = Vec::with_capacity(bytes.len() + 2);
-        if event.body_is_json && is_json(bytes) {
-            buf.extend_from_slice(bytes);
-            flatten_line_breaks(&mut buf);
-        } else {
-            let mut escaper = JsonStringEscaper::new();
-            escaper.push(bytes, &mut buf);
-            escaper.finish(&mut buf);
+        match encoding {
+            BodyEncoding::Json => {
+                buf.extend_from_slice(bytes);
+                flatten_line_breaks(&mut buf);
+            }
+            BodyEncoding::Text => {
+                let mut escaper = JsonStringEscaper::new();
+                escaper.push(bytes, &mut buf);
+                escaper.finish(&mut buf);
+            }
+            BodyEncoding::Base64 => {
+                let mut encoder = Base64String::new();
+                encoder.push(bytes, &mut buf);
+                encoder.finish(&mut buf);
+            }
         }
         out.write_all(&buf).await?;
         return out.write_all(b"}").await;
     }
     let mut chunks = event.body.stream().await?;
-    // An empty "JSON" body would leave `"body":}`; a string keeps the line valid.
-    if event.body_is_json && !event.body.is_empty() {
-        while let Some(chunk) = chunks.next().await {
-            let mut piece = chunk?.to_vec();
-            flatten_line_breaks(&mut piece);
-            out.write_all(&piece).await?;
+    let mut piece = Vec::with_capacity(BODY_CHUNK_BYTES * 4 / 3 + 16);
+    match encoding {
+        BodyEncoding::Json => {
+            while let Some(chunk) = chunks.next().await {
+                piece.clear();
+                piece.extend_from_slice(&chunk?);
+                flatten_line_breaks(&mut piece);
+                out.write_all(&piece).await?;
+            }
         }
-    } else {
-        let mut escaper = JsonStringEscaper::new();
-        let mut piece = Vec::with_capacity(BODY_CHUNK_BYTES + 16);
-        while let Some(chunk) = chunks.next().await {
+        BodyEncoding::Text => {
+            let mut escaper = JsonStringEscaper::new();
+            while let Some(chunk) = chunks.next().await {
+                piece.clear();
+                escaper.push(&chunk?, &mut piece);
+                out.write_all(&piece).await?;
+            }
             piece.clear();
-            escaper.push(&chunk?, &mut piece);
+            escaper.finish(&mut piece);
             out.write_all(&piece).await?;
         }
-        piece.clear();
-        escaper.finish(&mut piece);
-        out.write_all(&piece).await?;
+        BodyEncoding::Base64 => {
+            let mut encoder = Base64String::new();
+            while let Some(chunk) = chunks.next().await {
+                piece.clear();
+                encoder.push(&chunk?, &mut piece);
+                out.write_all(&piece).await?;
+            }
+            piece.clear();
+            encoder.finish(&mut piece);
+            out.write_all(&piece).await?;
+        }
     }
     out.write_all(b"}").await
+}
+
+/// How `event`'s body can be written into a JSON line without changing a byte of it.
+async fn body_encoding(event: &HandlerEvent) -> std::io::Result<BodyEncoding> {
+    let utf8 = match event.body.as_inline() {
+        Some(bytes) => std::str::from_utf8(bytes).is_ok(),
+        None => stored_body_is_utf8(&event.body).await?,
+    };
+    let json = match event.body.as_inline() {
+        // The flag comes from the dispatcher's parse; an inline body is checked again, cheaply.
+        Some(bytes) => event.body_is_json && is_json(bytes),
+        // An empty "JSON" body would leave `"body":}`.
+        None => event.body_is_json && !event.body.is_empty(),
+    };
+    Ok(match (utf8, json) {
+        (true, true) => BodyEncoding::Json,
+        (true, false) => BodyEncoding::Text,
+        (false, _) => BodyEncoding::Base64,
+    })
+}
+
+/// Reads a stored body through once, in chunks, to learn whether it is UTF-8 text.
+async fn stored_body_is_utf8(body: &Payload) -> std::io::Result<bool> {
+    let mut chunks = body.stream().await?;
+    // The start of a character cut off at the end of the previous chunk (at most 3 bytes).
+    let mut carry: Vec<u8> = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        let joined;
+        let data: &[u8] = if carry.is_empty() {
+            &chunk
+        } else {
+            // Rare (a character cut by a chunk boundary), so a copy is fine.
+            carry.extend_from_slice(&chunk);
+            joined = std::mem::take(&mut carry);
+            &joined
+        };
+        match std::str::from_utf8(data) {
+            Ok(_) => {}
+            Err(e) if e.error_len().is_none() => carry = data[e.valid_up_to()..].to_vec(),
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(carry.is_empty())
+}
+
+/// Turns bytes into a JSON string of their base64 (standard alphabet, padded), piece by piece.
+struct Base64String {
+    started: bool,
+    /// Bytes of an unfinished group of three.
+    carry: Vec<u8>,
+}
+
+impl Base64String {
+    const ALPHABET: &'static [u8; 64] =
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    fn new() -> Self {
+        Self {
+            started: false,
+            carry: Vec::with_capacity(3),
+        }
+    }
+
+    fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        if !self.started {
+            out.push(b'"');
+            self.started = true;
+        }
+        let mut data = input;
+        if !self.carry.is_empty() {
+            let take = data.len().min(3 - self.carry.len());
+            self.carry.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.carry.len() < 3 {
+                return;
+            }
+            let group = std::mem::take(&mut self.carry);
+            Self::encode(&group, out);
+        }
+        let whole = data.len() - data.len() % 3;
+        Self::encode(&data[..whole], out);
+        self.carry.extend_from_slice(&data[whole..]);
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.started {
+            out.push(b'"');
+        }
+        let rest = std::mem::take(&mut self.carry);
+        Self::encode(&rest, out);
+        out.push(b'"');
+    }
+
+    /// Groups of three bytes as four characters; a last, shorter group padded with `=`.
+    fn encode(bytes: &[u8], out: &mut Vec<u8>) {
+        for group in bytes.chunks(3) {
+            let b = [
+                group[0],
+                group.get(1).copied().unwrap_or(0),
+                group.get(2).copied().unwrap_or(0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            let sextet = |shift: u32| Self::ALPHABET[((n >> shift) & 0x3f) as usize];
+            out.push(sextet(18));
+            out.push(sextet(12));
+            out.push(if group.len() > 1 { sextet(6) } else { b'=' });
+            out.push(if group.len() > 2 { sextet(0) } else { b'=' });
+        }
+    }
 }
 
 fn is_json(bytes: &[u8]) -> bool {
@@ -519,9 +670,87 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn non_json_bodies_become_lossy_strings() {
+    async fn non_json_text_becomes_a_string_and_says_so() {
+        let value = render(&inline(b"not \"json\"\n\x01", false)).await;
+        assert_eq!(value["body_encoding"], "text");
+        assert_eq!(value["body"], "not \"json\"\n\u{1}");
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_utf8_become_base64_and_say_so() {
         let value = render(&inline(b"not \"json\"\n\xff\x01", false)).await;
-        assert_eq!(value["body"], "not \"json\"\n\u{FFFD}\u{1}");
+        assert_eq!(value["body_encoding"], "base64");
+        assert_eq!(
+            decode_base64(value["body"].as_str().unwrap()),
+            b"not \"json\"\n\xff\x01"
+        );
+    }
+
+    #[tokio::test]
+    async fn json_with_stray_bytes_inside_a_string_becomes_base64() {
+        // A JSON parser that skips the string lets this pass; the line must still be UTF-8.
+        let body: &[u8] = b"{\"id\":\"ckabc\",\"note\":\"\xff\xfe\xc3\"}";
+        assert!(is_json(body));
+        let value = render(&inline(body, true)).await;
+        assert_eq!(value["body_encoding"], "base64");
+        assert_eq!(decode_base64(value["body"].as_str().unwrap()), body);
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(body).unwrap();
+        let stored = file_payload(file.path().to_owned(), body.len() as u64);
+        let value = render(&test_event(4, stored, true)).await;
+        assert_eq!(value["body_encoding"], "base64");
+        assert_eq!(decode_base64(value["body"].as_str().unwrap()), body);
+    }
+
+    #[tokio::test]
+    async fn json_bodies_say_they_are_json() {
+        let value = render(&inline(b"{\"text\":\"\xc3\xa9\"}", true)).await;
+        assert_eq!(value["body_encoding"], "json");
+        assert_eq!(value["body"]["text"], "\u{e9}");
+    }
+
+    /// Standard padded base64, decoded; for checking the encoder.
+    fn decode_base64(text: &str) -> Vec<u8> {
+        let value = |c: u8| Base64String::ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        let mut out = Vec::new();
+        for group in text.as_bytes().chunks(4) {
+            let pad = group.iter().filter(|&&c| c == b'=').count();
+            let n = group
+                .iter()
+                .map(|&c| if c == b'=' { 0 } else { value(c) })
+                .fold(0u32, |n, v| (n << 6) | v);
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            out.extend_from_slice(&bytes[..3 - pad]);
+        }
+        out
+    }
+
+    /// A stored body read back in the given pieces.
+    #[derive(Debug)]
+    struct Pieces(Vec<Vec<u8>>);
+
+    #[async_trait::async_trait]
+    impl crate::delivery::PayloadSource for Pieces {
+        async fn open(&self) -> std::io::Result<crate::delivery::ChunkStream> {
+            let chunks: Vec<std::io::Result<bytes::Bytes>> = self
+                .0
+                .iter()
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            Ok(futures_util::stream::iter(chunks).boxed())
+        }
+    }
+
+    fn cut(bytes: &[u8], cuts: Vec<usize>) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+        cuts.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for cut in cuts.into_iter().chain([bytes.len()]) {
+            pieces.push(bytes[start..cut].to_vec());
+            start = cut;
+        }
+        pieces
     }
 
     #[tokio::test]
@@ -559,6 +788,40 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn utf8_is_recognised_whatever_the_chunks(
+            text in "\\PC{0,40}",
+            noise in proptest::collection::vec(any::<u8>(), 0..4),
+            at in 0usize..200,
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let mut bytes = text.into_bytes();
+            let at = at.min(bytes.len());
+            bytes.splice(at..at, noise);
+            let expected = std::str::from_utf8(&bytes).is_ok();
+            let len = bytes.len() as u64;
+            let body = Payload::stored(len, Arc::new(Pieces(cut(&bytes, cuts))));
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let found = runtime.block_on(stored_body_is_utf8(&body)).unwrap();
+            prop_assert_eq!(found, expected);
+        }
+
+        #[test]
+        fn streamed_base64_decodes_to_the_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..100),
+            cuts in proptest::collection::vec(0usize..100, 0..6),
+        ) {
+            let mut out = Vec::new();
+            let mut encoder = Base64String::new();
+            for piece in cut(&bytes, cuts) {
+                encoder.push(&piece, &mut out);
+            }
+            encoder.finish(&mut out);
+            let text: String = serde_json::from_slice(&out).unwrap();
+            prop_assert_eq!(text.len(), bytes.len().div_ceil(3) * 4);
+            prop_assert_eq!(decode_base64(&text), bytes);
+        }
+
         #[test]
         fn streamed_escaping_matches_lossy_utf8(
             bytes in proptest::collection::vec(any::<u8>(), 0..200),

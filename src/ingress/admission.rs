@@ -11,7 +11,8 @@
 //! is the hard bound; past it a delivery gets 503.)
 //!
 //! The backlog is read from the store every [`SAMPLE_EVERY`] by [`watch_backlog`], which also
-//! publishes it as the `labelhook_queue_depth` gauge.
+//! publishes it as the `labelhook_queue_depth` gauge, and the age of its oldest delivery as
+//! `labelhook_oldest_pending_delivery_age_seconds`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,6 +75,14 @@ pub async fn watch_backlog(
                 metrics::gauge!("labelhook_queue_depth").set(depth as f64);
             }
             Err(e) => tracing::debug!(error = %e, "backlog not read this time"),
+        }
+        match queue.oldest_unfinished().await {
+            Ok(oldest) => {
+                let now = crate::delivery::now_millis();
+                let age = oldest.map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0);
+                metrics::gauge!(crate::telemetry::OLDEST_PENDING_AGE_SECONDS).set(age);
+            }
+            Err(e) => tracing::debug!(error = %e, "oldest pending delivery not read this time"),
         }
         tokio::select! {
             () = tokio::time::sleep(SAMPLE_EVERY) => {}

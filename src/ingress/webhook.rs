@@ -28,9 +28,10 @@ use crate::delivery::{
 };
 use crate::events::Topic;
 use crate::store::{Intake, StoreError};
+use crate::telemetry::{RequestId, REQUEST_ID_HEADER};
 
 /// Seconds a sender is asked to wait before retrying a 503.
-const RETRY_AFTER_SECONDS: u64 = 5;
+pub const RETRY_AFTER_SECONDS: u64 = 5;
 /// Longest `X-Labelbox-Id` kept; Labelbox sends 25-character cuids.
 const MAX_DELIVERY_ID_LEN: usize = 200;
 /// The topic recorded for model-training callbacks, which carry no event header.
@@ -63,6 +64,10 @@ pub enum IngressError {
     BadDeliveryId,
     #[error("body not received in time")]
     BodyTimeout,
+    #[error("body arrived too slowly")]
+    BodyTooSlow,
+    #[error("server busy")]
+    Overloaded,
     #[error("body could not be read")]
     BodyRead,
     #[error("store unavailable")]
@@ -80,8 +85,10 @@ impl IngressError {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::BadDeliveryId | Self::BodyRead => StatusCode::BAD_REQUEST,
-            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::StoreUnavailable | Self::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyTimeout | Self::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+            Self::StoreUnavailable | Self::QueueFull | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -97,6 +104,8 @@ impl IngressError {
             Self::Signature(SignatureError::Mismatch) => "signature_mismatch",
             Self::BadDeliveryId => "bad_delivery_id",
             Self::BodyTimeout => "body_timeout",
+            Self::BodyTooSlow => "body_too_slow",
+            Self::Overloaded => "overloaded",
             Self::BodyRead => "body_read_error",
             Self::StoreUnavailable => "store_unavailable",
             Self::QueueFull => "queue_full",
@@ -130,6 +139,8 @@ impl From<BodyError> for IngressError {
     fn from(e: BodyError) -> Self {
         match e {
             BodyError::TooLarge => Self::TooLarge,
+            BodyError::TooSlow => Self::BodyTooSlow,
+            BodyError::Overloaded => Self::Overloaded,
             BodyError::Read(_) => Self::BodyRead,
             // Could not write the blob: disk full or read-only, the sender should retry.
             BodyError::Spill(_) => Self::StoreUnavailable,
@@ -165,7 +176,9 @@ struct Inner {
     forwarded_header: ForwardedHeader,
     max_body_bytes: u64,
     inline_body_max_bytes: u64,
-    spill_permits: Arc<tokio::sync::Semaphore>,
+    spill_slots: Arc<body::SpillSlots>,
+    buffered: body::MemoryBudget,
+    pace: body::Pace,
     body_timeout: Duration,
     store: Arc<dyn Intake>,
     clock: Arc<dyn Clock>,
@@ -215,7 +228,15 @@ impl IngressState {
             forwarded_header: s.network.forwarded_header,
             max_body_bytes: s.server.max_body_bytes,
             inline_body_max_bytes: s.store.inline_body_max_bytes,
-            spill_permits: Arc::new(tokio::sync::Semaphore::new(s.server.max_spilling_bodies)),
+            spill_slots: body::SpillSlots::new(
+                s.server.max_spilling_bodies,
+                s.server.max_spilling_bodies_per_client,
+            ),
+            buffered: body::MemoryBudget::new(s.server.max_buffered_bytes),
+            pace: body::Pace {
+                min_bytes_per_second: s.server.min_body_bytes_per_second,
+                grace: s.server.body_rate_grace,
+            },
             body_timeout: s.server.body_timeout,
             store,
             clock,
@@ -420,7 +441,10 @@ async fn accept(
         max_bytes: state.0.max_body_bytes,
         inline_max: state.0.inline_body_max_bytes,
         bodies: state.0.store.bodies(),
-        spill_permits: &state.0.spill_permits,
+        spill_slots: &state.0.spill_slots,
+        memory: &state.0.buffered,
+        pace: state.0.pace,
+        client,
     };
     let received = tokio::time::timeout(
         state.0.body_timeout,
@@ -428,6 +452,12 @@ async fn accept(
     )
     .await
     .map_err(|_| IngressError::BodyTimeout)??;
+    // The memory an inline body holds counts against `server.max_buffered_bytes` until the
+    // store has it.
+    let body::Received {
+        body: received,
+        memory: buffered,
+    } = received;
     let proof = verifier.verify(&claimed)?;
 
     let delivery_id = match (given_id, source.duplicate_window_ms) {
@@ -435,6 +465,12 @@ async fn accept(
         (None, None) => DeliveryId::BodyHash,
         (None, Some(window_ms)) => DeliveryId::BodyHashWithin { window_ms },
     };
+    // The request span (`telemetry::request_span`) learns which delivery this is once it is
+    // authentic, so that the rest of this request's log lines, and the answer's, carry it.
+    let span = tracing::Span::current();
+    if let Some(topic) = &source.topic {
+        span.record("topic", bounded_for_log(topic).as_str());
+    }
     let envelope = Envelope {
         delivery_id,
         endpoint: source.endpoint.to_owned(),
@@ -442,10 +478,17 @@ async fn accept(
         client_ip: client,
         headers: kept_headers(headers),
         received_at,
+        request_id: headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| RequestId::parse(v.as_bytes()))
+            .map(|id| id.as_str().to_owned()),
     };
     let verified = VerifiedDelivery::new(proof, envelope, received);
     let delivery_id = verified.delivery_id().to_owned();
+    span.record("delivery_id", delivery_id.as_str());
     let accepted = state.0.store.accept(verified).await?;
+    drop(buffered);
+    span.record("seq", accepted.seq);
     if !accepted.duplicate {
         // Stored and safe; the answer waits while handlers are far behind (see `admission`).
         let delay = state.0.admission.delay();
@@ -519,7 +562,7 @@ const LOGGED_VALUE_MAX_CHARS: usize = 64;
 /// A client-sent value fit for a log line whoever sent it: at most `LOGGED_VALUE_MAX_CHARS`
 /// characters, anything but printable ASCII shown as `?`. A refused request must not be able to
 /// write more to the log than a few hundred bytes.
-fn bounded_for_log(value: &str) -> String {
+pub(crate) fn bounded_for_log(value: &str) -> String {
     let mut shown: String = value
         .chars()
         .take(LOGGED_VALUE_MAX_CHARS)

@@ -1,10 +1,12 @@
 //! The gate's decision for one delivery, as every back-end records it: fresh or stale against
 //! the entity's last applied state ([`crate::ordering::decide`]), the state to keep, and where
 //! the delivery stands in its entity's lane. Pure; the back-ends run it inside the transaction
-//! that records it, with the entity's row locked.
+//! that records it, with the entity's row locked. [`replay_effect`] says beforehand what the
+//! gate and the dispatcher will do with a delivery put back by replay.
 
+use crate::delivery::Status;
 use crate::ordering::{self, Applied, Change, Verdict, Version};
-use crate::store::{GateRequest, StoreError};
+use crate::store::{GateRequest, HandlerRun, ReplayEffect, RunState, StoreError};
 
 /// An entity's stored state, read back.
 pub fn applied(version: Option<i64>, change: &str) -> Result<Applied, StoreError> {
@@ -49,4 +51,33 @@ pub fn decide_in_lane(
             active_pos
         },
     }
+}
+
+/// What replay would do to one delivery, the same for every back-end (and said before it is
+/// done): a delivery being handled is left alone; one that the entity's applied state outranks
+/// now would come back stale; one whose handlers have all done it runs nothing again; anything
+/// else is queued again. `own` is the delivery's version and change when the gate has judged
+/// it, `last` its entity's applied state.
+pub fn replay_effect(
+    running: bool,
+    status: Status,
+    own: Option<(Option<Version>, Change)>,
+    last: Option<Applied>,
+    runs: &[HandlerRun],
+) -> ReplayEffect {
+    if running {
+        return ReplayEffect::Running;
+    }
+    if let (Some((version, change)), Some(last)) = (own, last) {
+        if !ordering::decide(Some(&last), version, change).0.is_fresh() {
+            return ReplayEffect::Superseded {
+                version: last.version.map(|v| v.to_string()),
+                change: last.change,
+            };
+        }
+    }
+    if status == Status::Delivered && runs.iter().all(|r| r.state == RunState::Done) {
+        return ReplayEffect::Done;
+    }
+    ReplayEffect::Queued
 }

@@ -5,7 +5,8 @@
 //!   while they stream in ([`BodyStore`]), and prove the store takes writes (`/readyz`);
 //! - [`Queue`] for the dispatcher: take deliveries to gate, record the gate's verdicts, claim
 //!   due work under a lease, renew it, record attempts;
-//! - [`Inspect`] for the CLI: list, show, replay.
+//! - [`Inspect`] for the CLI and the console: list, show, an entity's history, the gate's
+//!   reasons, handler activity, replay (with what it does to each delivery).
 //!
 //! Two back-ends implement all of them ([`Store`]): [`sqlite`] (the embedded default, one
 //! process per database file) and [`postgres`] (several replicas on one database, no shared
@@ -33,15 +34,16 @@ use bytes::Bytes;
 use secrecy::SecretString;
 
 use crate::config::StoreSettings;
-use crate::delivery::{Clock, StagedBody, Status, VerifiedDelivery};
+use crate::delivery::{Clock, StagedBody, Status, UnixMillis, VerifiedDelivery};
 use crate::ordering::Verdict;
 
 pub use retention::{Cutoffs, PruneReport, RetentionSettings, StoreStats};
 
 pub use model::{
     status_after_runs, Accepted, AttemptKind, AttemptOutcome, AttemptRecord, AttemptResult,
-    Claimed, DeliveryDetail, DeliverySummary, DueRun, GateRequest, HandlerRun, LeaseOwner,
-    ListQuery, ReplayOutcome, ReplayTarget, RunState, Ungated,
+    Claimed, DeliveryDetail, DeliverySummary, DueRun, EntityEntry, EntityHistory, EntityState,
+    GateRequest, HandlerActivity, HandlerRun, LeaseOwner, ListQuery, Overview, ReceivedBucket,
+    ReplayEffect, ReplayItem, ReplayOutcome, ReplayTarget, RunState, Ungated, VerdictBasis,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -160,14 +162,20 @@ pub trait Queue: Send + Sync {
     /// Deliveries with work left (not yet gated, or with handler runs left).
     async fn queue_depth(&self) -> Result<u64, StoreError>;
 
+    /// When the oldest of the deliveries [`Queue::queue_depth`] counts was received; `None`
+    /// when there is none. (Deliveries are taken in `seq` order, so the lowest `seq` with work
+    /// left is the one asked for.)
+    async fn oldest_unfinished(&self) -> Result<Option<UnixMillis>, StoreError>;
+
     /// Waits until new work may have arrived (a delivery accepted or replayed, by this process
     /// or, on a shared back-end, any other), or `max_wait` passed.
     async fn wait_for_work(&self, max_wait: Duration);
 }
 
-/// What the CLI needs.
+/// What the CLI and the console read, and replay. Reads only, except the replays.
 #[async_trait]
 pub trait Inspect: Send + Sync {
+    /// Deliveries matching every filter of `query`, newest first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError>;
 
     /// Every stored delivery with this id (one, or several when bodies differed).
@@ -175,6 +183,33 @@ pub trait Inspect: Send + Sync {
 
     /// Puts deliveries back in the dispatch queue (not those being handled right now).
     async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError>;
+
+    /// What [`Inspect::replay_each`] would do to each delivery `target` names; changes nothing.
+    async fn replay_preview(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError>;
+
+    /// [`Inspect::replay`], saying per delivery what it did, decided in the same transaction.
+    /// Empty when `target` names no stored delivery.
+    async fn replay_each(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError>;
+
+    /// One entity: the gate's state and its most recent `limit` deliveries, in version order.
+    async fn entity_history(&self, entity: &str, limit: u32) -> Result<EntityHistory, StoreError>;
+
+    /// Why the gate judged delivery `seq` as it did; `None` when no such delivery is kept.
+    async fn verdict_basis(&self, seq: i64) -> Result<Option<VerdictBasis>, StoreError>;
+
+    /// Per handler named in a handler run: its last success and failure, and its failures and
+    /// successes that finished at or after `since`.
+    async fn handler_activity(&self, since: UnixMillis)
+        -> Result<Vec<HandlerActivity>, StoreError>;
+
+    /// Deliveries kept by status, and those received from `since` to `now` in buckets of
+    /// `bucket_ms`.
+    async fn overview(
+        &self,
+        since: UnixMillis,
+        now: UnixMillis,
+        bucket_ms: i64,
+    ) -> Result<Overview, StoreError>;
 }
 
 /// Retention and the store's statistics: for the background pruner and `events prune`.

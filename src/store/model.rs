@@ -51,12 +51,26 @@ impl fmt::Display for LeaseOwner {
     }
 }
 
-/// Filter for `events list`.
+/// Filter for `events list` and the console's deliveries page: newest first, at most `limit`,
+/// each filter optional. Pages are keyset pages by sequence number (`before_seq` is the lowest
+/// `seq` of the page before), so a page costs the same however deep it is.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub status: Option<Status>,
     pub topic: Option<String>,
     pub limit: u32,
+    pub project_id: Option<String>,
+    pub entity: Option<String>,
+    /// Deliveries a route gave to this handler.
+    pub handler: Option<String>,
+    /// Every stored delivery with this id (there may be several: same id, other body).
+    pub delivery_id: Option<String>,
+    /// Received at or after this.
+    pub received_from: Option<UnixMillis>,
+    /// Received before this.
+    pub received_until: Option<UnixMillis>,
+    /// Only deliveries with a smaller `seq`: the next page.
+    pub before_seq: Option<i64>,
 }
 
 /// One line of `events list`.
@@ -72,6 +86,8 @@ pub struct DeliverySummary {
     pub received_at: String,
     pub body_len: u64,
     pub id_conflict: bool,
+    /// The project the gate found in the event (`None` before gating, or when it has none).
+    pub project_id: Option<String>,
 }
 
 /// Where one handler stands with one delivery.
@@ -163,6 +179,9 @@ pub struct DeliveryDetail {
     pub parse_error: Option<String>,
     pub handlers: Vec<HandlerRun>,
     pub attempts: Vec<AttemptRecord>,
+    /// The id of the HTTP request that brought it, as in its log lines; `None` for deliveries
+    /// stored before request ids were kept.
+    pub request_id: Option<String>,
 }
 
 /// What `events replay` did.
@@ -184,6 +203,9 @@ pub enum ReplayTarget {
 #[derive(Debug, Clone)]
 pub struct Ungated {
     pub seq: i64,
+    pub delivery_id: String,
+    /// For the gate's log lines (see [`Claimed::request_id`]).
+    pub request_id: Option<String>,
     pub topic: Option<String>,
     pub body: Payload,
 }
@@ -253,6 +275,9 @@ pub struct Claimed {
     pub event: Option<String>,
     pub body: Payload,
     pub runs: Vec<DueRun>,
+    /// The id of the HTTP request that brought the delivery, so that the log lines of its
+    /// handler attempts (in another task, maybe on another replica) carry it too.
+    pub request_id: Option<String>,
 }
 
 /// One handler to call for a claimed delivery.
@@ -330,4 +355,178 @@ pub fn status_after_runs(current: Status, any_pending: bool, any_dead: bool) -> 
         (false, false, Status::Pending) => Status::Delivered,
         (false, false, current) => current,
     }
+}
+
+/// One delivery in its entity's history, with what the gate made of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EntityEntry {
+    pub summary: DeliverySummary,
+    /// How the gate ranked it at equal versions (created, updated, deleted).
+    pub change: Option<Change>,
+    /// The gate's verdict: `Some(false)` is stale; `None` not gated (yet, or again after a
+    /// replay).
+    pub fresh: Option<bool>,
+    /// Its place in the entity's lane: the order in which the gate judged the entity's
+    /// deliveries.
+    pub lane_pos: Option<i64>,
+}
+
+/// What the gate remembers of one entity: the last state it applied.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EntityState {
+    pub entity: String,
+    pub version: Option<String>,
+    pub change: Option<Change>,
+    pub updated_at: UnixMillis,
+    /// A delivery of the entity has handler work left, so later ones wait behind it.
+    pub busy: bool,
+}
+
+/// One entity as the console shows it: "why is this stale?" answered by looking.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EntityHistory {
+    /// `None` when the gate has never judged a delivery of this entity.
+    pub state: Option<EntityState>,
+    /// Oldest version first; deliveries without a version last; ties in the gate's order.
+    pub deliveries: Vec<EntityEntry>,
+    /// More deliveries of the entity are kept than the most recent ones read.
+    pub truncated: bool,
+}
+
+/// Why the gate judged one delivery as it did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerdictBasis {
+    pub delivery: EntityEntry,
+    /// What it was held against: the last delivery of its entity applied before it in the
+    /// gate's order (with a version, or a delete). `None` when nothing was applied before it,
+    /// or when retention removed that delivery.
+    pub held_against: Option<EntityEntry>,
+    /// The entity's state now.
+    pub entity: Option<EntityState>,
+}
+
+/// How one handler has been doing, for the console's overview.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HandlerActivity {
+    pub handler: String,
+    pub last_success_at: Option<UnixMillis>,
+    pub last_failure_at: Option<UnixMillis>,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// Failed attempts (retried or dead-lettered) that finished since the time asked about.
+    pub failures_since: u64,
+    pub successes_since: u64,
+    /// Deliveries dead-lettered for this handler now.
+    pub dead: u64,
+    /// Deliveries waiting for this handler now.
+    pub pending: u64,
+}
+
+/// Deliveries received in one stretch of time, by their status now.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReceivedBucket {
+    pub start: UnixMillis,
+    pub by_status: Vec<(Status, u64)>,
+}
+
+/// Most buckets an overview is cut into, whatever it is asked for.
+pub const MAX_BUCKETS: i64 = 1440;
+/// How far before a window the back-ends look for its rows: `seq` grows with `received_at`
+/// only roughly, since a body that took long to arrive is committed after quicker ones.
+pub(crate) const RECEIVED_WINDOW_MARGIN_MS: i64 = 3_600_000;
+
+/// Counts read back as (status text, count).
+pub(crate) fn counts_by_status(rows: Vec<(String, i64)>) -> Result<Vec<(Status, u64)>, String> {
+    rows.into_iter()
+        .map(|(status, n)| Ok((status.parse::<Status>()?, n.max(0) as u64)))
+        .collect()
+}
+
+/// Oldest version first, versionless last; at equal versions in the gate's order, then by
+/// arrival.
+pub(crate) fn in_version_order(mut rows: Vec<(Option<i64>, EntityEntry)>) -> Vec<EntityEntry> {
+    rows.sort_by_key(|(version, e)| {
+        (
+            version.is_none(),
+            *version,
+            e.lane_pos.is_none(),
+            e.lane_pos,
+            e.summary.seq,
+        )
+    });
+    rows.into_iter().map(|(_, e)| e).collect()
+}
+
+impl ReceivedBucket {
+    /// Empty buckets of `bucket_ms` from `since` up to `now` (at most [`MAX_BUCKETS`]).
+    pub fn span(since: UnixMillis, now: UnixMillis, bucket_ms: i64) -> Vec<ReceivedBucket> {
+        if bucket_ms <= 0 || now <= since {
+            return Vec::new();
+        }
+        let count = ((now - since + bucket_ms - 1) / bucket_ms).min(MAX_BUCKETS);
+        (0..count)
+            .map(|i| ReceivedBucket {
+                start: since + i * bucket_ms,
+                by_status: Vec::new(),
+            })
+            .collect()
+    }
+
+    pub fn count(&self, status: Status) -> u64 {
+        self.by_status
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_status.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// What the store knows for the console's overview.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Overview {
+    /// Every delivery kept, by status.
+    pub by_status: Vec<(Status, u64)>,
+    /// Deliveries received from the time asked about, bucket by bucket, oldest first; every
+    /// bucket is there, empty or not.
+    pub buckets: Vec<ReceivedBucket>,
+}
+
+/// What replaying one stored delivery does, said before (a preview) and after (what was
+/// done). The gate decides again when the delivery comes back, so [`ReplayEffect::Superseded`]
+/// is what the gate will find unless the entity changes meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+pub enum ReplayEffect {
+    /// Put back before the gate; the handlers that have not done it run again.
+    Queued,
+    /// Its entity has applied a newer state since, so the gate will find it stale: it goes
+    /// only to routes that deliver stale events.
+    Superseded {
+        /// The entity's applied version (and kind of change) that outranks it.
+        version: Option<String>,
+        change: Change,
+    },
+    /// Being handled right now: left alone.
+    Running,
+    /// Every handler it was routed to has done it: put back all the same, nothing runs again.
+    Done,
+}
+
+impl ReplayEffect {
+    /// Whether replay puts it back (all but [`ReplayEffect::Running`]).
+    pub fn replays(&self) -> bool {
+        !matches!(self, ReplayEffect::Running)
+    }
+}
+
+/// One delivery a replay concerns, and what replay does to it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayItem {
+    pub summary: DeliverySummary,
+    pub effect: ReplayEffect,
+    /// Its handler runs before the replay: done ones are not run again.
+    pub handlers: Vec<HandlerRun>,
 }

@@ -215,6 +215,12 @@ fn publish(stats: &StoreStats, now: UnixMillis) {
             .map_or(0, |(_, n)| *n);
         metrics::gauge!("labelhook_store_deliveries", "status" => status.as_str()).set(n as f64);
     }
+    let dead = stats
+        .deliveries
+        .iter()
+        .find(|(s, _)| *s == Status::Dead)
+        .map_or(0, |(_, n)| *n);
+    metrics::gauge!(crate::telemetry::DEAD_LETTERS).set(dead as f64);
     let age = stats
         .oldest_received_at
         .map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0);

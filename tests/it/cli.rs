@@ -161,8 +161,13 @@ fn send_delivers_like_labelbox_and_healthcheck_reports_the_server() {
             .expect("run")
             .status
     };
-    assert!(health(&server.base_url).success());
-    let url = server.base_url.clone();
+    let admin = server.admin("");
+    assert!(health(&admin).success());
+    assert!(
+        !health(&server.base_url).success(),
+        "probes are on the admin listener only"
+    );
+    let url = admin;
     server.kill9();
     assert!(!health(&url).success());
 }
@@ -300,8 +305,8 @@ fn healthcheck_says_where_its_address_came_from() {
     // A secret that is not set does not matter to healthcheck: only the addresses do.
     std::fs::write(
         &config,
-        "[server]\nlisten = \"127.0.0.1:1\"\n[[endpoint]]\nname = \"lb\"\n\
-         secrets = [{ env = \"LH_UNSET_VARIABLE\" }]\n",
+        "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n\
+         [[endpoint]]\nname = \"lb\"\nsecrets = [{ env = \"LH_UNSET_VARIABLE\" }]\n",
     )
     .expect("write");
     let run = |args: &[&str], env: &[(&str, &str)]| {
@@ -318,12 +323,15 @@ fn healthcheck_says_where_its_address_came_from() {
     };
     let config_arg = config.display().to_string();
     let stderr = run(&["--config", &config_arg], &[]);
+    // The probes are on the admin listener, never on `listen`.
     assert!(
-        stderr.contains("http://127.0.0.1:1/healthz: no answer"),
+        stderr.contains("http://127.0.0.1:2/healthz: no answer"),
         "{stderr}"
     );
     assert!(
-        stderr.contains(&format!("the address is server.listen in {config_arg}")),
+        stderr.contains(&format!(
+            "the address is server.admin_listen in {config_arg}"
+        )),
         "{stderr}"
     );
     let stderr = run(
@@ -338,7 +346,7 @@ fn healthcheck_says_where_its_address_came_from() {
     let nowhere = dir.path().join("nowhere.toml").display().to_string();
     let stderr = run(
         &["--config", &nowhere],
-        &[("LABELHOOK__SERVER__LISTEN", "127.0.0.1:1")],
+        &[("LABELHOOK__SERVER__ADMIN_LISTEN", "127.0.0.1:1")],
     );
     assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
     let stderr = run(
@@ -495,7 +503,8 @@ fn serve_reports_an_unwritable_store_directory_and_is_not_ready() {
     // Alive, but not ready: what the image's HEALTHCHECK (--ready) sees.
     let health = |ready: bool| {
         let mut command = Command::new(bin());
-        command.args(["healthcheck", "--url", &server.url]);
+        let admin = server.admin_url.as_deref().expect("admin listening line");
+        command.args(["healthcheck", "--url", admin]);
         if ready {
             command.arg("--ready");
         }

@@ -74,7 +74,7 @@ fn every_acknowledged_delivery_survives_kill_9_and_a_restart() {
     server.restart();
     let again = deliver(&server, &acked[0], "LABEL_UPDATED", b"{}");
     assert_eq!(again.status, 202, "same id, other body: a new delivery");
-    assert_eq!(curl(&server.url("/readyz"), &[]).status, 200);
+    assert_eq!(curl(&server.admin("/readyz"), &[]).status, 200);
 }
 
 #[test]
@@ -150,7 +150,7 @@ fn a_second_server_on_the_same_database_refuses_to_start() {
         "{stderr}"
     );
     // The first one is unharmed.
-    assert_eq!(curl(&server.url("/readyz"), &[]).status, 200);
+    assert_eq!(curl(&server.admin("/readyz"), &[]).status, 200);
 }
 
 #[test]

@@ -22,12 +22,14 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_labelhook")
 }
 
-/// The config used unless a test gives its own: loopback allowed, one endpoint, two secrets.
+/// The config used unless a test gives its own: loopback allowed, one endpoint, two secrets,
+/// the admin listener (console, /metrics, /healthz, /readyz) on a port of its own.
 pub fn base_config(extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 body_timeout = "30s"
 
 [network]
@@ -45,19 +47,13 @@ secrets = [{{ env = "LH_TEST_SECRET" }}, {{ value = "{ROTATED_SECRET}" }}]
     )
 }
 
-/// [`base_config`] on a shared PostgreSQL database at `store_url`, with a separate admin
-/// listener and a small connection pool (the test server allows 100 connections in all, and
-/// tests run in parallel).
+/// [`base_config`] on a shared PostgreSQL database at `store_url`, with a small connection
+/// pool (the test server allows 100 connections in all, and tests run in parallel).
 pub fn pg_config(store_url: &str, extra: &str) -> String {
     let sqlite = "url = \"sqlite://STORE_DIR/labelhook.db\"";
     let config = base_config(extra);
     assert!(config.contains(sqlite));
     config
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
-            1,
-        )
         .replace("body_timeout = \"30s\"", "body_timeout = \"300s\"")
         .replace(
             sqlite,
@@ -454,6 +450,8 @@ pub struct Listening {
     child: Child,
     /// The URL of its `listening on` line.
     pub url: String,
+    /// The URL of its `admin listening on` line, when it prints one.
+    pub admin_url: Option<String>,
     /// That line, as printed.
     pub line: String,
     stderr_path: PathBuf,
@@ -485,8 +483,16 @@ impl Listening {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(url) = line.strip_prefix("listening on ") {
+                        // The admin line, when there is one, follows at once.
+                        let admin_url =
+                            rx.recv_timeout(Duration::from_millis(200))
+                                .ok()
+                                .and_then(|next| {
+                                    next.strip_prefix("admin listening on ").map(str::to_owned)
+                                });
                         return Listening {
                             url: url.to_owned(),
+                            admin_url,
                             line,
                             child,
                             stderr_path: stderr_path.to_owned(),

@@ -375,9 +375,9 @@ fn store_unavailable_gets_503_with_retry_after_and_recovers_by_itself() {
         &format!("sqlite://{}/labelhook.db", blocked.display()),
     );
     let server = TestServer::start(&config);
-    let ready = curl(&server.url("/readyz"), &[]);
+    let ready = curl(&server.admin("/readyz"), &[]);
     assert_eq!(ready.status, 503, "{}", ready.body);
-    assert_eq!(curl(&server.url("/healthz"), &[]).status, 200);
+    assert_eq!(curl(&server.admin("/healthz"), &[]).status, 200);
     let answer = deliver(&server, "cdown1", "LABEL_UPDATED", LABEL_UPDATED);
     assert_eq!(answer.status, 503, "{}", answer.body);
     assert!(
@@ -391,7 +391,7 @@ fn store_unavailable_gets_503_with_retry_after_and_recovers_by_itself() {
     // The disk comes back: no restart needed.
     std::fs::remove_file(&blocked).expect("rm");
     std::fs::create_dir(&blocked).expect("mkdir");
-    assert_eq!(curl(&server.url("/readyz"), &[]).status, 200);
+    assert_eq!(curl(&server.admin("/readyz"), &[]).status, 200);
     assert_eq!(
         deliver(&server, "cdown1", "LABEL_UPDATED", LABEL_UPDATED).status,
         202
@@ -501,7 +501,7 @@ fn metrics_count_deliveries_by_outcome() {
         deliver(&server, "cmet1", "LABEL_UPDATED", LABEL_UPDATED).status,
         200
     );
-    let metrics = curl(&server.url("/metrics"), &[]);
+    let metrics = curl(&server.admin("/metrics"), &[]);
     assert_eq!(metrics.status, 200);
     let line = |outcome: &str| {
         metrics
@@ -531,16 +531,48 @@ fn metrics_count_deliveries_by_outcome() {
 }
 
 #[test]
-fn admin_routes_move_to_their_own_listener_when_configured() {
-    let server = TestServer::start(&base_config("").replace(
-        "body_timeout = \"30s\"",
-        "body_timeout = \"30s\"\nadmin_listen = \"127.0.0.1:0\"",
-    ));
+fn admin_routes_answer_only_on_their_own_listener() {
+    let server = TestServer::with_base("");
     let admin = server.admin_url.clone().expect("admin listening line");
     assert_eq!(curl(&format!("{admin}/healthz"), &[]).status, 200);
     assert_eq!(curl(&format!("{admin}/readyz"), &[]).status, 200);
     assert_eq!(curl(&format!("{admin}/metrics"), &[]).status, 200);
-    assert_eq!(curl(&server.url("/metrics"), &[]).status, 404);
+    assert_eq!(curl(&format!("{admin}/ui/"), &[]).status, 200);
+    // Not on the public listener, whoever asks (127.0.0.1 is allowed to deliver here).
+    for path in ["/metrics", "/healthz", "/readyz", "/ui/", "/ui/dead"] {
+        assert_eq!(curl(&server.url(path), &[]).status, 404, "{path}");
+    }
+}
+
+#[test]
+fn admin_listen_is_localhost_by_default_and_never_the_webhook_listener() {
+    let defaults = labelhook::config::ServerSettings::default();
+    assert!(defaults.admin_listen.ip().is_loopback());
+    let dir = tempfile::tempdir().expect("temp");
+    let path = dir.path().join("same.toml");
+    std::fs::write(
+        &path,
+        base_config("")
+            .replace(
+                "admin_listen = \"127.0.0.1:0\"",
+                "admin_listen = \"0.0.0.0:8097\"",
+            )
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:8097\""),
+    )
+    .expect("write");
+    let out = std::process::Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("LH_TEST_SECRET", SECRET)
+        .env_remove("LABELHOOK_CONFIG")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: server.admin_listen: must differ from server.listen"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -232,14 +232,24 @@ fn time_at(chars: &[char]) -> Option<usize> {
     (chars.get(len) == Some(&'Z')).then_some(len + 1)
 }
 
-/// Copies a configuration of the repository into `dir`, its listener on a free port.
+/// Copies a configuration of the repository into `dir`, its listeners on free ports.
 fn copy_config(dir: &Path, path: &str, readme_addr: &str) {
     let text = read(path);
     let listen = format!("listen = \"{readme_addr}\"");
     assert!(text.contains(&listen), "{path} has no {listen}");
+    let text: Vec<String> = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("admin_listen = ") {
+                "admin_listen = \"127.0.0.1:0\"".to_owned()
+            } else {
+                line.replace(&listen, "listen = \"127.0.0.1:0\"")
+            }
+        })
+        .collect();
     let target = dir.join(path);
     std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
-    std::fs::write(target, text.replace(&listen, "listen = \"127.0.0.1:0\"")).expect("write");
+    std::fs::write(target, text.join("\n") + "\n").expect("write");
 }
 
 /// The environment variables a README command sets before `cargo`

@@ -151,6 +151,11 @@ impl Harness {
     }
 }
 
+/// The request id the harness gives delivery `id`.
+pub fn request_id_of(id: &str) -> String {
+    format!("req-{id}")
+}
+
 /// A delivery verified by the real verifier: there is no other way to make one.
 pub fn verified(id: &str, topic: &str, bytes: &[u8], body: IncomingBody) -> VerifiedDelivery {
     verified_at(id, topic, bytes, body, labelhook::delivery::now_millis())
@@ -179,6 +184,7 @@ pub fn verified_at(
         client_ip: [127, 0, 0, 1].into(),
         headers: vec![("x-labelbox-event".to_owned(), topic.to_owned())],
         received_at,
+        request_id: Some(request_id_of(id)),
     };
     VerifiedDelivery::new(proof, envelope, body)
 }

@@ -4,6 +4,7 @@
 //! and a failure instead when `LABELHOOK_REQUIRE_SERVICES=1`).
 
 mod harness;
+mod inspect;
 mod rules;
 #[path = "../common/postgres.rs"]
 mod test_db;
@@ -53,10 +54,19 @@ conformance!(
     a_dead_letter_frees_its_lane_and_replay_sends_it_through_the_gate_again,
     a_replica_is_woken_when_another_accepts,
     queue_depth_counts_what_is_not_finished,
+    oldest_unfinished_is_the_oldest_delivery_with_work_left,
+    the_request_id_goes_with_the_delivery,
     a_delivery_no_route_wants_is_delivered_without_a_claim,
     retention_prunes_what_is_finished_and_keeps_what_is_not_and_the_gate_state,
     a_body_budget_drops_the_oldest_finished_bodies_first,
     retention_removes_large_bodies_from_the_body_store,
+    deliveries_are_filtered_and_paged_by_sequence_number,
+    replay_says_per_delivery_what_it_does_and_does_it,
+    a_delivery_being_handled_is_left_alone_by_replay_and_says_so,
+    an_entity_history_is_in_version_order_with_verdicts,
+    the_verdict_basis_names_what_a_stale_delivery_was_held_against,
+    handler_activity_tells_each_handlers_last_success_and_recent_failures,
+    the_overview_counts_by_status_and_by_when_deliveries_came,
 );
 
 /// SQLite gives the pages retention freed back to the file system, and deletes the files of

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{body, label_gate, verified, Harness, LEASE};
 
+// The console's reads and replay's report, kept in a file of their own.
+pub use crate::inspect::*;
+
 const FRESH_TO: &[&str] = &["archive"];
 
 fn all() -> ListQuery {
@@ -658,6 +661,85 @@ pub async fn queue_depth_counts_what_is_not_finished(h: &Harness) {
             .expect("record");
     }
     assert_eq!(h.store.queue_depth().await.expect("depth"), 0);
+}
+
+/// The age an operator is paged on: the oldest delivery not gated, due, retrying or waiting in
+/// its lane; not one that is finished or dead.
+pub async fn oldest_unfinished_is_the_oldest_delivery_with_work_left(h: &Harness) {
+    assert_eq!(h.store.oldest_unfinished().await.expect("oldest"), None);
+    let t0 = h.clock.now();
+    h.accept("o0", "LABEL_UPDATED", &body(0)).await;
+    h.clock.advance(Duration::from_secs(10));
+    h.accept("o1", "LABEL_UPDATED", &body(1)).await;
+    assert_eq!(
+        h.store.oldest_unfinished().await.expect("oldest"),
+        Some(t0),
+        "not gated yet"
+    );
+    h.gate_all(|s| {
+        label_gate(
+            s,
+            "label:O",
+            "2024-05-02T08:00:01Z",
+            Change::Updated,
+            FRESH_TO,
+        )
+    })
+    .await;
+    // o0 is due, o1 waits behind it in the lane.
+    assert_eq!(h.store.oldest_unfinished().await.expect("oldest"), Some(t0));
+    let owner = LeaseOwner::named("w");
+    let first = claim(h, "w").await;
+    let now = h.clock.now();
+    let dead = AttemptOutcome::Dead {
+        error: "gone".to_owned(),
+    };
+    h.store
+        .record_attempts(first[0].seq, &owner, &[result("archive", 1, now, dead)])
+        .await
+        .expect("record");
+    assert_eq!(
+        h.store.oldest_unfinished().await.expect("oldest"),
+        Some(t0 + 10_000),
+        "a dead letter has no work left; the one behind it has"
+    );
+    let second = claim(h, "w").await;
+    h.store
+        .record_attempts(second[0].seq, &owner, &[ok("archive", 1, now)])
+        .await
+        .expect("record");
+    assert_eq!(h.store.oldest_unfinished().await.expect("oldest"), None);
+}
+
+/// The id of the request that brought a delivery goes with it: to the gate, to the handlers'
+/// claim, and to `events show`.
+pub async fn the_request_id_goes_with_the_delivery(h: &Harness) {
+    h.accept("r1", "LABEL_UPDATED", &body(1)).await;
+    let expected = Some(crate::harness::request_id_of("r1"));
+    let taken = h
+        .store
+        .take_ungated(&LeaseOwner::named("g"), LEASE, 10)
+        .await
+        .expect("take");
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].delivery_id, "r1");
+    assert_eq!(taken[0].request_id, expected);
+    h.clock.advance(LEASE + Duration::from_secs(1));
+    h.gate_all(|s| {
+        label_gate(
+            s,
+            "label:R",
+            "2024-05-02T08:00:01Z",
+            Change::Updated,
+            FRESH_TO,
+        )
+    })
+    .await;
+    let claimed = claim(h, "w").await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].request_id, expected);
+    let shown = h.store.show("r1").await.expect("show");
+    assert_eq!(shown[0].request_id, expected);
 }
 
 /// Gate requests for deliveries no route wants: delivered at once, nothing to claim.

@@ -20,13 +20,15 @@ impl Intake for PgStore {
             IncomingBody::Inline(bytes) => (Some(bytes), None),
             IncomingBody::Staged(staged) => (None, Some(super::bodies::blob_id(staged.key())?)),
         };
+        // From asking the pool for a connection to the commit: what the delivery waits for.
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let inserted: Option<(i64, bool)> = sqlx::query_as(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, body, blob_id, body_len, received_at, status) \
+                 client_ip, headers, body, blob_id, body_len, received_at, status, request_id) \
              SELECT $1, $2, EXISTS (SELECT 1 FROM deliveries \
                                     WHERE delivery_id = $1 AND body_sha256 <> $2), \
-                 $3, $4, $5, $6, $7, $8, $9, $10, $11 \
+                 $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
              RETURNING seq, id_conflict",
         )
@@ -41,6 +43,7 @@ impl Intake for PgStore {
         .bind(d.body.len() as i64)
         .bind(d.received_at)
         .bind(d.status.as_str())
+        .bind(&d.request_id)
         .fetch_optional(&mut *tx)
         .await?;
         let accepted = match inserted {
@@ -65,6 +68,7 @@ impl Intake for PgStore {
             }
         };
         tx.commit().await?;
+        crate::telemetry::record_commit("postgres", started.elapsed(), 1);
         if !accepted.duplicate {
             self.work_arrived();
         }

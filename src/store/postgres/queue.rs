@@ -53,7 +53,8 @@ impl Queue for PgStore {
                    WHERE NOT gated AND (gate_until IS NULL OR gate_until < $3) \
                    ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) t \
              WHERE d.seq = t.seq \
-             RETURNING d.seq, d.topic, d.body, d.blob_id, d.body_len",
+             RETURNING d.seq, d.delivery_id, d.request_id, d.topic, d.body, d.blob_id, \
+                 d.body_len",
         )
         .bind(owner.as_str())
         .bind(after(now, lease))
@@ -66,6 +67,8 @@ impl Queue for PgStore {
             .map(|row| {
                 Ok(Ungated {
                     seq: row.try_get("seq")?,
+                    delivery_id: row.try_get("delivery_id")?,
+                    request_id: row.try_get("request_id")?,
                     topic: row.try_get("topic")?,
                     body: self.body_of(row)?,
                 })
@@ -146,7 +149,7 @@ impl Queue for PgStore {
              WHERE d.seq = c.seq \
              RETURNING d.seq, d.delivery_id, d.topic, d.entity, d.version, d.project_id, \
                  d.fresh, d.parse_error IS NULL AS body_is_json, d.received_at, d.body, \
-                 d.blob_id, d.body_len, d.event",
+                 d.blob_id, d.body_len, d.event, d.request_id",
         )
         .bind(owner.as_str())
         .bind(after(now, lease))
@@ -171,6 +174,7 @@ impl Queue for PgStore {
                 event: row.try_get("event")?,
                 body: self.body_of(row)?,
                 runs: Vec::new(),
+                request_id: row.try_get("request_id")?,
             });
         }
         let seqs: Vec<i64> = claimed.iter().map(|c| c.seq).collect();
@@ -300,6 +304,20 @@ impl Queue for PgStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(n.max(0) as u64)
+    }
+
+    async fn oldest_unfinished(&self) -> Result<Option<UnixMillis>, StoreError> {
+        self.ready().await?;
+        // Each part is the smallest seq of one partial index that `queue_depth` counts.
+        let at = sqlx::query_scalar(
+            "SELECT received_at FROM deliveries WHERE seq = (SELECT MIN(s) FROM ( \
+                 SELECT MIN(seq) AS s FROM deliveries WHERE NOT gated \
+                 UNION ALL SELECT MIN(seq) FROM deliveries WHERE due_at IS NOT NULL \
+                 UNION ALL SELECT MIN(seq) FROM deliveries WHERE waiting) AS heads)",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(at)
     }
 
     async fn wait_for_work(&self, max_wait: Duration) {

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use super::health::Health;
 use crate::delivery::{ChunkStream, PayloadSource, StagedBody, Staging};
 use crate::store::{BodyStore, BodyWriter};
 
@@ -24,19 +25,18 @@ use crate::store::{BodyStore, BodyWriter};
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Size of the pieces a blob is read back in.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Files younger than this are never swept: they may belong to a request still in flight.
-const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
-
 static NEXT_BLOB: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone)]
 pub struct BlobDir {
     path: PathBuf,
+    /// Told when a body cannot be written: readiness tracks what deliveries meet.
+    health: std::sync::Arc<Health>,
 }
 
 impl BlobDir {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
+    pub fn new(path: PathBuf, health: std::sync::Arc<Health>) -> Self {
+        Self { path, health }
     }
 
     /// The file a row's `blob_name` refers to.
@@ -68,8 +68,10 @@ impl BlobDir {
         std::fs::File::open(&self.path)?.sync_all()
     }
 
-    /// Removes blob files that no row names (left by a crash between write and commit), when
-    /// they are older than `SWEEP_GRACE`. `referenced` holds file names.
+    /// Removes blob files that no row names (left by a crash between write and commit).
+    /// `referenced` holds file names. Only for a server that holds the serving lock and has not
+    /// started taking requests yet: then no other writer of this directory exists and no
+    /// request is in flight, so every unnamed file is an orphan, however young.
     pub fn sweep_orphans(&self, referenced: &HashSet<String>) -> io::Result<usize> {
         let entries = match std::fs::read_dir(&self.path) {
             Ok(entries) => entries,
@@ -80,13 +82,7 @@ impl BlobDir {
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let old = entry
-                .metadata()?
-                .modified()
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|age| age > SWEEP_GRACE);
-            if name.ends_with(".body") && old && !referenced.contains(&name) {
+            if name.ends_with(".body") && !referenced.contains(&name) {
                 std::fs::remove_file(entry.path())?;
                 removed += 1;
             }
@@ -99,6 +95,19 @@ impl BlobDir {
 impl BodyStore for BlobDir {
     /// Starts a new blob with a name no other process or request uses.
     async fn create(&self) -> io::Result<Box<dyn BodyWriter>> {
+        self.create_file().await.inspect_err(|e| self.failed(e))
+    }
+}
+
+impl BlobDir {
+    fn failed(&self, e: &io::Error) {
+        self.health.delivery_failed(&format!(
+            "cannot write a body in {}: {e}",
+            self.path.display()
+        ));
+    }
+
+    async fn create_file(&self) -> io::Result<Box<dyn BodyWriter>> {
         if !tokio::fs::try_exists(&self.path).await.unwrap_or(false) {
             tokio::fs::create_dir_all(&self.path).await?;
             // The new directory's own entry must survive a power loss too.
@@ -119,6 +128,7 @@ impl BodyStore for BlobDir {
             guard: Some(RemoveFile { path }),
             name,
             len: 0,
+            dir: self.clone(),
         }))
     }
 }
@@ -142,6 +152,7 @@ struct BlobWriter {
     guard: Option<RemoveFile>,
     name: String,
     len: u64,
+    dir: BlobDir,
 }
 
 impl Drop for BlobWriter {
@@ -155,15 +166,24 @@ impl Drop for BlobWriter {
 #[async_trait]
 impl BodyWriter for BlobWriter {
     async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
-        self.file.write_all(&chunk).await?;
+        if let Err(e) = self.file.write_all(&chunk).await {
+            self.dir.failed(&e);
+            return Err(e);
+        }
         self.len += chunk.len() as u64;
         Ok(())
     }
 
     /// Flushes and fsyncs the file; the directory entry is synced by the store's commit.
     async fn finish(mut self: Box<Self>) -> io::Result<StagedBody> {
-        self.file.flush().await?;
-        self.file.get_ref().sync_all().await?;
+        let synced = match self.file.flush().await {
+            Ok(()) => self.file.get_ref().sync_all().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
+            self.dir.failed(&e);
+            return Err(e);
+        }
         let guard = self
             .guard
             .take()
@@ -198,7 +218,7 @@ mod tests {
     #[tokio::test]
     async fn a_blob_reads_back_and_goes_away_unless_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobDir::new(dir.path().join("x.blobs"));
+        let blobs = BlobDir::new(dir.path().join("x.blobs"), Default::default());
         let mut writer = blobs.create().await.unwrap();
         writer.write(Bytes::from_static(b"hello ")).await.unwrap();
         writer.write(Bytes::from_static(b"world")).await.unwrap();
@@ -220,7 +240,7 @@ mod tests {
     #[tokio::test]
     async fn an_unfinished_blob_is_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobDir::new(dir.path().join("x.blobs"));
+        let blobs = BlobDir::new(dir.path().join("x.blobs"), Default::default());
         let mut writer = blobs.create().await.unwrap();
         writer.write(Bytes::from_static(b"partial")).await.unwrap();
         drop(writer);

@@ -33,7 +33,7 @@ pub fn claim(
                    AND (d.lease_until IS NULL OR d.lease_until < ?3) \
                  ORDER BY d.due_at, d.seq LIMIT ?4) \
              RETURNING seq, delivery_id, topic, entity, version, project_id, fresh, \
-                 parse_error, received_at, blob_name, body_len, event",
+                 parse_error, received_at, blob_name, body_len, event, request_id",
         )?
         .query_map(params![owner, until, now, i64::from(limit)], |row| {
             let body_location = (row.get::<_, Option<String>>(9)?, row.get::<_, i64>(10)?);
@@ -50,6 +50,7 @@ pub fn claim(
                 event: row.get(11)?,
                 body: Payload::inline(bytes::Bytes::new()),
                 runs: Vec::new(),
+                request_id: row.get(12)?,
             };
             Ok((claimed, body_location))
         })?

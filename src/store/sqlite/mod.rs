@@ -5,13 +5,16 @@
 //! [`lanes`]. Reads ([`reads`]) run on read-only connections on blocking threads. Large bodies
 //! are files beside the database ([`blob`]).
 //!
-//! One server per database file (it holds `<database>.lock`): SQLite is for a single replica.
+//! One server per database file (its writer holds `<database>.lock`): SQLite is for a single
+//! replica.
 //! That is also why a lease found at start can only be a dead process's, and why the dispatcher
 //! is woken in-process. [`SqliteInspector`] is what the CLI opens beside a running server: it
 //! reads read-only and writes (replay) in short transactions of its own, never taking the
 //! serving lock.
 
 mod blob;
+mod files;
+mod health;
 mod lanes;
 mod ops;
 mod prune;
@@ -27,16 +30,18 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 
 use self::blob::BlobDir;
+use self::health::{Health, Readiness};
 use self::ops::{Op, Output};
 use self::reads::Readers;
 use self::writer::{Request, WriteRequest, Writer};
 use super::{
     Accepted, AttemptResult, BodyStore, Claimed, Cutoffs, DeliveryDetail, DeliverySummary,
-    GateRequest, Inspect, Intake, LeaseOwner, ListQuery, Maintenance, PruneReport, Queue,
-    ReplayOutcome, ReplayTarget, Store, StoreError, StoreStats, Ungated,
+    EntityHistory, GateRequest, HandlerActivity, Inspect, Intake, LeaseOwner, ListQuery,
+    Maintenance, Overview, PruneReport, Queue, ReplayItem, ReplayOutcome, ReplayTarget, Store,
+    StoreError, StoreStats, Ungated, VerdictBasis,
 };
 use crate::config::StoreSettings;
-use crate::delivery::{after, Clock, Status, VerifiedDelivery};
+use crate::delivery::{after, Clock, Status, UnixMillis, VerifiedDelivery};
 use crate::ordering::Verdict;
 
 /// How long the CLI's writes (replay, prune) wait for the server writer's lock.
@@ -60,17 +65,15 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// The directory of blob files that belongs to a database file.
-fn blob_dir(path: &Path) -> BlobDir {
+fn blob_dir(path: &Path, health: Arc<Health>) -> BlobDir {
     // One blob directory per database, so that two databases side by side never sweep each
     // other's files.
-    BlobDir::new(PathBuf::from(format!("{}.blobs", path.display())))
+    BlobDir::new(PathBuf::from(format!("{}.blobs", path.display())), health)
 }
 
 pub struct SqliteStore {
-    path: PathBuf,
     clock: Arc<dyn Clock>,
-    /// Held for the server's lifetime (see `lock_for_serving`).
-    serving_lock: std::sync::Mutex<Option<std::fs::File>>,
+    health: Arc<Health>,
     writer: mpsc::Sender<WriteRequest>,
     readers: Readers,
     blobs: BlobDir,
@@ -81,27 +84,17 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens the database for `serve`: takes the serving lock, starts the writer, gives back
-    /// the leases of a previous run and sweeps blob files no row names. Never fails for an
+    /// Opens the database for `serve`: starts the writer (which takes the serving lock), gives
+    /// back the leases of a previous run and sweeps blob files no row names. Never fails for an
     /// unreachable database: that is reported by `check_ready` and `accept` until it can be
-    /// opened.
+    /// opened, and the lock is taken then. Fails when another server holds the lock.
     pub async fn open_for_serving(
         path: PathBuf,
         settings: &StoreSettings,
         queue_capacity: usize,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        let store = Self::start(path, settings, queue_capacity, clock).await?;
-        match store.lock_for_serving() {
-            Ok(()) => {}
-            Err(e @ StoreError::Locked(_)) => {
-                store.close().await;
-                return Err(e);
-            }
-            // The store's directory is unreachable right now: start anyway (503 until it
-            // comes back), as for any other store outage.
-            Err(e) => tracing::warn!(error = %e, "could not take the store's lock file"),
-        }
+        let (store, opened) = Self::start(path, settings, queue_capacity, clock).await?;
         match store.write(Op::ReleaseLeases, true).await {
             Ok(Output::Released(0)) => {}
             Ok(Output::Released(n)) => {
@@ -110,54 +103,69 @@ impl SqliteStore {
             Ok(other) => return Err(unexpected(other)),
             Err(e) => tracing::warn!(error = %e, "could not release old leases"),
         }
-        match store.sweep_orphan_blobs().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, "removed blob files of unanswered deliveries"),
-            // The store may be down at start; the sweep runs again at the next start.
-            Err(e) => tracing::warn!(error = %e, "could not sweep orphan blob files"),
+        // Only with the lock held and before the first request is every unnamed blob an
+        // orphan; a store that comes back later is swept at the next start.
+        if opened {
+            match store.sweep_orphan_blobs().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "removed blob files of unanswered deliveries"),
+                Err(e) => tracing::warn!(error = %e, "could not sweep orphan blob files"),
+            }
         }
         Ok(store)
     }
 
-    /// Starts the writer and the checkpointer.
+    /// Starts the writer and the checkpointer; says whether the database could be opened.
     async fn start(
         path: PathBuf,
         settings: &StoreSettings,
         queue_capacity: usize,
         clock: Arc<dyn Clock>,
-    ) -> Result<Self, StoreError> {
-        let blobs = blob_dir(&path);
+    ) -> Result<(Self, bool), StoreError> {
+        let health = Arc::new(Health::default());
+        let blobs = blob_dir(&path, health.clone());
         let (tx, rx) = mpsc::channel(queue_capacity.max(1));
         let work = Arc::new(Notify::new());
-        let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel();
-        let checkpoint_path = path.clone();
-        std::thread::Builder::new()
-            .name("lh-checkpoint".into())
-            .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
         let writer = Writer {
             path: path.clone(),
             conn: None,
             batch_max: settings.commit_batch_max.max(1),
             blobs: blobs.clone(),
             work: work.clone(),
+            health: health.clone(),
+            lock: None,
+            files: None,
+            fatal_logged: None,
         };
         // The writer opens (and migrates) right away so that readers find the schema.
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = std::thread::Builder::new()
             .name("lh-store-writer".into())
             .spawn(move || writer.run(rx, ready_tx))?;
-        let _ = ready_rx.await;
-        Ok(Self {
-            readers: Readers::new(path.clone()),
-            path,
+        let opened = match ready_rx.await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => {
+                let _ = tokio::task::spawn_blocking(move || task.join()).await;
+                return Err(e);
+            }
+            Err(_) => return Err(StoreError::Unavailable("store writer stopped".into())),
+        };
+        let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel();
+        let checkpoint_path = path.clone();
+        std::thread::Builder::new()
+            .name("lh-checkpoint".into())
+            .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
+        let store = Self {
+            readers: Readers::new(path),
             clock,
-            serving_lock: std::sync::Mutex::new(None),
+            health,
             writer: tx,
             blobs,
             work,
             writer_task: Mutex::new(Some(task)),
             checkpointer: std::sync::Mutex::new(Some(stop_checkpoints)),
-        })
+        };
+        Ok((store, opened))
     }
 
     /// Queues a write and waits for its commit. `wait_for_room` false refuses at once with
@@ -182,35 +190,6 @@ impl SqliteStore {
         answer
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
-    }
-
-    /// Holds `<database>.lock` for this process: a second server on the same database fails
-    /// to start instead of sharing it unsafely.
-    fn lock_for_serving(&self) -> Result<(), StoreError> {
-        let lock_path = PathBuf::from(format!("{}.lock", self.path.display()));
-        if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked(format!(
-                    "another labelhook server is using {} (one server per SQLite database; \
-                     use PostgreSQL for several)",
-                    self.path.display()
-                )))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-        }
-        if let Ok(mut held) = self.serving_lock.lock() {
-            *held = Some(file);
-        }
-        Ok(())
     }
 
     /// Removes blob files that no delivery names (left by a crash between write and commit).
@@ -241,11 +220,19 @@ impl Intake for SqliteStore {
         &self.blobs
     }
 
+    /// From how real writes went (see [`health`]); a probe write only when nothing was
+    /// committed lately.
     async fn check_ready(&self) -> Result<(), StoreError> {
-        let now = self.clock.now();
-        match self.write(Op::Probe { now }, false).await? {
-            Output::Probed => Ok(()),
-            other => Err(unexpected(other)),
+        match self.health.readiness() {
+            Readiness::Ready => Ok(()),
+            Readiness::NotReady(why) => Err(StoreError::Unavailable(why)),
+            Readiness::Unknown => {
+                let now = self.clock.now();
+                match self.write(Op::Probe { now }, false).await? {
+                    Output::Probed => Ok(()),
+                    other => Err(unexpected(other)),
+                }
+            }
         }
     }
 }
@@ -335,6 +322,10 @@ impl Queue for SqliteStore {
         self.readers.run(reads::queue_depth).await
     }
 
+    async fn oldest_unfinished(&self) -> Result<Option<crate::delivery::UnixMillis>, StoreError> {
+        self.readers.run(reads::oldest_unfinished).await
+    }
+
     async fn wait_for_work(&self, max_wait: Duration) {
         let _ = tokio::time::timeout(max_wait, self.work.notified()).await;
     }
@@ -365,6 +356,58 @@ impl Inspect for SqliteStore {
             Output::Replayed(outcome) => Ok(outcome),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Decided and done in one transaction of its own beside the writer's (as the CLI's
+    /// replay is), since the decision must see what the replay changes; the dispatcher is
+    /// woken as after the writer's commits.
+    async fn replay_each(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
+        let apart = SqliteInspector::open(self.readers.path().to_owned(), self.clock.clone())?;
+        let items = apart.replay_each(target).await?;
+        if items.iter().any(|i| i.effect.replays()) {
+            self.work.notify_one();
+        }
+        Ok(items)
+    }
+
+    async fn replay_preview(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
+        let (target, now) = (target.clone(), self.clock.now());
+        self.readers
+            .run(move |conn| reads::replay_plan(conn, &target, now))
+            .await
+    }
+
+    async fn entity_history(&self, entity: &str, limit: u32) -> Result<EntityHistory, StoreError> {
+        let entity = entity.to_owned();
+        self.readers
+            .run(move |conn| reads::entity_history(conn, &entity, limit))
+            .await
+    }
+
+    async fn verdict_basis(&self, seq: i64) -> Result<Option<VerdictBasis>, StoreError> {
+        self.readers
+            .run(move |conn| reads::verdict_basis(conn, seq))
+            .await
+    }
+
+    async fn handler_activity(
+        &self,
+        since: UnixMillis,
+    ) -> Result<Vec<HandlerActivity>, StoreError> {
+        self.readers
+            .run(move |conn| reads::handler_activity(conn, since))
+            .await
+    }
+
+    async fn overview(
+        &self,
+        since: UnixMillis,
+        now: UnixMillis,
+        bucket_ms: i64,
+    ) -> Result<Overview, StoreError> {
+        self.readers
+            .run(move |conn| reads::overview(conn, since, now, bucket_ms))
+            .await
     }
 }
 
@@ -447,7 +490,7 @@ impl SqliteInspector {
     pub fn open(path: PathBuf, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         Ok(Self {
             readers: Readers::new(path.clone()),
-            blobs: blob_dir(&path),
+            blobs: blob_dir(&path, Arc::default()),
             path,
             clock,
         })
@@ -476,6 +519,57 @@ impl Inspect for SqliteInspector {
     async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
         let (target, now) = (target.clone(), self.clock.now());
         self.write(move |conn| lanes::replay(conn, &target, now))
+            .await
+    }
+
+    /// What each delivery gets is decided inside the replay's transaction, before it.
+    async fn replay_each(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
+        let (target, now) = (target.clone(), self.clock.now());
+        self.write(move |conn| {
+            let items = reads::replay_plan(conn, &target, now)?;
+            lanes::replay(conn, &target, now)?;
+            Ok(items)
+        })
+        .await
+    }
+
+    async fn replay_preview(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
+        let (target, now) = (target.clone(), self.clock.now());
+        self.readers
+            .run(move |conn| reads::replay_plan(conn, &target, now))
+            .await
+    }
+
+    async fn entity_history(&self, entity: &str, limit: u32) -> Result<EntityHistory, StoreError> {
+        let entity = entity.to_owned();
+        self.readers
+            .run(move |conn| reads::entity_history(conn, &entity, limit))
+            .await
+    }
+
+    async fn verdict_basis(&self, seq: i64) -> Result<Option<VerdictBasis>, StoreError> {
+        self.readers
+            .run(move |conn| reads::verdict_basis(conn, seq))
+            .await
+    }
+
+    async fn handler_activity(
+        &self,
+        since: UnixMillis,
+    ) -> Result<Vec<HandlerActivity>, StoreError> {
+        self.readers
+            .run(move |conn| reads::handler_activity(conn, since))
+            .await
+    }
+
+    async fn overview(
+        &self,
+        since: UnixMillis,
+        now: UnixMillis,
+        bucket_ms: i64,
+    ) -> Result<Overview, StoreError> {
+        self.readers
+            .run(move |conn| reads::overview(conn, since, now, bucket_ms))
             .await
     }
 }

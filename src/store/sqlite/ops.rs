@@ -161,9 +161,9 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
     let inserted = conn
         .prepare_cached(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, blob_name, body_len, received_at, status) \
+                 client_ip, headers, blob_name, body_len, received_at, status, request_id) \
              SELECT ?1, ?2, EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = ?1 AND body_sha256 <> ?2), \
-                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE true \
+                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 WHERE true \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
              RETURNING seq, id_conflict",
         )?
@@ -179,6 +179,7 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
                 d.body.len() as i64,
                 d.received_at,
                 d.status.as_str(),
+                d.request_id,
             ],
             |row| Ok((row.get::<_, i64>(0)?, row.get::<_, bool>(1)?)),
         )

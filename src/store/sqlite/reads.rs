@@ -1,20 +1,28 @@
 //! Reads of the SQLite store, on connections of their own and on blocking threads (rusqlite is
-//! synchronous): `events list` and `show`, the queue depth, and the blob names the orphan sweep
-//! must keep. Readers never write, so they never wait for the writer's lock and never hold it.
+//! synchronous): `events list` and `show`, the console's pages (an entity's history, the gate's
+//! reasons, handler activity, the overview, what a replay would do), the queue depth, and the
+//! blob names the orphan sweep must keep. Readers never write, so they never wait for the writer's lock and never hold it.
 
-use std::collections::HashSet;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, Row};
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
 
 use super::blob::BlobDir;
 use super::ops::body_of;
-use crate::delivery::{format_millis, Payload};
+use crate::delivery::Status;
+use crate::delivery::{format_millis, Payload, UnixMillis};
+use crate::ordering::Change;
 use crate::ordering::Version;
+use crate::store::gate::{applied, replay_effect};
+use crate::store::model::{counts_by_status, in_version_order, RECEIVED_WINDOW_MARGIN_MS};
 use crate::store::{
-    AttemptRecord, DeliveryDetail, DeliverySummary, HandlerRun, ListQuery, StoreError, Ungated,
+    AttemptRecord, DeliveryDetail, DeliverySummary, EntityEntry, EntityHistory, EntityState,
+    HandlerActivity, HandlerRun, ListQuery, Overview, ReceivedBucket, ReplayItem, ReplayTarget,
+    StoreError, Ungated, VerdictBasis,
 };
 
 /// How long a reader waits for a lock (the writer checkpointing, another process).
@@ -42,6 +50,11 @@ impl Readers {
                 idle: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// The database these readers read.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
     }
 
     /// Runs `read` on a reader connection on a blocking thread.
@@ -87,8 +100,10 @@ fn open_reader(path: &std::path::Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-const SUMMARY_COLUMNS: &str = "d.seq, delivery_id, endpoint, topic, entity, version, status, \
-    received_at, body_len, id_conflict";
+const SUMMARY_COLUMNS: &str = "d.seq, d.delivery_id, d.endpoint, d.topic, d.entity, d.version, \
+    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id";
+/// How many columns [`SUMMARY_COLUMNS`] has: a query's own columns follow them.
+const SUMMARY_WIDTH: usize = 11;
 
 fn summary(row: &Row<'_>) -> rusqlite::Result<DeliverySummary> {
     let status: String = row.get(6)?;
@@ -107,25 +122,53 @@ fn summary(row: &Row<'_>) -> rusqlite::Result<DeliverySummary> {
         received_at: format_millis(row.get(7)?),
         body_len: row.get::<_, i64>(8)?.max(0) as u64,
         id_conflict: row.get(9)?,
+        project_id: row.get(10)?,
     })
 }
 
 pub fn list(conn: &Connection, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
-    let sql = format!(
-        "SELECT {SUMMARY_COLUMNS} FROM deliveries d \
-         WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR topic = ?2) \
-         ORDER BY seq DESC LIMIT ?3"
-    );
+    // Only the filters given become conditions, so that SQLite can use the index that fits
+    // (status, delivery id) rather than scan for `?1 IS NULL OR ...`.
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM deliveries d WHERE 1 = 1");
+    let mut args: Vec<Value> = Vec::new();
+    let mut add = |condition: &str, value: Value| {
+        sql.push_str(" AND ");
+        sql.push_str(condition);
+        args.push(value);
+    };
+    if let Some(status) = query.status {
+        add("d.status = ?", Value::Text(status.as_str().to_owned()));
+    }
+    for (column, value) in [
+        ("d.topic = ?", &query.topic),
+        ("d.project_id = ?", &query.project_id),
+        ("d.entity = ?", &query.entity),
+        ("d.delivery_id = ?", &query.delivery_id),
+    ] {
+        if let Some(value) = value {
+            add(column, Value::Text(value.clone()));
+        }
+    }
+    if let Some(handler) = &query.handler {
+        add(
+            "EXISTS (SELECT 1 FROM handler_runs h WHERE h.delivery_seq = d.seq AND h.handler = ?)",
+            Value::Text(handler.clone()),
+        );
+    }
+    if let Some(from) = query.received_from {
+        add("d.received_at >= ?", Value::Integer(from));
+    }
+    if let Some(until) = query.received_until {
+        add("d.received_at < ?", Value::Integer(until));
+    }
+    if let Some(before) = query.before_seq {
+        add("d.seq < ?", Value::Integer(before));
+    }
+    sql.push_str(" ORDER BY d.seq DESC LIMIT ?");
+    args.push(Value::Integer(i64::from(query.limit)));
     let rows = conn
         .prepare_cached(&sql)?
-        .query_map(
-            params![
-                query.status.map(|s| s.as_str()),
-                query.topic,
-                i64::from(query.limit)
-            ],
-            summary,
-        )?
+        .query_map(params_from_iter(args), summary)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
@@ -137,24 +180,27 @@ pub fn show(
 ) -> Result<Vec<DeliveryDetail>, StoreError> {
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS}, client_ip, headers, blob_name, fresh, parse_error, \
-         body_pruned FROM deliveries d WHERE delivery_id = ?1 ORDER BY d.seq"
+         body_pruned, request_id FROM deliveries d WHERE delivery_id = ?1 ORDER BY d.seq"
     );
     let rows = conn
         .prepare_cached(&sql)?
         .query_map([delivery_id], |row| {
             Ok((
                 summary(row)?,
-                row.get::<_, String>(10)?,
                 row.get::<_, String>(11)?,
-                row.get::<_, Option<String>>(12)?,
-                row.get::<_, Option<bool>>(13)?,
-                row.get::<_, Option<String>>(14)?,
-                row.get::<_, bool>(15)?,
+                row.get::<_, String>(12)?,
+                row.get::<_, Option<String>>(13)?,
+                row.get::<_, Option<bool>>(14)?,
+                row.get::<_, Option<String>>(15)?,
+                row.get::<_, bool>(16)?,
+                row.get::<_, Option<String>>(17)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut details = Vec::with_capacity(rows.len());
-    for (summary, client_ip, headers, blob_name, fresh, parse_error, body_pruned) in rows {
+    for (summary, client_ip, headers, blob_name, fresh, parse_error, body_pruned, request_id) in
+        rows
+    {
         let seq = summary.seq;
         let body = if body_pruned {
             Payload::inline(bytes::Bytes::new())
@@ -172,6 +218,7 @@ pub fn show(
             handlers: handler_runs(conn, seq)?,
             attempts: attempts(conn, seq)?,
             summary,
+            request_id,
         });
     }
     Ok(details)
@@ -241,7 +288,8 @@ fn attempts(conn: &Connection, seq: i64) -> Result<Vec<AttemptRecord>, StoreErro
 pub fn ungated(conn: &Connection, blobs: &BlobDir, limit: u32) -> Result<Vec<Ungated>, StoreError> {
     let rows = conn
         .prepare_cached(
-            "SELECT d.seq, topic, blob_name, body_len, b.body FROM deliveries d \
+            "SELECT d.seq, topic, blob_name, body_len, b.body, delivery_id, request_id \
+             FROM deliveries d \
              LEFT JOIN bodies b ON b.seq = d.seq WHERE gated = 0 ORDER BY d.seq LIMIT ?1",
         )?
         .query_map([i64::from(limit)], |row| {
@@ -251,20 +299,30 @@ pub fn ungated(conn: &Connection, blobs: &BlobDir, limit: u32) -> Result<Vec<Ung
                 row.get::<_, Option<String>>(2)?,
                 row.get::<_, i64>(3)?,
                 row.get::<_, Option<Vec<u8>>>(4)?,
+                row.get::<_, String>(5)?,
+                row.get::<_, Option<String>>(6)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     rows.into_iter()
-        .map(|(seq, topic, blob_name, len, inline)| {
-            let body = match (blob_name, inline) {
-                (Some(name), _) => Payload::stored(len.max(0) as u64, blobs.source(&name)),
-                (None, Some(bytes)) => Payload::inline(bytes.into()),
-                (None, None) => {
-                    return Err(StoreError::Corrupt(format!("delivery {seq} has no body")))
-                }
-            };
-            Ok(Ungated { seq, topic, body })
-        })
+        .map(
+            |(seq, topic, blob_name, len, inline, delivery_id, request_id)| {
+                let body = match (blob_name, inline) {
+                    (Some(name), _) => Payload::stored(len.max(0) as u64, blobs.source(&name)),
+                    (None, Some(bytes)) => Payload::inline(bytes.into()),
+                    (None, None) => {
+                        return Err(StoreError::Corrupt(format!("delivery {seq} has no body")))
+                    }
+                };
+                Ok(Ungated {
+                    seq,
+                    delivery_id,
+                    request_id,
+                    topic,
+                    body,
+                })
+            },
+        )
         .collect()
 }
 
@@ -280,6 +338,21 @@ pub fn queue_depth(conn: &Connection) -> Result<u64, StoreError> {
     Ok(n.max(0) as u64)
 }
 
+/// When the oldest delivery with work left was received. Each part is the smallest `seq` of
+/// one of the partial indexes `queue_depth` counts, so no table row is read but one.
+pub fn oldest_unfinished(conn: &Connection) -> Result<Option<UnixMillis>, StoreError> {
+    let at = conn
+        .prepare_cached(
+            "SELECT received_at FROM deliveries WHERE seq = (SELECT MIN(s) FROM ( \
+                 SELECT MIN(seq) AS s FROM deliveries WHERE gated = 0 \
+                 UNION ALL SELECT MIN(seq) FROM deliveries WHERE due_at IS NOT NULL \
+                 UNION ALL SELECT MIN(seq) FROM deliveries WHERE waiting = 1))",
+        )?
+        .query_row([], |row| row.get(0))
+        .optional()?;
+    Ok(at)
+}
+
 /// Every blob file name a delivery refers to.
 pub fn referenced_blobs(conn: &Connection) -> Result<HashSet<String>, StoreError> {
     let names = conn
@@ -287,4 +360,288 @@ pub fn referenced_blobs(conn: &Connection) -> Result<HashSet<String>, StoreError
         .query_map([], |row| row.get::<_, String>(0))?
         .collect::<Result<HashSet<_>, _>>()?;
     Ok(names)
+}
+
+/// The rows a replay target names.
+fn target_condition(target: &ReplayTarget) -> (&'static str, String) {
+    match target {
+        ReplayTarget::DeliveryId(id) => ("d.delivery_id = ?1", id.clone()),
+        ReplayTarget::Status(status) => ("d.status = ?1", status.as_str().to_owned()),
+    }
+}
+
+/// What replaying `target` does to each delivery it names (see [`replay_effect`]). Run in the
+/// replay's own transaction, it says what the replay did.
+pub fn replay_plan(
+    conn: &Connection,
+    target: &ReplayTarget,
+    now: UnixMillis,
+) -> Result<Vec<ReplayItem>, StoreError> {
+    let (condition, value) = target_condition(target);
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS}, COALESCE(d.lease_until > ?2, 0), d.change, e.version, \
+         e.change FROM deliveries d LEFT JOIN entities e ON e.entity = d.entity \
+         WHERE {condition} ORDER BY d.seq"
+    );
+    let rows = conn
+        .prepare_cached(&sql)?
+        .query_map(params![value, now], |row| {
+            let at = SUMMARY_WIDTH;
+            Ok((
+                summary(row)?,
+                row.get::<_, Option<i64>>(5)?,
+                row.get::<_, bool>(at)?,
+                row.get::<_, Option<String>>(at + 1)?,
+                row.get::<_, Option<i64>>(at + 2)?,
+                row.get::<_, Option<String>>(at + 3)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut items = Vec::with_capacity(rows.len());
+    for (summary, version, running, change, entity_version, entity_change) in rows {
+        let own = match (&summary.entity, change.as_deref().and_then(Change::parse)) {
+            (Some(_), Some(change)) => Some((version.map(Version::from_nanos), change)),
+            _ => None,
+        };
+        let last = match entity_change {
+            Some(change) => Some(applied(entity_version, &change)?),
+            None => None,
+        };
+        let handlers = handler_runs(conn, summary.seq)?;
+        let effect = replay_effect(running, summary.status, own, last, &handlers);
+        items.push(ReplayItem {
+            summary,
+            effect,
+            handlers,
+        });
+    }
+    Ok(items)
+}
+
+/// A delivery with the gate's view of it: [`SUMMARY_COLUMNS`] followed by these.
+const ENTRY_COLUMNS: &str = "d.change, d.fresh, d.lane_pos";
+
+fn entry(row: &Row<'_>) -> rusqlite::Result<EntityEntry> {
+    let at = SUMMARY_WIDTH;
+    Ok(EntityEntry {
+        summary: summary(row)?,
+        change: row
+            .get::<_, Option<String>>(at)?
+            .as_deref()
+            .and_then(Change::parse),
+        fresh: row.get(at + 1)?,
+        lane_pos: row.get(at + 2)?,
+    })
+}
+
+fn entity_state(conn: &Connection, entity: &str) -> Result<Option<EntityState>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT version, change, updated_at, active_pos FROM entities WHERE entity = ?1",
+        )?
+        .query_row([entity], |row| {
+            Ok((
+                row.get::<_, Option<i64>>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, Option<i64>>(3)?,
+            ))
+        })
+        .optional()?;
+    Ok(
+        row.map(|(version, change, updated_at, active_pos)| EntityState {
+            entity: entity.to_owned(),
+            version: version.map(|v| Version::from_nanos(v).to_string()),
+            change: Change::parse(&change),
+            updated_at,
+            busy: active_pos.is_some(),
+        }),
+    )
+}
+
+/// One entity's state and its most recent `limit` deliveries, in version order. The entity has
+/// no index of its own (the dispatcher never looks deliveries up by it), so this reads the
+/// table; it is for a person looking at one entity, not for a loop.
+pub fn entity_history(
+    conn: &Connection,
+    entity: &str,
+    limit: u32,
+) -> Result<EntityHistory, StoreError> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d WHERE d.entity = ?1 \
+         ORDER BY d.seq DESC LIMIT ?2"
+    );
+    let mut rows = conn
+        .prepare_cached(&sql)?
+        .query_map(params![entity, i64::from(limit) + 1], |row| {
+            Ok((row.get::<_, Option<i64>>(5)?, entry(row)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let truncated = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    Ok(EntityHistory {
+        state: entity_state(conn, entity)?,
+        deliveries: in_version_order(rows),
+        truncated,
+    })
+}
+
+/// Delivery `seq`, what it was held against, and its entity's state now.
+pub fn verdict_basis(conn: &Connection, seq: i64) -> Result<Option<VerdictBasis>, StoreError> {
+    let sql =
+        format!("SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d WHERE d.seq = ?1");
+    let Some(delivery) = conn
+        .prepare_cached(&sql)?
+        .query_row([seq], entry)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let (held_against, entity) = match (&delivery.summary.entity, delivery.lane_pos) {
+        (Some(entity), lane_pos) => {
+            let held = match lane_pos {
+                Some(pos) => {
+                    let sql = format!(
+                        "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d \
+                         WHERE d.entity = ?1 AND d.lane_pos < ?2 AND d.fresh = 1 \
+                           AND (d.version IS NOT NULL OR d.change = 'deleted') \
+                         ORDER BY d.lane_pos DESC LIMIT 1"
+                    );
+                    conn.prepare_cached(&sql)?
+                        .query_row(params![entity, pos], entry)
+                        .optional()?
+                }
+                None => None,
+            };
+            (held, entity_state(conn, entity)?)
+        }
+        (None, _) => (None, None),
+    };
+    Ok(Some(VerdictBasis {
+        delivery,
+        held_against,
+        entity,
+    }))
+}
+
+/// Per handler: its last success and failure from its attempts, what finished since `since`,
+/// and its runs dead or pending now. One pass over each table.
+pub fn handler_activity(
+    conn: &Connection,
+    since: UnixMillis,
+) -> Result<Vec<HandlerActivity>, StoreError> {
+    let mut by_handler: BTreeMap<String, HandlerActivity> = BTreeMap::new();
+    let attempts = conn
+        .prepare_cached(
+            "SELECT handler, MAX(CASE WHEN outcome = 'ok' THEN finished_at END), \
+                    MAX(CASE WHEN outcome <> 'ok' THEN finished_at END), \
+                    COALESCE(SUM(outcome <> 'ok' AND finished_at >= ?1), 0), \
+                    COALESCE(SUM(outcome = 'ok' AND finished_at >= ?1), 0) \
+             FROM attempts GROUP BY handler",
+        )?
+        .query_map([since], |row| {
+            Ok(HandlerActivity {
+                handler: row.get(0)?,
+                last_success_at: row.get(1)?,
+                last_failure_at: row.get(2)?,
+                failures_since: row.get::<_, i64>(3)?.max(0) as u64,
+                successes_since: row.get::<_, i64>(4)?.max(0) as u64,
+                ..HandlerActivity::default()
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    for a in attempts {
+        by_handler.insert(a.handler.clone(), a);
+    }
+    // SQLite takes the other columns of an aggregate query from the row that gave the MAX.
+    let errors = conn
+        .prepare_cached(
+            "SELECT handler, error, MAX(finished_at) FROM attempts WHERE outcome <> 'ok' \
+             GROUP BY handler",
+        )?
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (handler, error) in errors {
+        if let Some(a) = by_handler.get_mut(&handler) {
+            a.last_error = error;
+        }
+    }
+    let runs = conn
+        .prepare_cached(
+            "SELECT handler, COALESCE(SUM(state = 'dead'), 0), \
+                    COALESCE(SUM(state = 'pending'), 0) \
+             FROM handler_runs GROUP BY handler",
+        )?
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (handler, dead, pending) in runs {
+        let a = by_handler
+            .entry(handler.clone())
+            .or_insert_with(|| HandlerActivity {
+                handler,
+                ..HandlerActivity::default()
+            });
+        a.dead = dead.max(0) as u64;
+        a.pending = pending.max(0) as u64;
+    }
+    Ok(by_handler.into_values().collect())
+}
+
+/// Deliveries kept by status, and those received in `[since, now)` in buckets of `bucket_ms`.
+pub fn overview(
+    conn: &Connection,
+    since: UnixMillis,
+    now: UnixMillis,
+    bucket_ms: i64,
+) -> Result<Overview, StoreError> {
+    let by_status = conn
+        .prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let by_status = counts_by_status(by_status).map_err(StoreError::Corrupt)?;
+    let mut buckets = ReceivedBucket::span(since, now, bucket_ms);
+    if buckets.is_empty() {
+        return Ok(Overview { by_status, buckets });
+    }
+    // `received_at` has no index; `seq` grows with it, so the window's rows are found by
+    // walking back from the newest to the first row received well before it (a body that took
+    // long to arrive is committed after quicker ones received later).
+    let floor: i64 = conn
+        .prepare_cached(
+            "SELECT COALESCE((SELECT seq FROM deliveries WHERE received_at < ?1 \
+             ORDER BY seq DESC LIMIT 1), 0)",
+        )?
+        .query_row([since.saturating_sub(RECEIVED_WINDOW_MARGIN_MS)], |row| {
+            row.get(0)
+        })?;
+    let counts = conn
+        .prepare_cached(
+            "SELECT (received_at - ?1) / ?2, status, COUNT(*) FROM deliveries \
+             WHERE seq > ?3 AND received_at >= ?1 AND received_at < ?4 GROUP BY 1, 2",
+        )?
+        .query_map(params![since, bucket_ms, floor, now], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (index, status, n) in counts {
+        let status: Status = status.parse().map_err(StoreError::Corrupt)?;
+        if let Some(bucket) = usize::try_from(index).ok().and_then(|i| buckets.get_mut(i)) {
+            bucket.by_status.push((status, n.max(0) as u64));
+        }
+    }
+    Ok(Overview { by_status, buckets })
 }

@@ -9,9 +9,17 @@
 //! async driver, which hands every statement to a worker thread and back: at a dozen statements
 //! per delivery those hand-offs, not the disk, were the limit (see BENCHMARKS.md).
 //!
-//! When the database cannot be opened or written (directory missing, read-only, disk full),
-//! the writer answers `Unavailable` and opens a fresh connection for the next batch, so the
-//! service recovers by itself when the disk does.
+//! When the database cannot be opened or written (directory missing, read-only, disk full,
+//! another process holding SQLite's lock), the writer answers `Unavailable` and opens a fresh
+//! connection for the next batch, so the service recovers by itself when the disk does. Each
+//! batch waits at most `BUSY_TIMEOUT` for SQLite's lock, and a batch that fails takes what is
+//! queued behind it down with it, so no request waits for more than about two such waits.
+//!
+//! The writer also holds the serving lock (`<database>.lock`), taken with its first connection,
+//! so a store that was unreachable at start is locked when it comes back. After each commit it
+//! checks that the files it wrote are still the ones at the database's path ([`files`]): a
+//! database removed or replaced under a running server would take every acknowledged delivery
+//! with it, so that is refused until a restart, never acknowledged.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,18 +29,25 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::blob::BlobDir;
+use super::files::{FileId, ServingLock, StoreFiles};
+use super::health::Health;
 use super::ops::{Op, Output};
 use crate::delivery::IncomingBody;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_event.sql"),
     include_str!("migrations/0003_body_pruned.sql"),
+    include_str!("migrations/0004_request_id.sql"),
 ];
-/// How long the writer waits for a lock held by another process (the CLI's reads).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a batch waits for SQLite's lock held by another process (the CLI's replay or prune,
+/// which are short; or something outside that should not be there). The deliveries in that batch
+/// wait this long before their 503, so it is kept to a couple of seconds.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+/// While the store is lost for good, its error is logged at most this often.
+const FATAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Prepared statements kept per connection; the writer uses about twenty.
 const STATEMENT_CACHE: usize = 64;
 /// How often the checkpointer copies the WAL back into the database file.
@@ -66,15 +81,36 @@ pub struct Writer {
     pub blobs: BlobDir,
     /// Woken after a commit that gave the dispatcher something new to do.
     pub work: Arc<Notify>,
+    pub health: Arc<Health>,
+    /// `<database>.lock`, held from the first connection on.
+    pub lock: Option<ServingLock>,
+    /// The files of the database this writer opened first: a later connection must find the
+    /// same database file at the path.
+    pub files: Option<StoreFiles>,
+    pub fatal_logged: Option<std::time::Instant>,
 }
 
 impl Writer {
     /// The writer thread's loop; returns when closed or when every sender is gone.
-    pub fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>, ready: oneshot::Sender<()>) {
-        if let Err(e) = self.connection() {
-            tracing::warn!(error = %e, "store not available yet; will retry");
-        }
-        let _ = ready.send(());
+    /// `ready` gets whether the first connection opened (and the serving lock is held); when
+    /// another server holds the database it gets `Locked` and the writer stops.
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WriteRequest>,
+        ready: oneshot::Sender<Result<bool, StoreError>>,
+    ) {
+        let opened = match self.connection() {
+            Ok(_) => true,
+            Err(e @ StoreError::Locked(_)) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store not available yet; will retry");
+                false
+            }
+        };
+        let _ = ready.send(Ok(opened));
         // Requests taken off the channel, not yet committed: the dispatcher's go first, so
         // that a flood of deliveries never starves the handling of the ones already stored.
         let mut waiting: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
@@ -99,8 +135,21 @@ impl Writer {
                 }
             }
             let batch = self.next_batch(&mut waiting);
-            if !batch.is_empty() {
-                self.commit(batch);
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(failure) = self.commit(batch) {
+                // What waits behind a failed batch would wait as long again for the same
+                // answer, so it gets it now (senders retry; the dispatcher polls again).
+                while close.is_none() {
+                    match rx.try_recv() {
+                        Ok(WriteRequest::Write(r)) => waiting.push_back(r),
+                        Ok(WriteRequest::Close(done)) => close = Some(done),
+                        Err(_) => break,
+                    }
+                }
+                let refused: Vec<Request> = waiting.drain(..).collect();
+                self.refuse(refused, &failure);
             }
         }
         rx.close();
@@ -131,20 +180,75 @@ impl Writer {
         batch
     }
 
+    /// The open connection, or a new one. A new one must find the database this writer
+    /// started with (never a fresh one made in place of a database that disappeared), and
+    /// takes the serving lock first.
     fn connection(&mut self) -> Result<&mut Connection, StoreError> {
+        if let Some(why) = self.health.fatal() {
+            return Err(StoreError::Unavailable(why));
+        }
         if self.conn.is_none() {
-            self.conn = Some(open(&self.path)?);
+            if let Some(files) = &self.files {
+                if let Err(why) = files.same_database(&self.path) {
+                    return Err(self.lost(why));
+                }
+            }
+            if let Err(e) = self.hold_lock() {
+                if let StoreError::Locked(why) = &e {
+                    // Another server serves this database: this one never will.
+                    self.health.set_fatal(why.clone());
+                }
+                return Err(e);
+            }
+            let conn = open(&self.path)?;
+            let database = FileId::of(&self.path)?.ok_or_else(|| {
+                StoreError::Unavailable(format!("{} vanished as it opened", self.path.display()))
+            })?;
+            self.files = Some(StoreFiles::read(&self.path, database));
+            self.conn = Some(conn);
         }
         self.conn
             .as_mut()
             .ok_or_else(|| StoreError::Unavailable("no connection".into()))
     }
 
-    /// Writes one batch, then answers every request in it.
-    fn commit(&mut self, batch: Vec<Request>) {
+    /// Takes `<database>.lock`, or checks that the one held is still the file at that path.
+    fn hold_lock(&mut self) -> Result<(), StoreError> {
+        if self.lock.as_ref().is_some_and(|lock| lock.still_at_path()) {
+            return Ok(());
+        }
+        if self.lock.is_some() {
+            tracing::warn!(
+                database = %self.path.display(),
+                "the serving lock file was removed or replaced; taking it again"
+            );
+        }
+        self.lock = None;
+        self.lock = Some(ServingLock::take(&self.path)?);
+        Ok(())
+    }
+
+    /// The database under the writer is gone or another one took its place: everything is
+    /// refused from now on, until a restart.
+    fn lost(&mut self, why: String) -> StoreError {
+        let message = format!(
+            "{why}; deliveries are refused until labelhook is restarted (what it acknowledged \
+             before went with the old file)"
+        );
+        self.health.set_fatal(message.clone());
+        self.conn = None;
+        StoreError::Unavailable(message)
+    }
+
+    /// Commits one batch and answers every request in it. On failure nothing was committed
+    /// and everyone in the batch is told so.
+    fn commit(&mut self, batch: Vec<Request>) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         match self.write(&batch) {
             Ok(results) => {
+                crate::telemetry::record_commit("sqlite", started.elapsed(), batch.len());
                 let mut new_work = false;
+                let mut stored = false;
                 for (request, result) in batch.into_iter().zip(results) {
                     new_work |= match &result {
                         Ok(Output::Accepted(a)) => !a.duplicate,
@@ -152,6 +256,7 @@ impl Writer {
                         _ => false,
                     };
                     if let (Op::Accept(delivery), Ok(Output::Accepted(a))) = (request.op, &result) {
+                        stored = true;
                         // A duplicate's blob is dropped (and removed); a new one is kept.
                         if let (false, IncomingBody::Staged(blob)) = (a.duplicate, delivery.body) {
                             blob.keep();
@@ -159,22 +264,49 @@ impl Writer {
                     }
                     let _ = request.reply.send(result);
                 }
+                self.health.committed(stored);
                 if new_work {
                     // One permit is kept even when the dispatcher is busy: no wake-up is lost.
                     self.work.notify_one();
                 }
+                Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, batch = batch.len(), "store commit failed");
                 // Start from a fresh connection next time: the file may have come back.
                 self.conn = None;
-                let message = e.to_string();
-                for request in batch {
-                    let _ = request
-                        .reply
-                        .send(Err(StoreError::Unavailable(message.clone())));
-                }
+                let failure = match e {
+                    StoreError::Unavailable(_) => e,
+                    other => StoreError::Unavailable(other.to_string()),
+                };
+                self.refuse(batch, &failure);
+                Err(failure)
             }
+        }
+    }
+
+    /// Answers `requests` with the store's failure, and logs it (while the store is lost for
+    /// good, once in a while rather than once per batch).
+    fn refuse(&mut self, requests: Vec<Request>, failure: &StoreError) {
+        if requests.is_empty() {
+            return;
+        }
+        let quiet = self.health.fatal().is_some()
+            && self
+                .fatal_logged
+                .is_some_and(|at| at.elapsed() < FATAL_LOG_INTERVAL);
+        if !quiet {
+            tracing::error!(error = %failure, refused = requests.len(), "store write failed");
+            if self.health.fatal().is_some() {
+                self.fatal_logged = Some(std::time::Instant::now());
+            }
+        }
+        if requests.iter().any(|r| matches!(r.op, Op::Accept(_))) {
+            self.health.delivery_failed(&failure.to_string());
+        }
+        for request in requests {
+            let _ = request
+                .reply
+                .send(Err(StoreError::Unavailable(failure.to_string())));
         }
     }
 
@@ -208,7 +340,34 @@ impl Writer {
             results.push(result);
         }
         tx.commit()?;
+        self.check_files()?;
         Ok(results)
+    }
+
+    /// After a commit, before anyone hears of it: are the files just written still the
+    /// database's? A commit into a file that was unlinked or replaced will not survive.
+    fn check_files(&mut self) -> Result<(), StoreError> {
+        let Some(files) = self.files.as_mut() else {
+            return Ok(());
+        };
+        match files.check(&self.path) {
+            Ok(()) => {}
+            Err(super::files::Changed::Database(why)) => return Err(self.lost(why)),
+            Err(super::files::Changed::Log(why)) => {
+                // The database file is still ours: copy the log's commits into it, so what was
+                // acknowledged before survives, then stop acknowledging.
+                if let Some(conn) = &self.conn {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(())) {
+                        tracing::error!(error = %e, "could not save the removed log's commits");
+                    }
+                }
+                return Err(self.lost(why));
+            }
+        }
+        match self.hold_lock() {
+            Err(StoreError::Locked(why)) => Err(self.lost(why)),
+            other => other,
+        }
     }
 }
 
