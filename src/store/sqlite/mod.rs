@@ -136,6 +136,7 @@ impl SqliteStore {
             lock: None,
             files: None,
             fatal_logged: None,
+            reached: false,
         };
         // The writer opens (and migrates) right away so that readers find the schema.
         let (ready_tx, ready_rx) = oneshot::channel();

@@ -88,6 +88,10 @@ pub struct Writer {
     /// same database file at the path.
     pub files: Option<StoreFiles>,
     pub fatal_logged: Option<std::time::Instant>,
+    /// Whether the last batch got as far as an open database. A batch refused because the store
+    /// cannot be reached says nothing `/readyz`'s own probe will not find out; one refused by
+    /// the database itself (a full disk, an I/O error) must hold readiness down.
+    pub reached: bool,
 }
 
 impl Writer {
@@ -300,7 +304,7 @@ impl Writer {
                 self.fatal_logged = Some(std::time::Instant::now());
             }
         }
-        if requests.iter().any(|r| matches!(r.op, Op::Accept(_))) {
+        if self.reached && requests.iter().any(|r| matches!(r.op, Op::Accept(_))) {
             self.health.delivery_failed(&failure.to_string());
         }
         for request in requests {
@@ -322,6 +326,11 @@ impl Writer {
             self.blobs.sync_dir()?;
         }
         let blobs = self.blobs.clone();
+        // Checked before as well as after: a batch is not written into files already gone.
+        self.reached = false;
+        self.check_files()?;
+        self.connection()?;
+        self.reached = true;
         let conn = self.connection()?;
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
@@ -344,8 +353,9 @@ impl Writer {
         Ok(results)
     }
 
-    /// After a commit, before anyone hears of it: are the files just written still the
-    /// database's? A commit into a file that was unlinked or replaced will not survive.
+    /// Before a batch, and after its commit before anyone hears of it: are the database's files
+    /// still the ones at its path? A commit into a file that was unlinked or replaced will not
+    /// survive.
     fn check_files(&mut self) -> Result<(), StoreError> {
         let Some(files) = self.files.as_mut() else {
             return Ok(());
