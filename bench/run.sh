@@ -6,8 +6,11 @@
 #      labelhook on the PostgreSQL back-end (PG_URL, default the machine's server);
 #   2. a 512 MiB delivery: accepted, stored and handed to the `file` handler, with the growth
 #      of the process's peak resident memory;
-#   3. HMAC-SHA1 speed: `labelhook sign` against `openssl dgst -sha1 -hmac` on the same bytes.
-# Usage: bench/run.sh            (env: SECS per row, default 8; SIZES in bytes; SHARED dir)
+#   3. HMAC-SHA1 speed: `labelhook sign` against `openssl dgst -sha1 -hmac` on the same bytes;
+#   4. sustained load end to end (bench/sustained.sh): SQLite without and with retention
+#      pruning, then PostgreSQL, each SUSTAINED_SECS of load and its drain.
+# Usage: bench/run.sh            (env: SECS per row, default 8; SIZES in bytes; SHARED dir;
+#                                 SUSTAINED_SECS, default 60)
 # Needs: wrk, webhook (adnanh), openssl, python3 with flask and gunicorn, curl, psql.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -117,6 +120,18 @@ rm -f "$huge"
 disk=$(dd if=/dev/zero of="$work/dd" bs=1M count=1024 conv=fdatasync 2>&1 | awk -F', ' '/copied/ {print $NF}')
 rm -f "$work/dd"
 
+# 4. Sustained load, end to end: what the handlers get.
+: > "$work/sustained.tsv"
+sustained_md=()
+for run in "sqlite off" "sqlite on" "postgres off"; do
+  set -- $run
+  echo "== sustained $1, retention $2" >&2
+  SECS=${SUSTAINED_SECS:-60} RETENTION=$2 SUMMARY=$work/sustained.tsv \
+    bash "$root/bench/sustained.sh" "$1" > "$work/sustained-$1-$2.md"
+  sustained_md+=("$work/sustained-$1-$2.md")
+done
+
+SUSTAINED_TSV=$work/sustained.tsv SUSTAINED_MD="${sustained_md[*]}" \
 python3 "$root/bench/report.py" "$work/results.tsv" "$root/BENCHMARKS.md" \
   "$huge_size" "$huge_code" "$growth_mib" "$ack_s" "$handled_s" "$archived" \
   "$openssl_s" "$ours_s" "$hmac_ratio" "$same" "$disk" "$secs"

@@ -10,8 +10,10 @@
 # pruner every 2 s), to compare with a run without it (the default keeps everything 14 days, so
 # the pruner finds nothing in a minute).
 # Usage: bench/sustained.sh [sqlite|postgres]
-#   (env: SECS=60 LABELS=2000 CONNS=32 DRAIN_SECS=120 RETENTION=off)
-# Prints a markdown section on stdout.
+#   (env: SECS=60 LABELS=2000 CONNS=32 DRAIN_SECS=120 RETENTION=off SUMMARY=)
+# Prints a markdown section on stdout; with SUMMARY=FILE, also appends one tab-separated line
+# to FILE for bench/report.py: backend, retention, accepted/s, handled/s, handled/accepted,
+# backlog at the end, p99, peak RSS (MiB), non-2xx, seconds to drain (or -).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 backend=${1:-sqlite}
@@ -49,7 +51,7 @@ for _ in $(seq 100); do grep -q "listening on" "$work/out" 2>/dev/null && break;
 # accepted handled depth rss_mib wal_mib, from /metrics and /proc.
 sample() {
   local metrics
-  metrics=$(curl -s http://127.0.0.1:9105/metrics)
+  metrics=$(curl -s http://127.0.0.1:9106/metrics)
   local accepted handled depth rss wal
   accepted=$(echo "$metrics" | awk '/^labelhook_deliveries_total/ && /outcome="accepted"/ {s += $NF} END {print s + 0}')
   handled=$(echo "$metrics" | awk '/^labelhook_handler_attempts_total/ && /outcome="ok"/ {s += $NF} END {print s + 0}')
@@ -84,7 +86,7 @@ while [ $(( elapsed - load_end )) -lt "$drain_secs" ]; do
     break
   fi
 done
-pruned=$(curl -s http://127.0.0.1:9105/metrics | awk '/^labelhook_pruned_deliveries_total/ {s += $NF} END {print s + 0}')
+pruned=$(curl -s http://127.0.0.1:9106/metrics | awk '/^labelhook_pruned_deliveries_total/ {s += $NF} END {print s + 0}')
 hwm=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$server/status")
 kill "$server"; wait "$server" 2>/dev/null || true
 # Handlers see a delivery at least once; how often more than once shows here.
@@ -118,3 +120,8 @@ if [ "$retention" = on ]; then
   echo "- pruned while running: $pruned deliveries"
 fi
 echo "- the file handler wrote $lines lines for $unique deliveries ($(( lines - unique )) handed on twice)"
+if [ -n "${SUMMARY:-}" ]; then
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$retention" "$accept_rate" \
+    "$handle_rate" "$ratio" "$depth_end" "$p99" "$hwm" "${non2xx:-0}" \
+    "$( [ -n "$drained_at" ] && echo $(( drained_at - load_end )) || echo -)" >> "$SUMMARY"
+fi

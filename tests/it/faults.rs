@@ -274,11 +274,15 @@ impl Drop for SmallDisk {
 }
 
 /// Fills the file system at `dir` with one file until it is full.
-fn fill(path: &Path) {
+/// Fills the disk, then gives `room` bytes back: almost full, as a disk is on a bad day.
+fn fill(path: &Path, room: u64) {
     use std::io::Write;
     let mut file = std::fs::File::create(path).expect("filler");
     let chunk = vec![0u8; 64 * 1024];
     while file.write_all(&chunk).is_ok() {}
+    let len = file.metadata().expect("filler size").len();
+    file.set_len(len.saturating_sub(room))
+        .expect("give room back");
     let _ = file.sync_all();
 }
 
@@ -307,8 +311,8 @@ fn readyz_says_not_ready_while_a_full_disk_refuses_deliveries() {
     assert_eq!(curl(&server.admin("/readyz"), &[]).status, 200);
 
     let filler = disk.path.join("filler");
-    fill(&filler);
-    // A body the size of a real export does not fit any more.
+    fill(&filler, 256 * 1024);
+    // A body the size of a real export does not fit any more; a one-row probe still would.
     let big = serde_json::to_vec(&serde_json::json!({
         "id": "cfull-label",
         "padding": "x".repeat(512 * 1024),

@@ -85,12 +85,22 @@ impl Intake for PgStore {
         &self.bodies
     }
 
+    /// Ready when the database answers and would take a write, found without writing: a
+    /// readiness probe every few seconds from each replica must not add to the WAL. A server in
+    /// recovery (a standby after a failover mix-up) or set read-only refuses every delivery.
     async fn check_ready(&self) -> Result<(), StoreError> {
         self.ready().await?;
-        sqlx::query("UPDATE probe SET at = $1 WHERE id = 1")
-            .bind(self.clock.now())
-            .execute(&self.pool)
-            .await?;
+        let (standby, read_only): (bool, String) =
+            sqlx::query_as("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+                .fetch_one(&self.pool)
+                .await?;
+        if standby || read_only == "on" {
+            return Err(StoreError::Unavailable(
+                "the PostgreSQL server is read-only (a standby, or default_transaction_read_only \
+                 is on); deliveries cannot be stored"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
