@@ -13,7 +13,8 @@
 #   (env: SECS=60 LABELS=2000 CONNS=32 DRAIN_SECS=120 RETENTION=off SUMMARY=)
 # Prints a markdown section on stdout; with SUMMARY=FILE, also appends one tab-separated line
 # to FILE for bench/report.py: backend, retention, accepted/s, handled/s, handled/accepted,
-# backlog at the end, p99, peak RSS (MiB), non-2xx, seconds to drain (or -).
+# backlog at the end, p99, peak RSS (MiB), non-2xx, seconds to drain (or -), the SQLite writer
+# thread's CPU per delivery in us (or -).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 backend=${1:-sqlite}
@@ -88,6 +89,16 @@ while [ $(( elapsed - load_end )) -lt "$drain_secs" ]; do
 done
 pruned=$(curl -s http://127.0.0.1:9106/metrics | awk '/^labelhook_pruned_deliveries_total/ {s += $NF} END {print s + 0}')
 hwm=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$server/status")
+# The SQLite writer thread's CPU time (user + system, from /proc) per delivery accepted: what
+# one delivery costs the store's single writer.
+writer_us=-
+for task in /proc/"$server"/task/*; do
+  if [ "$(cat "$task/comm" 2>/dev/null)" = lh-store-writer ]; then
+    ticks=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "$task/stat")
+    total=$(sample | awk '{print $1}')
+    writer_us=$(echo "scale=1; $ticks * 1000000 / $(getconf CLK_TCK) / ($total + 0.0001)" | bc)
+  fi
+done
 kill "$server"; wait "$server" 2>/dev/null || true
 # Handlers see a delivery at least once; how often more than once shows here.
 lines=$(wc -l < "$work/events.jsonl")
@@ -116,12 +127,16 @@ else
   echo "- backlog not drained within ${drain_secs} s after the load"
 fi
 echo "- peak RSS: $hwm MiB"
+if [ "$writer_us" != - ]; then
+  echo "- the store's writer thread: $writer_us us of CPU per delivery accepted"
+fi
 if [ "$retention" = on ]; then
   echo "- pruned while running: $pruned deliveries"
 fi
 echo "- the file handler wrote $lines lines for $unique deliveries ($(( lines - unique )) handed on twice)"
 if [ -n "${SUMMARY:-}" ]; then
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$retention" "$accept_rate" \
-    "$handle_rate" "$ratio" "$depth_end" "$p99" "$hwm" "${non2xx:-0}" \
-    "$( [ -n "$drained_at" ] && echo $(( drained_at - load_end )) || echo -)" >> "$SUMMARY"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$retention" \
+    "$accept_rate" "$handle_rate" "$ratio" "$depth_end" "$p99" "$hwm" "${non2xx:-0}" \
+    "$( [ -n "$drained_at" ] && echo $(( drained_at - load_end )) || echo -)" "$writer_us" \
+    >> "$SUMMARY"
 fi

@@ -1064,3 +1064,41 @@ handlers = ["archive"]
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. A database reached over TLS.
+
+#[test]
+fn a_database_url_with_sslmode_require_is_served_over_tls() {
+    let Some(db) =
+        TestDb::create_blocking("a_database_url_with_sslmode_require_is_served_over_tls")
+    else {
+        return;
+    };
+    let url = format!("{}?sslmode=require", db.url);
+    let server = TestServer::start(&pg_config(&url, ""));
+    let body = label_body("clabeltls0000000000000001", "2026-11-20T10:00:00Z");
+    let answer = deliver(&server, "ctls-1", "LABEL_UPDATED", &body);
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    // The server's own view: every connection of labelhook's to this database is encrypted.
+    let query = format!(
+        "SELECT coalesce(bool_and(s.ssl), false), count(*) FROM pg_stat_ssl s \
+         JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{}' \
+         AND a.pid <> pg_backend_pid()",
+        db.name
+    );
+    let (all_tls, count): (bool, i64) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", server_url()))
+                .await
+                .expect("connect");
+            sqlx::query_as(&query).fetch_one(&mut conn).await
+        })
+        .expect("pg_stat_ssl");
+    assert!(count > 0, "labelhook holds no connection to its database");
+    assert!(all_tls, "a connection without TLS");
+}
