@@ -139,20 +139,35 @@ fn the_serving_lock_is_taken_when_a_store_unreachable_at_start_comes_back() {
         202
     );
 
-    // A second server on the same database must not start now.
-    let out = std::process::Command::new(bin())
+    // A second server on the same database must not start now: it exits at once, naming the
+    // one in the way. (Bounded: one that starts would serve until killed.)
+    let log = dir.path().join("second.log");
+    let mut second = std::process::Command::new(bin())
         .args(["serve", "--config"])
         .arg(&server.config_path)
         .env("LH_TEST_SECRET", SECRET)
         .env_remove("LABELHOOK_CONFIG")
-        .output()
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::fs::File::create(dir.path().join("second.err")).expect("log"))
+        .spawn()
         .expect("run");
-    assert!(!out.status.success(), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("another labelhook server is using"),
-        "{}",
-        output_text(&out)
-    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(50));
+    };
+    let said = std::fs::read_to_string(&log).unwrap_or_default()
+        + &std::fs::read_to_string(dir.path().join("second.err")).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("a second server started: {said}"));
+    assert!(!status.success(), "{said}");
+    assert!(said.contains("another labelhook server is using"), "{said}");
     assert_eq!(
         deliver(&server, "clock2", "LABEL_UPDATED", LABEL_UPDATED).status,
         202
@@ -229,6 +244,12 @@ fn orphan_blob_files_of_a_crash_are_gone_after_the_restart() {
     std::fs::write(&orphan, b"a body never acknowledged").expect("write");
     server.restart();
     assert!(!orphan.exists(), "the orphan is still there");
+    // The crashed run's leases are given back at the start, not left to run out.
+    assert!(
+        !server.logs().contains("could not release old leases"),
+        "{}",
+        server.logs()
+    );
     // The committed one is kept.
     assert_eq!(std::fs::read_dir(&blobs).expect("blobs").count(), 1);
     let shown = server.cli(&["events", "show", "corph1"]);

@@ -135,7 +135,7 @@ impl Op {
             Op::ReleaseLeases => {
                 let n = conn
                     .prepare_cached(
-                        "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL, \
+                        "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL \
                          WHERE lease_owner IS NOT NULL",
                     )?
                     .execute([])?;
