@@ -198,7 +198,7 @@ fn missing_list(missing: &[String]) -> Markup {
     }
 }
 
-fn login_page(console: &Console, headers: &HeaderMap, failed: bool) -> Html<String> {
+pub(super) fn login_page(console: &Console, headers: &HeaderMap, failed: bool) -> Html<String> {
     let now = console.0.clock.now();
     let csrf = console.0.guard.csrf_token(headers, now);
     let chrome = Chrome {

@@ -115,18 +115,22 @@ impl Guard {
     }
 }
 
-/// False when the browser says the request comes from another site: `Sec-Fetch-Site` other
-/// than `same-origin` or `none` (typed or bookmarked), or an `Origin` whose host is not the
-/// one asked (`Host`). A client that sends neither (curl) is judged by its CSRF token alone.
+/// False when the browser says the request comes from another site. `Sec-Fetch-Site`, which
+/// every current browser sends, decides when present: only `same-origin` or `none` (typed or
+/// bookmarked) pass. Without it, an `Origin` must name the host asked (`Host`); an `Origin` of
+/// `null` says nothing (the console's `Referrer-Policy: no-referrer` makes browsers send it for
+/// their own forms), so then, as for a client that sends neither (curl), the CSRF token alone
+/// decides.
 pub fn same_origin(headers: &HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site") {
-        if !matches!(site.as_bytes(), b"same-origin" | b"none") {
-            return false;
-        }
+        return matches!(site.as_bytes(), b"same-origin" | b"none");
     }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
+    if origin.as_bytes() == b"null" {
+        return true;
+    }
     let host = headers.get(header::HOST).map(|h| h.as_bytes());
     let origin_host = origin
         .to_str()
@@ -279,8 +283,21 @@ mod tests {
             HeaderValue::from_static("http://evil.example"),
         );
         assert!(!same_origin(&headers));
-        headers.remove(header::ORIGIN);
+        headers.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        assert!(same_origin(&headers), "the token decides");
+        headers.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        assert!(
+            same_origin(&headers),
+            "a browser's own form under no-referrer"
+        );
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         assert!(!same_origin(&headers));
+        headers.remove(header::ORIGIN);
+        assert!(!same_origin(&headers));
+        headers.insert("sec-fetch-site", HeaderValue::from_static("same-site"));
+        assert!(
+            !same_origin(&headers),
+            "a sibling subdomain is another site here"
+        );
     }
 }

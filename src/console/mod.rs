@@ -124,6 +124,8 @@ pub async fn require_bearer(
 }
 
 /// Everything but the login form and the stylesheet wants a session when a token is set.
+/// A page asked for without one is answered 401 with the login form in place of the page, so
+/// a browser can log in and a script learns at once that it may not look.
 async fn admit(State(console): State<Console>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     let open = path == "/ui/login" || path.starts_with("/ui/static/");
@@ -132,7 +134,11 @@ async fn admit(State(console): State<Console>, request: Request, next: Next) -> 
         return next.run(request).await;
     }
     if request.method() == Method::GET {
-        Redirect::to("/ui/login").into_response()
+        (
+            StatusCode::UNAUTHORIZED,
+            actions::login_page(&console, request.headers(), false),
+        )
+            .into_response()
     } else {
         ConsoleError::Unauthorized.into_response()
     }

@@ -334,11 +334,12 @@ fn healthcheck_says_where_its_address_came_from() {
         )),
         "{stderr}"
     );
+    // An admin port of its own (the file's `listen` is :1, and the two may not coincide).
     let stderr = run(
         &["--ready", "--config", &config_arg],
-        &[("LABELHOOK__SERVER__ADMIN_LISTEN", "127.0.0.1:1")],
+        &[("LABELHOOK__SERVER__ADMIN_LISTEN", "127.0.0.1:3")],
     );
-    assert!(stderr.contains("http://127.0.0.1:1/readyz"), "{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:3/readyz"), "{stderr}");
     assert!(
         stderr.contains("set by LABELHOOK__SERVER__ADMIN_LISTEN"),
         "{stderr}"

@@ -6,7 +6,9 @@ mod nats_stream;
 #[path = "../common/postgres.rs"]
 mod postgres;
 
+mod browser;
 mod cli;
+mod console;
 mod dispatch;
 mod durability;
 mod faults;
