@@ -127,13 +127,13 @@ const FAMILIES: &[Family] = &[
         name: STORE_COMMIT_SECONDS,
         kind: Kind::Histogram,
         unit: Some(Unit::Seconds),
-        help: "Time one store commit took, by backend: a SQLite group commit of queued writes, or a PostgreSQL delivery transaction.",
+        help: "Time one store commit took, by backend: a SQLite group commit of queued writes, or one PostgreSQL write transaction (a delivery, a batch of gates, a claim, or a delivery's attempts).",
     },
     Family {
         name: STORE_COMMIT_BATCH_SIZE,
         kind: Kind::Histogram,
         unit: Some(Unit::Count),
-        help: "Writes committed together, by backend: SQLite's group commit takes what is queued; PostgreSQL commits each delivery on its own.",
+        help: "Writes committed together, by backend: SQLite's group commit takes whatever writes are queued; PostgreSQL commits each write in a transaction of its own, so its batches are of one.",
     },
     Family {
         name: DEAD_LETTERS,
@@ -297,13 +297,27 @@ const READY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Probes the store (the commit `/readyz` makes) every [`READY_PROBE_INTERVAL`] until `stop`,
-/// so that [`STORE_READY`] is current whether or not anything polls `/readyz`.
+/// so that [`STORE_READY`] is current whether or not anything polls `/readyz`. A change either
+/// way is logged once, with the probe's error, so that the alert on [`STORE_READY`] leads to
+/// the reason.
 pub async fn watch_readiness(store: Arc<dyn Intake>, stop: CancellationToken) {
+    let mut was_ready = true;
     loop {
-        let ready = matches!(
-            tokio::time::timeout(READY_PROBE_TIMEOUT, store.check_ready()).await,
-            Ok(Ok(()))
-        );
+        let failure = match tokio::time::timeout(READY_PROBE_TIMEOUT, store.check_ready()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "the probe commit took longer than {}",
+                humantime::format_duration(READY_PROBE_TIMEOUT)
+            )),
+        };
+        let ready = failure.is_none();
+        match (&failure, was_ready) {
+            (Some(error), true) => tracing::warn!(%error, "store not ready"),
+            (None, false) => tracing::info!("store ready again"),
+            _ => {}
+        }
+        was_ready = ready;
         set_store_ready(ready);
         tokio::select! {
             () = tokio::time::sleep(READY_PROBE_INTERVAL) => {}

@@ -68,7 +68,9 @@ impl Running {
         for (seq, claim) in asked.iter().filter(|(seq, _)| !held.contains(seq)) {
             if let Some((current, token)) = claims.by_seq.get(seq) {
                 if current == claim {
-                    tracing::warn!(seq, "lease lost while handling; abandoning its attempts");
+                    // The delivery's task says so, in its span (with its delivery and request
+                    // ids), when it sees the token cancelled.
+                    tracing::debug!(seq, "lease not renewed: cancelling its attempts");
                     token.cancel();
                 }
             }

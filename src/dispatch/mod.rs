@@ -421,7 +421,10 @@ impl Dispatcher {
         let attempts = claimed.runs.iter().map(|run| self.attempt(&event, run));
         let results = tokio::select! {
             results = futures_util::future::join_all(attempts) => results,
-            () = lost.cancelled() => return,
+            () = lost.cancelled() => {
+                tracing::warn!("lease lost while handling; abandoning its attempts");
+                return;
+            }
         };
         // The attempts happened: keep trying to record them (a lost record means the handlers
         // run again after the lease runs out, which is safe but noisy).

@@ -169,7 +169,7 @@ handlers = ["picky"]
 "#,
         marker = marker.display()
     ));
-    let metrics_url = server.url("/metrics");
+    let metrics_url = server.admin("/metrics");
     let fresh = poll_metrics(&metrics_url, "readiness and handler counters", |m| {
         sample(m, "labelhook_store_ready", &[]) == Some(1.0)
             && sample(m, "labelhook_dead_letters_total", &["handler=\"picky\""]).is_some()
@@ -280,12 +280,17 @@ handlers = ["picky"]
     for family in ALERTING_FAMILIES {
         assert!(present.contains(*family), "{family} missing:\n{idle}");
     }
-    // What the alert rules and the dashboard query is what the service publishes.
+    // What the alert rules and the dashboard query, and the operator's guide names, is what
+    // the service publishes. (`labelhook_work` is the PostgreSQL NOTIFY channel, not a metric.)
     for file in [
         "deploy/prometheus/alerts.yaml",
         "deploy/grafana/labelhook.json",
+        "deploy/README.md",
     ] {
         for name in names_in(&repo_file(file)) {
+            if name == "labelhook_work" {
+                continue;
+            }
             assert!(
                 present.contains(&name),
                 "{file} names {name}, not published"
@@ -323,7 +328,18 @@ fn a_postgres_store_reports_its_commits_and_its_metrics_pass_promtool() {
     let Some(db) = TestDb::create_blocking(test) else {
         return;
     };
-    let server = TestServer::start(&pg_config(&db.url, ""));
+    let server = TestServer::start(&pg_config(
+        &db.url,
+        r#"
+[[handler]]
+name = "logged"
+kind = "log"
+
+[[route]]
+topics = ["LABEL_*"]
+handlers = ["logged"]
+"#,
+    ));
     let answer = deliver(
         &server,
         "cmetricspg",
@@ -331,22 +347,25 @@ fn a_postgres_store_reports_its_commits_and_its_metrics_pass_promtool() {
         &label_body("clabelpg"),
     );
     assert_eq!(answer.status, 202, "{}", answer.body);
-    let metrics = poll_metrics(&server.admin("/metrics"), "a PostgreSQL commit", |m| {
-        sample(
-            m,
-            "labelhook_store_commit_duration_seconds_count",
-            &["backend=\"postgres\""],
-        )
-        .is_some_and(|n| n >= 1.0)
+    server.wait_for_status("cmetricspg", "delivered");
+    let commits =
+        |m: &str, family: &str| sample(m, family, &["backend=\"postgres\""]).unwrap_or_default();
+    // The delivery's own transaction, then the dispatcher's: its gate, its claim, its attempts
+    // (and the claims that found nothing meanwhile). Each commit is timed and sized.
+    let metrics = poll_metrics(&server.admin("/metrics"), "PostgreSQL commits", |m| {
+        let timed = commits(m, "labelhook_store_commit_duration_seconds_count");
+        timed >= 4.0
+            && commits(m, "labelhook_store_commit_batch_size_count") == timed
             && sample(m, "labelhook_store_ready", &[]) == Some(1.0)
     });
+    // PostgreSQL commits each write on its own.
     assert_eq!(
         sample(
             &metrics,
-            "labelhook_store_commit_batch_size_count",
+            "labelhook_store_commit_batch_size_sum",
             &["backend=\"postgres\""]
         ),
-        Some(1.0)
+        Some(commits(&metrics, "labelhook_store_commit_batch_size_count"))
     );
     if let Some(promtool) = promtool(test) {
         run_promtool(promtool, &["check", "metrics"], &metrics);
@@ -360,4 +379,47 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     };
     run_promtool(promtool, &["check", "rules", "alerts.yaml"], "");
     run_promtool(promtool, &["test", "rules", "alerts.test.yaml"], "");
+}
+
+/// Every query of the Grafana dashboard, with its variables filled in.
+fn dashboard_queries() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_file("deploy/grafana/labelhook.json"))
+        .expect("read the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("a target's expr");
+            queries.push(
+                expr.replace("$__rate_interval", "5m")
+                    .replace("$job", ".*")
+                    .replace("$instance", ".*"),
+            );
+        }
+    }
+    queries
+}
+
+/// The dashboard's queries are PromQL that Prometheus accepts: written as recording rules in a
+/// rule file of their own, which `promtool check rules` parses.
+#[test]
+fn the_dashboards_queries_are_valid_promql() {
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 15, "{queries:?}");
+    let Some(promtool) = promtool("the_dashboards_queries_are_valid_promql") else {
+        return;
+    };
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, query) in queries.iter().enumerate() {
+        // A JSON string is a YAML string too, whatever quotes the query holds.
+        let expr = serde_json::to_string(query).expect("quote");
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {expr}\n"
+        ));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dashboard.rules.yaml");
+    std::fs::write(&path, &rules).expect("write rules");
+    let path = path.display().to_string();
+    run_promtool(promtool, &["check", "rules", &path], &rules);
 }

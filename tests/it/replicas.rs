@@ -801,6 +801,22 @@ fn postgres_unreachable_gives_503_and_not_ready_then_recovers_without_a_restart(
     assert_eq!(refused_stored, 0, "{now:?}");
 }
 
+/// Polls until `/metrics` has `labelhook_store_ready` at `value` and the log has `line` (the
+/// probe runs every 10 s).
+fn store_ready_until(server: &TestServer, value: u8, line: &str) {
+    let sample = format!("labelhook_store_ready {value}");
+    let found = poll_for(Duration::from_secs(45), || {
+        let metrics = curl(&server.admin("/metrics"), &[]).body;
+        (metrics.lines().any(|l| l == sample) && server.logs().contains(line)).then_some(())
+    });
+    assert!(
+        found.is_some(),
+        "timed out waiting for {sample} and a {line:?} log line; /metrics:\n{}\nlogs:\n{}",
+        curl(&server.admin("/metrics"), &[]).body,
+        server.logs()
+    );
+}
+
 #[test]
 fn a_replica_started_while_postgres_is_unreachable_answers_503_then_recovers() {
     let Some(db) = TestDb::create_blocking(
@@ -826,10 +842,14 @@ fn a_replica_started_while_postgres_is_unreachable_answers_503_then_recovers() {
         "503 in {refused_in:?}, then not ready in {:?}",
         refusing.elapsed() - refused_in
     );
+    // The background probe says so too, whether or not anything polls /readyz: the gauge the
+    // LabelhookStoreNotReady alert watches, and a log line with the reason.
+    store_ready_until(&server, 0, "store not ready");
 
     let resumed_at = Instant::now();
     forwarder.resume();
     readyz_until(&server, 200);
+    store_ready_until(&server, 1, "store ready again");
     let ready = resumed_at.elapsed();
     let (_, stored) = deliver_until(&server, "clate", 202);
     eprintln!(

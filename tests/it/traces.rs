@@ -8,10 +8,16 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 
 use crate::helpers::*;
+use crate::postgres::TestDb;
 
 /// A handler that fails the first attempt at each delivery and succeeds the next.
 fn flaky_config(marks: &std::path::Path) -> String {
-    base_config(&format!(
+    base_config(&flaky_handler(marks))
+}
+
+/// JSON logs, and the flaky handler routed every label event.
+fn flaky_handler(marks: &std::path::Path) -> String {
+    format!(
         r#"
 [log]
 format = "json"
@@ -29,7 +35,7 @@ topics = ["LABEL_*"]
 handlers = ["flaky"]
 "#,
         marks = marks.display()
-    ))
+    )
 }
 
 /// A signed delivery with any extra headers.
@@ -142,7 +148,7 @@ fn assert_one_delivery_traced(lines: &[Value], delivery_id: &str, request_id: &s
     let gated = with("gated");
     assert_eq!(gated.len(), 1, "the gate: {context}");
     assert!(
-        has(gated[0], "entity", "label:clabel0000000000000000001"),
+        has(gated[0], "entity", "label:clv3k9x2a00013b6m8q7h4z1e"),
         "{}",
         gated[0]
     );
@@ -156,7 +162,7 @@ fn assert_one_delivery_traced(lines: &[Value], delivery_id: &str, request_id: &s
         assert_eq!(line["span"]["attempt"], attempt, "{line}");
         assert!(has(line, "topic", "LABEL_UPDATED"), "{line}");
         assert!(
-            has(line, "entity", "label:clabel0000000000000000001"),
+            has(line, "entity", "label:clv3k9x2a00013b6m8q7h4z1e"),
             "{line}"
         );
         let dispatch = &line["spans"][0];
@@ -241,4 +247,27 @@ fn one_deliverys_log_lines_are_found_by_its_delivery_id_and_its_request_id() {
         .find(|l| message(l) == "delivery refused" && has(l, "request_id", "refused-1"))
         .unwrap_or_else(|| panic!("no refusal line with its request id:\n{}", server.logs()));
     assert_eq!(refusal["outcome"], "signature_mismatch");
+}
+
+/// On PostgreSQL too: the request id is kept with the delivery, so the dispatcher's lines (in
+/// another task, on whichever replica claims it) carry it.
+#[test]
+fn on_postgres_one_deliverys_log_lines_are_found_by_its_delivery_id_and_its_request_id() {
+    let Some(db) = TestDb::create_blocking(
+        "on_postgres_one_deliverys_log_lines_are_found_by_its_delivery_id_and_its_request_id",
+    ) else {
+        return;
+    };
+    let marks = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start(&pg_config(&db.url, &flaky_handler(marks.path())));
+    let given = "pg-proxy-42";
+    let answer = deliver_with(
+        &server,
+        "ctracepg00000000000000001",
+        &["-H", &format!("X-Request-Id: {given}")],
+    );
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(header(&answer, "x-request-id").as_deref(), Some(given));
+    server.wait_for_status("ctracepg00000000000000001", "delivered");
+    assert_one_delivery_traced(&log_lines(&server), "ctracepg00000000000000001", given);
 }

@@ -5,8 +5,11 @@
 //!   after the other whichever replicas decide them, and skips a delivery gated meanwhile;
 //! - recording attempts checks the lease's owner under the delivery's row lock, and lane
 //!   promotion happens under the entity's row lock.
+//!
+//! Each write transaction (gate, claim, attempts) is counted as one store commit, as the
+//! intake's are, so that `/metrics` shows the latency of every commit a delivery waits for.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
@@ -20,6 +23,7 @@ use crate::store::{
     status_after_runs, AttemptResult, Claimed, DueRun, GateRequest, LeaseOwner, Queue, StoreError,
     Ungated,
 };
+use crate::telemetry;
 
 impl PgStore {
     /// A row's body (`body`, `blob_id`, `body_len` columns).
@@ -95,6 +99,7 @@ impl Queue for PgStore {
         let mut verdicts = vec![None; gates.len()];
         // The whole batch in one transaction; should a gate fail, each again in a savepoint of
         // its own, so that only the failing one is left for another round.
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut failed = false;
         for &i in &order {
@@ -109,6 +114,7 @@ impl Queue for PgStore {
         }
         if !failed {
             tx.commit().await?;
+            telemetry::record_commit("postgres", started.elapsed(), 1);
             return Ok(verdicts);
         }
         tx.rollback().await?;
@@ -128,6 +134,8 @@ impl Queue for PgStore {
             }
         }
         tx.commit().await?;
+        // Timed from the first try: the delivery waited for both.
+        telemetry::record_commit("postgres", started.elapsed(), 1);
         Ok(verdicts)
     }
 
@@ -139,6 +147,7 @@ impl Queue for PgStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         self.ready().await?;
         let now = self.clock.now();
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "UPDATE deliveries d SET lease_owner = $1, lease_until = $2 \
@@ -188,6 +197,7 @@ impl Queue for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        telemetry::record_commit("postgres", started.elapsed(), 1);
         for (seq, handler, attempts) in runs {
             if let Some(c) = claimed.iter_mut().find(|c| c.seq == seq) {
                 c.runs.push(DueRun {
@@ -228,6 +238,7 @@ impl Queue for PgStore {
     ) -> Result<Status, StoreError> {
         self.ready().await?;
         let now = self.clock.now();
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let row: Option<(Option<String>, String)> =
             sqlx::query_as("SELECT lease_owner, status FROM deliveries WHERE seq = $1 FOR UPDATE")
@@ -291,6 +302,7 @@ impl Queue for PgStore {
             finish_in_lane(&mut tx, seq, now).await?;
         }
         tx.commit().await?;
+        telemetry::record_commit("postgres", started.elapsed(), 1);
         Ok(status)
     }
 
