@@ -109,4 +109,23 @@ poll_interval = "100ms"
         202
     );
     server.wait_for_status("colder", "stale");
+
+    // What an operator watches: the pruned count, and the rows kept by status.
+    let value = |metrics: &str, prefix: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    wait_until("the store's metrics", || {
+        let metrics = curl(&server.admin("/metrics"), &[]).body;
+        value(
+            &metrics,
+            "labelhook_pruned_deliveries_total{status=\"delivered\"}",
+        )
+        .is_some_and(|n| n >= 1.0)
+            && value(&metrics, "labelhook_store_deliveries{status=\"stale\"}") == Some(1.0)
+            && value(&metrics, "labelhook_store_deliveries{status=\"delivered\"}") == Some(0.0)
+    });
 }
