@@ -67,11 +67,39 @@ handlers = ["missing"]
 
 #[test]
 fn check_config_accepts_the_shipped_configs_without_printing_the_secret() {
+    // The Kubernetes ConfigMap carries its file inline: checked as the pod would read it.
+    let dir = tempfile::tempdir().expect("temp");
+    let configmap = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml"),
+    )
+    .expect("configmap");
+    let inline: String = configmap
+        .lines()
+        .skip_while(|l| !l.trim_end().ends_with("labelhook.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(inline.contains("[server]"), "no file in the ConfigMap");
+    // The Secret the Deployment mounts, here a file of our own.
+    let mounted = "/run/secrets/labelhook/webhook-secret";
+    assert!(
+        inline.contains(mounted),
+        "the ConfigMap no longer reads {mounted}"
+    );
+    let secret = dir.path().join("webhook-secret");
+    std::fs::write(&secret, "shipped-config-secret\n").expect("write");
+    let inline = inline.replace(mounted, secret.to_str().expect("utf-8 path"));
+    let from_configmap = dir.path().join("configmap-labelhook.toml");
+    std::fs::write(&from_configmap, inline).expect("write");
+
     for file in [
         "config/labelhook.toml",
         "config/labelhook.example.toml",
         "config/labelhook.container.toml",
         "examples/custom_handler.toml",
+        "deploy/compose/labelhook.toml",
+        from_configmap.to_str().expect("utf-8 path"),
     ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         let out = Command::new(bin())

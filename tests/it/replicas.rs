@@ -915,7 +915,13 @@ fn concurrent_deliveries_to_a_replica_that_never_reached_postgres_are_refused_pr
 /// Size of the large body's `label` string: twice the memory bound, so that a process holding
 /// the body whole would fail the bound. (200 MiB took about 60 s through the debug build on two
 /// cores, most of it in hashing, parsing and copying at debug speed; 128 MiB takes about 40.)
-const LARGE_LABEL_BYTES: usize = 128 << 20;
+/// `LABELHOOK_TEST_LARGE_MIB=512` runs it at the size the replicas issue names.
+fn large_label_bytes() -> usize {
+    std::env::var("LABELHOOK_TEST_LARGE_MIB")
+        .ok()
+        .and_then(|mib| mib.parse::<usize>().ok())
+        .map_or(128 << 20, |mib| mib << 20)
+}
 const RSS_GROWTH_MAX: u64 = 64 << 20;
 
 /// Writes a valid LABEL_UPDATED body whose `label` is `label_bytes` long, without holding it in
@@ -1019,7 +1025,7 @@ handlers = ["archive"]
 
     let started = Instant::now();
     let body_path = a.dir.path().join("large.json");
-    let len = write_large_label(&body_path, "clabellarge00000000000001", LARGE_LABEL_BYTES);
+    let len = write_large_label(&body_path, "clabellarge00000000000001", large_label_bytes());
     let sig = format!("X-Hub-Signature: {}", sign_file(&body_path));
     let written = started.elapsed();
     let data = format!("@{}", body_path.display());
@@ -1036,13 +1042,18 @@ handlers = ["archive"]
             &sig,
             "--data-binary",
             &data,
+            // curl's last --max-time wins: the upload alone may take minutes at debug speed.
+            "--max-time",
+            "900",
         ],
     );
     assert_eq!(answer.status, 202, "{answer:?}\n{}", a.logs());
     let accepted = started.elapsed();
 
     let output = b.dir.path().join("events.jsonl");
-    poll_for(Duration::from_secs(120), || {
+    // About a minute per 128 MiB at debug speed on two cores, with room to spare.
+    let limit = Duration::from_secs(120 * (large_label_bytes() as u64).div_ceil(128 << 20));
+    poll_for(limit, || {
         (b.status_of("clarge1").as_deref() == Some("delivered")).then_some(())
     })
     .unwrap_or_else(|| {
