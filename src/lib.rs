@@ -27,6 +27,15 @@ mod server;
 pub mod store;
 mod telemetry;
 
+/// What the fuzz targets under `fuzz/` drive that is not otherwise public. Not part of the
+/// public face: it exists so that the targets exercise the very functions a request meets,
+/// without opening the modules they live in.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::ingress::claimed_signature;
+    pub use crate::ingress::client_ip::resolve as resolve_client_ip;
+}
+
 pub use config::Config;
 pub use delivery::Payload;
 pub use events::Event;

@@ -142,8 +142,10 @@ pub struct ServeLimits {
     pub max_connections: usize,
 }
 
-/// Connections being answered 503 at once, beyond which a connection past the limit is simply
-/// closed: the answer is a courtesy, and must not itself become a way to hold descriptors.
+/// Refused connections left lingering at once (see [`refuse`]). Past this, the one refused
+/// longest ago is closed to make room: its answer was written when it was refused, so cutting
+/// its linger short costs little, while every newcomer still learns it must come back. The
+/// answer must not itself become a way to hold descriptors.
 const MAX_REFUSING: usize = 64;
 /// How long a refused connection may take to read its 503, and how long it is drained so the
 /// close does not reset the connection before the client has read it.
@@ -170,7 +172,7 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let mut refusing = Lingering::default();
     let mut last_warned: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -194,12 +196,7 @@ pub async fn serve(
                     "connection limit reached: new connections are answered 503"
                 );
             }
-            if let Ok(refusal) = Arc::clone(&refusing).try_acquire_owned() {
-                tokio::spawn(async move {
-                    refuse(stream).await;
-                    drop(refusal);
-                });
-            }
+            refusing.refuse(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -232,6 +229,50 @@ pub async fn serve(
     }
 }
 
+/// Refused connections still lingering, oldest first, each with the token that cuts its
+/// linger short.
+#[derive(Default)]
+struct Lingering {
+    refusals: std::collections::VecDeque<(tokio::task::JoinHandle<()>, CancellationToken)>,
+}
+
+impl Lingering {
+    /// Answers `stream` 503 and lets it linger, closing the oldest lingering one first when
+    /// [`MAX_REFUSING`] are.
+    fn refuse(&mut self, stream: tokio::net::TcpStream) {
+        self.refusals.retain(|(task, _)| !task.is_finished());
+        while self.refusals.len() >= MAX_REFUSING {
+            if let Some((_, cut)) = self.refusals.pop_front() {
+                cut.cancel();
+            }
+        }
+        // Written here rather than in the task, so that even a refusal cut short at once has
+        // been answered: a fresh socket's send buffer takes the few hundred bytes.
+        let answer = refusal_response();
+        let written = stream.try_write(&answer).unwrap_or(0);
+        let cut = CancellationToken::new();
+        let cutting = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = stream;
+            tokio::select! {
+                () = refuse(&mut stream, answer, written) => {},
+                () = cutting.cancelled() => {
+                    // Whatever already arrived is read, so the close is a FIN, not a reset.
+                    let mut buf = [0u8; 4096];
+                    let mut drained = 0;
+                    while drained < REFUSAL_DRAIN_BYTES {
+                        match stream.try_read(&mut buf) {
+                            Ok(n) if n > 0 => drained += n,
+                            _ => break,
+                        }
+                    }
+                },
+            }
+        });
+        self.refusals.push_back((task, cut));
+    }
+}
+
 /// The whole answer to a connection over the limit: written by hand, since hyper (and the
 /// memory of a served connection) is what the limit keeps it from.
 fn refusal_response() -> Vec<u8> {
@@ -247,10 +288,13 @@ fn refusal_response() -> Vec<u8> {
 
 /// Answers 503 and closes, reading (and dropping) what the client sends meanwhile: closing a
 /// socket with unread bytes resets it, and a reset can destroy the answer before it is read.
-async fn refuse(mut stream: tokio::net::TcpStream) {
+/// `written` bytes of `answer` were sent already.
+async fn refuse(stream: &mut tokio::net::TcpStream, answer: Vec<u8>, written: usize) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
-        stream.write_all(&refusal_response()).await?;
+        stream
+            .write_all(answer.get(written..).unwrap_or_default())
+            .await?;
         stream.shutdown().await?;
         let mut drained = 0;
         let mut buf = [0u8; 4096];
