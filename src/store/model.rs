@@ -422,6 +422,26 @@ pub struct HandlerActivity {
     pub pending: u64,
 }
 
+impl HandlerActivity {
+    /// Adds each handler's dead and pending counts (`(handler, dead, pending)` rows, as both
+    /// back-ends read them) to `by_handler`, making an entry for a handler seen only here.
+    pub fn add_run_counts(
+        by_handler: &mut std::collections::BTreeMap<String, HandlerActivity>,
+        runs: Vec<(String, i64, i64)>,
+    ) {
+        for (handler, dead, pending) in runs {
+            let a = by_handler
+                .entry(handler.clone())
+                .or_insert_with(|| HandlerActivity {
+                    handler,
+                    ..HandlerActivity::default()
+                });
+            a.dead = u64::try_from(dead).unwrap_or(0);
+            a.pending = u64::try_from(pending).unwrap_or(0);
+        }
+    }
+}
+
 /// Deliveries received in one stretch of time, by their status now.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReceivedBucket {

@@ -310,16 +310,7 @@ impl Inspect for PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        for (handler, dead, pending) in runs {
-            let a = by_handler
-                .entry(handler.clone())
-                .or_insert_with(|| HandlerActivity {
-                    handler,
-                    ..HandlerActivity::default()
-                });
-            a.dead = dead.max(0) as u64;
-            a.pending = pending.max(0) as u64;
-        }
+        HandlerActivity::add_run_counts(&mut by_handler, runs);
         Ok(by_handler.into_values().collect())
     }
 

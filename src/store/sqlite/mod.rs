@@ -76,6 +76,8 @@ pub struct SqliteStore {
     health: Arc<Health>,
     writer: mpsc::Sender<WriteRequest>,
     readers: Readers,
+    /// The read side shared with the CLI's inspector.
+    inspector: SqliteInspector,
     blobs: BlobDir,
     work: Arc<Notify>,
     writer_task: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -157,7 +159,8 @@ impl SqliteStore {
             .name("lh-checkpoint".into())
             .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
         let store = Self {
-            readers: Readers::new(path),
+            readers: Readers::new(path.clone()),
+            inspector: SqliteInspector::open(path, clock.clone())?,
             clock,
             health,
             writer: tx,
@@ -334,18 +337,14 @@ impl Queue for SqliteStore {
 
 #[async_trait]
 impl Inspect for SqliteStore {
+    // Reads go through the same code as the CLI's read-only inspector; only `replay` goes
+    // through this server's writer.
     async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
-        let query = query.clone();
-        self.readers
-            .run(move |conn| reads::list(conn, &query))
-            .await
+        self.inspector.list(query).await
     }
 
     async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
-        let (blobs, id) = (self.blobs.clone(), delivery_id.to_owned());
-        self.readers
-            .run(move |conn| reads::show(conn, &blobs, &id))
-            .await
+        self.inspector.show(delivery_id).await
     }
 
     async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
@@ -363,8 +362,7 @@ impl Inspect for SqliteStore {
     /// replay is), since the decision must see what the replay changes; the dispatcher is
     /// woken as after the writer's commits.
     async fn replay_each(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
-        let apart = SqliteInspector::open(self.readers.path().to_owned(), self.clock.clone())?;
-        let items = apart.replay_each(target).await?;
+        let items = self.inspector.replay_each(target).await?;
         if items.iter().any(|i| i.effect.replays()) {
             self.work.notify_one();
         }
@@ -372,32 +370,22 @@ impl Inspect for SqliteStore {
     }
 
     async fn replay_preview(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
-        let (target, now) = (target.clone(), self.clock.now());
-        self.readers
-            .run(move |conn| reads::replay_plan(conn, &target, now))
-            .await
+        self.inspector.replay_preview(target).await
     }
 
     async fn entity_history(&self, entity: &str, limit: u32) -> Result<EntityHistory, StoreError> {
-        let entity = entity.to_owned();
-        self.readers
-            .run(move |conn| reads::entity_history(conn, &entity, limit))
-            .await
+        self.inspector.entity_history(entity, limit).await
     }
 
     async fn verdict_basis(&self, seq: i64) -> Result<Option<VerdictBasis>, StoreError> {
-        self.readers
-            .run(move |conn| reads::verdict_basis(conn, seq))
-            .await
+        self.inspector.verdict_basis(seq).await
     }
 
     async fn handler_activity(
         &self,
         since: UnixMillis,
     ) -> Result<Vec<HandlerActivity>, StoreError> {
-        self.readers
-            .run(move |conn| reads::handler_activity(conn, since))
-            .await
+        self.inspector.handler_activity(since).await
     }
 
     async fn overview(
@@ -406,9 +394,7 @@ impl Inspect for SqliteStore {
         now: UnixMillis,
         bucket_ms: i64,
     ) -> Result<Overview, StoreError> {
-        self.readers
-            .run(move |conn| reads::overview(conn, since, now, bucket_ms))
-            .await
+        self.inspector.overview(since, now, bucket_ms).await
     }
 }
 

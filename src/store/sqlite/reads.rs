@@ -4,7 +4,7 @@
 //! blob names the orphan sweep must keep. Readers never write, so they never wait for the writer's lock and never hold it.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,11 +50,6 @@ impl Readers {
                 idle: Mutex::new(Vec::new()),
             }),
         }
-    }
-
-    /// The database these readers read.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     /// Runs `read` on a reader connection on a blocking thread.
@@ -582,16 +577,7 @@ pub fn handler_activity(
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    for (handler, dead, pending) in runs {
-        let a = by_handler
-            .entry(handler.clone())
-            .or_insert_with(|| HandlerActivity {
-                handler,
-                ..HandlerActivity::default()
-            });
-        a.dead = dead.max(0) as u64;
-        a.pending = pending.max(0) as u64;
-    }
+    HandlerActivity::add_run_counts(&mut by_handler, runs);
     Ok(by_handler.into_values().collect())
 }
 
