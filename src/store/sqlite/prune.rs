@@ -6,14 +6,13 @@
 //! not `pending`. Rows are taken oldest first. Blob files of removed bodies are deleted by the
 //! writer once the batch is committed.
 
-use rusqlite::{params, Connection};
+use std::collections::HashSet;
+
+use rusqlite::Connection;
 
 use crate::delivery::Status;
 use crate::store::retention::{Cutoffs, PruneReport, StoreStats};
 use crate::store::StoreError;
-
-/// Finished: nothing left to do for it.
-const FINISHED: &str = "gated = 1 AND due_at IS NULL AND waiting = 0 AND status <> 'pending'";
 
 /// One prunable row: what it is and what it holds.
 struct Doomed {
@@ -24,61 +23,89 @@ struct Doomed {
     body_bytes: u64,
 }
 
-fn doomed(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, Option<String>, i64, bool)> {
+/// Reads one row of a walk: what [`Doomed`] holds, when it came, and whether it is finished.
+fn walked(row: &rusqlite::Row<'_>) -> Result<(Doomed, i64, bool), StoreError> {
+    let status: String = row.get(1)?;
+    let len: i64 = row.get(3)?;
+    let pruned: bool = row.get(4)?;
     Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
+        Doomed {
+            seq: row.get(0)?,
+            status: status.parse().map_err(StoreError::Corrupt)?,
+            blob_name: row.get(2)?,
+            body_bytes: if pruned { 0 } else { len.max(0) as u64 },
+        },
+        row.get(5)?,
+        row.get(6)?,
     ))
 }
 
-fn read_doomed(
-    rows: Vec<(i64, String, Option<String>, i64, bool)>,
+/// The columns [`walked`] reads.
+const WALK_COLUMNS: &str = "seq, status, blob_name, body_len, body_pruned, received_at, \
+     (gated = 1 AND due_at IS NULL AND waiting = 0 AND status <> 'pending')";
+
+/// Walks the rows `sql` gives in sequence order while they were received before `before`,
+/// keeping up to `limit` of those `keep` accepts. Sequence numbers follow arrival, so the walk
+/// stops at the first row too young instead of reading every younger row behind it (a row
+/// that arrived a moment earlier but committed later waits for the next run).
+fn walk(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+    before: i64,
+    limit: u32,
+    keep: impl Fn(&Doomed, bool) -> bool,
 ) -> Result<Vec<Doomed>, StoreError> {
-    rows.into_iter()
-        .map(|(seq, status, blob_name, len, pruned)| {
-            Ok(Doomed {
-                seq,
-                status: status.parse().map_err(StoreError::Corrupt)?,
-                blob_name,
-                body_bytes: if pruned { 0 } else { len.max(0) as u64 },
-            })
-        })
-        .collect()
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut rows = statement.query(args)?;
+    let mut picked = Vec::new();
+    while let Some(row) = rows.next()? {
+        let (doomed, received_at, finished) = walked(row)?;
+        if received_at >= before || picked.len() >= limit as usize {
+            break;
+        }
+        if keep(&doomed, finished) {
+            picked.push(doomed);
+        }
+    }
+    Ok(picked)
 }
 
-/// Rows past their retention, oldest first.
+/// Rows past their retention, oldest first: each status walked along its index.
 fn rows_to_delete(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doomed>, StoreError> {
-    let sql = format!(
-        "SELECT seq, status, blob_name, body_len, body_pruned FROM deliveries \
-         WHERE {FINISHED} AND ((status = 'delivered' AND received_at < ?1) \
-            OR (status IN ('stale', 'unrecognized', 'dead') AND received_at < ?2)) \
-         ORDER BY seq LIMIT ?3"
-    );
-    let rows = conn
-        .prepare_cached(&sql)?
-        .query_map(
-            params![c.delivered_before, c.investigated_before, i64::from(limit)],
-            doomed,
-        )?
-        .collect::<Result<Vec<_>, _>>()?;
-    read_doomed(rows)
+    let sql = format!("SELECT {WALK_COLUMNS} FROM deliveries WHERE status = ?1 ORDER BY seq");
+    let mut rows = Vec::new();
+    for (status, before) in [
+        (Status::Delivered, c.delivered_before),
+        (Status::Stale, c.investigated_before),
+        (Status::Unrecognized, c.investigated_before),
+        (Status::Dead, c.investigated_before),
+    ] {
+        let finished = |_: &Doomed, finished: bool| finished;
+        rows.extend(walk(
+            conn,
+            &sql,
+            [status.as_str()],
+            before,
+            limit,
+            finished,
+        )?);
+    }
+    rows.sort_by_key(|r| r.seq);
+    rows.truncate(limit as usize);
+    Ok(rows)
 }
 
-/// Delivered rows whose bodies are past their retention (the rows stay), oldest first.
+/// Delivered rows whose bodies are past their retention (the rows stay), oldest first, walked
+/// along the index of rows that still have a body.
 fn bodies_to_drop(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doomed>, StoreError> {
     let sql = format!(
-        "SELECT seq, status, blob_name, body_len, body_pruned FROM deliveries \
-         WHERE {FINISHED} AND status = 'delivered' AND body_pruned = 0 AND received_at < ?1 \
-         ORDER BY seq LIMIT ?2"
+        "SELECT {WALK_COLUMNS} FROM deliveries INDEXED BY deliveries_unpruned_bodies \
+         WHERE body_pruned = 0 ORDER BY seq"
     );
-    let rows = conn
-        .prepare_cached(&sql)?
-        .query_map(params![c.bodies_before, i64::from(limit)], doomed)?
-        .collect::<Result<Vec<_>, _>>()?;
-    read_doomed(rows)
+    walk(conn, &sql, [], c.bodies_before, limit, |d, finished| {
+        finished && d.status == Status::Delivered
+    })
 }
 
 /// Bytes of bodies kept.
@@ -96,7 +123,7 @@ fn bodies_over_budget(
     c: &Cutoffs,
     limit: u32,
     freed: u64,
-    already: &[i64],
+    already: &HashSet<i64>,
 ) -> Result<Vec<Doomed>, StoreError> {
     let Some(budget) = c.max_body_bytes else {
         return Ok(Vec::new());
@@ -107,15 +134,14 @@ fn bodies_over_budget(
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT seq, status, blob_name, body_len, body_pruned FROM deliveries \
-         WHERE {FINISHED} AND body_pruned = 0 ORDER BY seq LIMIT ?1"
+        "SELECT {WALK_COLUMNS} FROM deliveries INDEXED BY deliveries_unpruned_bodies \
+         WHERE body_pruned = 0 ORDER BY seq"
     );
-    let rows = conn
-        .prepare_cached(&sql)?
-        .query_map(params![i64::from(limit) + already.len() as i64], doomed)?
-        .collect::<Result<Vec<_>, _>>()?;
+    let room = limit.saturating_add(u32::try_from(already.len()).unwrap_or(u32::MAX));
+    let finished = |_: &Doomed, finished: bool| finished;
+    let rows = walk(conn, &sql, [], i64::MAX, room, finished)?;
     let mut picked = Vec::new();
-    for row in read_doomed(rows)? {
+    for row in rows {
         if excess == 0 || picked.len() as u32 >= limit {
             break;
         }
@@ -135,7 +161,8 @@ fn plan(
     limit: u32,
 ) -> Result<(Vec<Doomed>, Vec<Doomed>), StoreError> {
     let rows = rows_to_delete(conn, c, limit)?;
-    let deleted: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    // Sets: a dry run plans the whole store at once.
+    let deleted: HashSet<i64> = rows.iter().map(|r| r.seq).collect();
     let mut bodies: Vec<Doomed> = bodies_to_drop(conn, c, limit)?
         .into_iter()
         .filter(|b| !deleted.contains(&b.seq))
@@ -198,11 +225,31 @@ pub fn prune_batch(
     Ok((report(&rows, &bodies), blobs))
 }
 
-/// Gives up to `pages` free pages back to the file system; true when some are left.
+/// Free pages kept for the next inserts, as a share of the pages in use: under steady load
+/// what one pruner run frees is filled again within seconds, and giving it back to the file
+/// system only to grow the file again moves pages for nothing. What goes beyond (a backlog
+/// pruned, a retention shortened) is given back.
+const FREE_RESERVE_DIVISOR: i64 = 4;
+
+/// Gives up to `pages` free pages beyond the reserve back to the file system; true when more
+/// are left to give.
 pub fn reclaim(conn: &Connection, pages: u32) -> Result<bool, StoreError> {
-    conn.execute_batch(&format!("PRAGMA incremental_vacuum({pages})"))?;
-    let left: i64 = conn.query_row("PRAGMA freelist_count", [], |row| row.get(0))?;
-    Ok(left > 0)
+    let pragma = |name: &str| -> Result<i64, StoreError> {
+        Ok(conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))?)
+    };
+    let free = pragma("freelist_count")?;
+    let reserve = (pragma("page_count")? - free) / FREE_RESERVE_DIVISOR;
+    let surplus = free - reserve;
+    if surplus <= 0 {
+        return Ok(false);
+    }
+    let step = surplus.min(i64::from(pages));
+    // The pragma frees one page per step of its statement: step it to the end (a batch
+    // execution steps it once, which freed a single page per call).
+    let mut vacuum = conn.prepare(&format!("PRAGMA incremental_vacuum({step})"))?;
+    let mut steps = vacuum.query([])?;
+    while steps.next()?.is_some() {}
+    Ok(surplus > step)
 }
 
 pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
@@ -233,4 +280,52 @@ pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
         deliveries,
         oldest_received_at: oldest,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(conn: &Connection, name: &str) -> i64 {
+        conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))
+            .expect("pragma")
+    }
+
+    /// A database of `rows` 4 KiB rows, of which the first `deleted` are deleted.
+    fn database(rows: i64, deleted: i64) -> Connection {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL; CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB);",
+        )
+        .expect("schema");
+        for id in 0..rows {
+            conn.execute("INSERT INTO t (id, b) VALUES (?1, zeroblob(4000))", [id])
+                .expect("insert");
+        }
+        conn.execute("DELETE FROM t WHERE id < ?1", [deleted])
+            .expect("delete");
+        conn
+    }
+
+    #[test]
+    fn one_reclaim_gives_back_many_pages_down_to_the_reserve() {
+        let conn = database(1000, 900);
+        let free = pages(&conn, "freelist_count");
+        assert!(free > 800, "{free}");
+        // One call frees up to its step, not one page.
+        assert!(reclaim(&conn, 300).expect("reclaim"), "more is left");
+        assert!(pages(&conn, "freelist_count") <= free - 300);
+        while reclaim(&conn, 300).expect("reclaim") {}
+        let used = pages(&conn, "page_count") - pages(&conn, "freelist_count");
+        assert!(pages(&conn, "freelist_count") <= used / FREE_RESERVE_DIVISOR + 1);
+    }
+
+    #[test]
+    fn free_pages_within_the_reserve_are_kept_for_the_next_inserts() {
+        let conn = database(1000, 100);
+        let free = pages(&conn, "freelist_count");
+        assert!(free > 50, "{free}");
+        assert!(!reclaim(&conn, 2048).expect("reclaim"));
+        assert_eq!(pages(&conn, "freelist_count"), free);
+    }
 }

@@ -36,11 +36,12 @@ use crate::delivery::IncomingBody;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_event.sql"),
     include_str!("migrations/0003_body_pruned.sql"),
     include_str!("migrations/0004_request_id.sql"),
+    include_str!("migrations/0005_unpruned_bodies.sql"),
 ];
 /// How long a batch waits for SQLite's lock held by another process (the CLI's replay or prune,
 /// which are short; or something outside that should not be there). The deliveries in that batch
