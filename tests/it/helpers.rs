@@ -425,6 +425,17 @@ pub fn post_model_run(server: &TestServer, body: &[u8], secret: Option<&str>) ->
     curl(&server.url("/model-training/model_run"), &args)
 }
 
+/// A model-run call as Labelbox's reference sends it: the body and `X-Hub-Signature`, no
+/// `Content-Type`, no `X-Labelbox-Id`.
+pub fn post_model_run_as_labelbox(server: &TestServer, body: &[u8], extra: &[&str]) -> Answer {
+    let file = body_file(server.dir.path(), "model-run-ref.json", body);
+    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
+    // curl adds a form Content-Type to --data-binary unless told to send none.
+    let mut args = vec!["-H", "Content-Type:", "-H", &sig, "--data-binary", &file];
+    args.extend_from_slice(extra);
+    curl(&server.url("/model-training/model_run"), &args)
+}
+
 /// `sha1=<hex>` of a file, computed by `labelhook sign`, which streams it.
 pub fn sign_file(path: &Path) -> String {
     let out = Command::new(bin())

@@ -649,17 +649,6 @@ fn large_bodies_beyond_max_spilling_bodies_wait_instead_of_filling_the_disk() {
     assert_eq!(spilled(), 1, "only the accepted delivery's blob is left");
 }
 
-/// A model-run call as Labelbox's reference sends it: the body and `X-Hub-Signature`, no
-/// `Content-Type`, no `X-Labelbox-Id`.
-fn post_model_run_as_labelbox(server: &TestServer, body: &[u8], extra: &[&str]) -> Answer {
-    let file = body_file(server.dir.path(), "model-run-ref.json", body);
-    let sig = format!("X-Hub-Signature: {}", sha1_sig(SECRET, body));
-    // curl adds a form Content-Type to --data-binary unless told to send none.
-    let mut args = vec!["-H", "Content-Type:", "-H", &sig, "--data-binary", &file];
-    args.extend_from_slice(extra);
-    curl(&server.url("/model-training/model_run"), &args)
-}
-
 const MODEL_TRAINING: &str = r#"
 [model_training]
 path = "/model-training"
