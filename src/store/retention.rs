@@ -101,6 +101,27 @@ impl PruneReport {
         self.deleted_total() == 0 && self.bodies_dropped == 0
     }
 
+    /// What removing `rows` (each its status and the body bytes it still held) and dropping
+    /// bodies of `bodies` bytes each comes to; both back-ends report a batch this way.
+    pub fn of(
+        rows: impl IntoIterator<Item = (Status, u64)>,
+        bodies: impl IntoIterator<Item = u64>,
+    ) -> Self {
+        let mut report = PruneReport::default();
+        for (status, body_bytes) in rows {
+            report.add(&PruneReport {
+                deleted: vec![(status, 1)],
+                bodies_dropped: 0,
+                body_bytes,
+            });
+        }
+        for body_bytes in bodies {
+            report.bodies_dropped += 1;
+            report.body_bytes += body_bytes;
+        }
+        report
+    }
+
     /// Adds another batch's counts.
     pub fn add(&mut self, other: &PruneReport) {
         for (status, n) in &other.deleted {

@@ -71,7 +71,8 @@ impl TestDb {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// A runtime for the blocking tests' few async calls.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -121,12 +121,7 @@ fn a_removed_write_ahead_log_is_refused_and_what_was_acknowledged_survives() {
 fn the_serving_lock_is_taken_when_a_store_unreachable_at_start_comes_back() {
     // The store's directory is blocked by a plain file when the server starts.
     let dir = tempfile::tempdir().expect("temp");
-    let blocked = dir.path().join("store");
-    std::fs::write(&blocked, b"not a directory").expect("write");
-    let config = base_config("").replace(
-        "sqlite://STORE_DIR/labelhook.db",
-        &format!("sqlite://{}/labelhook.db", blocked.display()),
-    );
+    let (blocked, config) = blocked_store_config(dir.path());
     let server = TestServer::start(&config);
     assert_eq!(
         deliver(&server, "clock1", "LABEL_UPDATED", LABEL_UPDATED).status,

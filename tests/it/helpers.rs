@@ -47,6 +47,18 @@ secrets = [{{ env = "LH_TEST_SECRET" }}, {{ value = "{ROTATED_SECRET}" }}]
     )
 }
 
+/// [`base_config`] with its store below `dir/store`, where a plain file stands instead of a
+/// directory: the store cannot be opened until the test puts a directory at the returned path.
+pub fn blocked_store_config(dir: &Path) -> (PathBuf, String) {
+    let blocked = dir.join("store");
+    std::fs::write(&blocked, b"not a directory").expect("write");
+    let config = base_config("").replace(
+        "sqlite://STORE_DIR/labelhook.db",
+        &format!("sqlite://{}/labelhook.db", blocked.display()),
+    );
+    (blocked, config)
+}
+
 /// [`base_config`] on a shared PostgreSQL database at `store_url`, with a small connection
 /// pool (the test server allows 100 connections in all, and tests run in parallel).
 pub fn pg_config(store_url: &str, extra: &str) -> String {

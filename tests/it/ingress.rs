@@ -368,12 +368,7 @@ fn authentic_body_that_is_not_json_is_kept_as_unrecognized() {
 fn store_unavailable_gets_503_with_retry_after_and_recovers_by_itself() {
     // The store's directory is blocked by a plain file: the server must start anyway.
     let dir = tempfile::tempdir().expect("temp");
-    let blocked = dir.path().join("store");
-    std::fs::write(&blocked, b"not a directory").expect("write");
-    let config = base_config("").replace(
-        "sqlite://STORE_DIR/labelhook.db",
-        &format!("sqlite://{}/labelhook.db", blocked.display()),
-    );
+    let (blocked, config) = blocked_store_config(dir.path());
     let server = TestServer::start(&config);
     let ready = curl(&server.admin("/readyz"), &[]);
     assert_eq!(ready.status, 503, "{}", ready.body);

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
-use crate::postgres::{server_url, TestDb};
+use crate::postgres::{runtime, server_url, TestDb};
 
 const PROJECT_ID: &str = "cprojreplicas000000000001";
 
@@ -1118,10 +1118,7 @@ fn a_database_url_with_sslmode_require_is_served_over_tls() {
          AND a.pid <> pg_backend_pid()",
         db.name
     );
-    let (all_tls, count): (bool, i64) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    let (all_tls, count): (bool, i64) = runtime()
         .block_on(async {
             use sqlx::Connection;
             let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", server_url()))

@@ -114,17 +114,10 @@ async fn plan(
 }
 
 fn report(rows: &[Doomed], bodies: &[Doomed]) -> PruneReport {
-    let mut report = PruneReport::default();
-    for row in rows {
-        report.add(&PruneReport {
-            deleted: vec![(row.status, 1)],
-            bodies_dropped: 0,
-            body_bytes: row.body_bytes,
-        });
-    }
-    report.bodies_dropped = bodies.len() as u64;
-    report.body_bytes += bodies.iter().map(|b| b.body_bytes).sum::<u64>();
-    report
+    PruneReport::of(
+        rows.iter().map(|r| (r.status, r.body_bytes)),
+        bodies.iter().map(|b| b.body_bytes),
+    )
 }
 
 #[async_trait]

@@ -89,7 +89,7 @@ pub struct Writer {
     /// same database file at the path.
     pub files: Option<StoreFiles>,
     pub fatal_logged: Option<std::time::Instant>,
-    /// Whether the last batch got as far as an open database. A batch refused because the store
+    /// Whether the last failed batch got as far as an open database. A batch refused because the store
     /// cannot be reached says nothing `/readyz`'s own probe will not find out; one refused by
     /// the database itself (a full disk, an I/O error) must hold readiness down.
     pub reached: bool,
@@ -277,6 +277,8 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                // A connection still open means the batch reached the database.
+                self.reached = self.conn.is_some();
                 // Start from a fresh connection next time: the file may have come back.
                 self.conn = None;
                 let failure = match e {
@@ -328,10 +330,7 @@ impl Writer {
         }
         let blobs = self.blobs.clone();
         // Checked before as well as after: a batch is not written into files already gone.
-        self.reached = false;
         self.check_files()?;
-        self.connection()?;
-        self.reached = true;
         let conn = self.connection()?;
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
