@@ -29,20 +29,25 @@ struct Claims {
 }
 
 impl Running {
-    /// Registers `seq`; the token is cancelled when its lease is lost.
-    pub fn start(&self, seq: i64) -> CancellationToken {
+    /// Registers `seqs`, claimed together (a lane head and its chain); the token is cancelled
+    /// when the lease of any of them is lost.
+    pub fn start(&self, seqs: &[i64]) -> CancellationToken {
         let token = CancellationToken::new();
         if let Ok(mut claims) = self.inner.lock() {
             claims.next_claim += 1;
             let claim = claims.next_claim;
-            claims.by_seq.insert(seq, (claim, token.clone()));
+            for &seq in seqs {
+                claims.by_seq.insert(seq, (claim, token.clone()));
+            }
         }
         token
     }
 
-    pub fn finish(&self, seq: i64) {
+    pub fn finish(&self, seqs: &[i64]) {
         if let Ok(mut claims) = self.inner.lock() {
-            claims.by_seq.remove(&seq);
+            for seq in seqs {
+                claims.by_seq.remove(seq);
+            }
         }
     }
 

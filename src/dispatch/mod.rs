@@ -32,8 +32,8 @@ use crate::handlers::{HandlerError, HandlerEvent, Registry};
 use crate::ingress::webhook::bounded_for_log;
 use crate::ordering::Change;
 use crate::store::{
-    AttemptOutcome, AttemptResult, Claimed, DueRun, GateRequest, LeaseOwner, Queue, StoreError,
-    Ungated,
+    AttemptOutcome, AttemptResult, ChainRecord, Claimed, DueRun, GateRequest, LeaseOwner, Queue,
+    StoreError, Ungated,
 };
 use crate::telemetry;
 
@@ -45,6 +45,11 @@ use retry::outcome_of;
 
 /// Deliveries parsed and gated per round.
 const GATE_BATCH: u32 = 256;
+/// Most deliveries claimed behind one lane head, to go to its handler in one batch.
+const CHAIN_MAX: u32 = 256;
+/// Stored bodies up to this size are read into memory to be parsed; larger ones are parsed as
+/// they are read.
+const PARSE_IN_MEMORY_MAX: u64 = 4 * 1024 * 1024;
 /// Pause after a store error before trying again.
 const STORE_ERROR_PAUSE: Duration = Duration::from_millis(500);
 
@@ -204,15 +209,24 @@ impl Dispatcher {
             return Ok(false);
         }
         let limit = u32::try_from(room).unwrap_or(u32::MAX);
-        let claimed = self.queue.claim(&self.owner, self.lease, limit).await?;
+        let claimed = self
+            .queue
+            .claim(&self.owner, self.lease, limit, CHAIN_MAX)
+            .await?;
         let claimed_all = claimed.len() == room;
         for delivery in claimed {
             let this = self.clone();
-            let lost = self.running.start(delivery.seq);
+            let seqs: Vec<i64> = std::iter::once(delivery.seq)
+                .chain(delivery.chain.iter().map(|c| c.seq))
+                .collect();
+            let lost = self.running.start(&seqs);
             running.spawn(async move {
-                let seq = delivery.seq;
-                this.run_delivery(delivery, lost).await;
-                this.running.finish(seq);
+                if delivery.chain.is_empty() {
+                    this.run_delivery(delivery, lost).await;
+                } else {
+                    this.run_chain(delivery, lost).await;
+                }
+                this.running.finish(&seqs);
             });
         }
         Ok(claimed_all)
@@ -384,19 +398,13 @@ impl Dispatcher {
     }
 
     /// Calls every due handler of one claimed delivery and records the attempts, unless `lost`
-    /// says the lease went to someone else meanwhile.
-    #[tracing::instrument(
-        name = "dispatch",
-        skip_all,
-        fields(
-            delivery_id = %claimed.delivery_id,
-            seq = claimed.seq,
-            request_id = claimed.request_id.as_deref(),
-            topic = claimed.topic.as_deref().map(bounded_for_log).as_deref(),
-            entity = claimed.entity.as_deref(),
-        )
-    )]
+    /// says the lease went to someone else meanwhile. Runs in the delivery's `dispatch` span.
     async fn run_delivery(&self, claimed: Claimed, lost: CancellationToken) {
+        let span = dispatch_span(&claimed);
+        self.handle_delivery(claimed, lost).instrument(span).await;
+    }
+
+    async fn handle_delivery(&self, claimed: Claimed, lost: CancellationToken) {
         let typed = match self.typed_event(&claimed).await {
             Ok(typed) => typed,
             Err(e) => {
@@ -405,19 +413,7 @@ impl Dispatcher {
                 return;
             }
         };
-        let event = HandlerEvent {
-            seq: claimed.seq,
-            delivery_id: claimed.delivery_id.clone(),
-            topic: claimed.topic.clone().unwrap_or_default(),
-            event: typed,
-            entity: claimed.entity.clone(),
-            version: claimed.version,
-            fresh: claimed.fresh,
-            project_id: claimed.project_id.clone(),
-            received_at: format_millis(claimed.received_at),
-            body_is_json: claimed.body_is_json,
-            body: claimed.body.clone(),
-        };
+        let event = handler_event(&claimed, typed);
         let attempts = claimed.runs.iter().map(|run| self.attempt(&event, run));
         let results = tokio::select! {
             results = futures_util::future::join_all(attempts) => results,
@@ -426,19 +422,145 @@ impl Dispatcher {
                 return;
             }
         };
-        // The attempts happened: keep trying to record them (a lost record means the handlers
-        // run again after the lease runs out, which is safe but noisy).
+        let records = [ChainRecord {
+            seq: claimed.seq,
+            results,
+        }];
+        self.record(&records).await;
+    }
+
+    /// Hands a lane head and the chain claimed behind it to their one handler, in lane order:
+    /// as one batch when the handler takes batches, else one at a time. Each delivery's attempt
+    /// is recorded, and logged in its own `dispatch` span (its delivery and request ids); those
+    /// after a failure are not tried and wait for the next claim.
+    async fn run_chain(&self, mut head: Claimed, lost: CancellationToken) {
+        let chain = std::mem::take(&mut head.chain);
+        let mut members = Vec::with_capacity(chain.len() + 1);
+        members.push(head);
+        members.extend(chain);
+        // Events up to the first whose body cannot be read now; that one and those after it wait.
+        let mut batch = Vec::with_capacity(members.len());
+        for member in &members {
+            let Some(run) = member.runs.first() else {
+                break;
+            };
+            let span = dispatch_span(member);
+            match self.typed_event(member).instrument(span.clone()).await {
+                Ok(typed) => batch.push(Member {
+                    event: handler_event(member, typed),
+                    run: run.clone(),
+                    span,
+                }),
+                Err(e) => {
+                    span.in_scope(|| {
+                        tracing::warn!(error = %e, "cannot read the body; will retry");
+                    });
+                    break;
+                }
+            }
+        }
+        let Some(head_span) = batch.first().map(|m| m.span.clone()) else {
+            // Left to its lease, as a single delivery is.
+            return;
+        };
+        let results = tokio::select! {
+            results = self.attempt_batch(&batch) => results,
+            () = lost.cancelled() => {
+                head_span.in_scope(|| {
+                    tracing::warn!(
+                        chain = batch.len(),
+                        "lease lost while handling; abandoning its attempts"
+                    );
+                });
+                return;
+            }
+        };
+        let mut results = results.into_iter();
+        let records: Vec<ChainRecord> = members
+            .iter()
+            .map(|member| ChainRecord {
+                seq: member.seq,
+                results: results.next().into_iter().collect(),
+            })
+            .collect();
+        self.record(&records).await;
+    }
+
+    /// One attempt of one handler at each member of `batch` (one entity's deliveries, in lane
+    /// order), as one call when the handler takes batches; after a failed batch, or for a
+    /// handler that does not take them, one at a time up to the first failure. One result per
+    /// member tried.
+    async fn attempt_batch(&self, batch: &[Member]) -> Vec<AttemptResult> {
+        let Some(name) = batch.first().map(|m| m.run.handler.clone()) else {
+            return Vec::new();
+        };
+        if let Some(handler) = self.registry.get(&name).filter(|h| h.handles_batches()) {
+            let events: Vec<HandlerEvent> = batch.iter().map(|m| m.event.clone()).collect();
+            let started_at = self.clock.now();
+            let started = Instant::now();
+            let limit = self.attempt_timeout;
+            if let Ok(Ok(())) = tokio::time::timeout(limit, handler.handle_batch(&events)).await {
+                let took = started.elapsed();
+                let finished_at = self.clock.now();
+                let duration_ms = took.as_secs_f64() * 1000.0;
+                return batch
+                    .iter()
+                    .map(|m| {
+                        let attempt = m.run.attempts + 1;
+                        count_attempt(&name, &AttemptOutcome::Ok, took);
+                        let span = tracing::info_span!(
+                            parent: &m.span, "attempt", handler = %name, attempt
+                        );
+                        span.in_scope(|| {
+                            tracing::info!(duration_ms, batch = batch.len(), "handler done");
+                        });
+                        AttemptResult {
+                            handler: name.clone(),
+                            attempt,
+                            started_at,
+                            finished_at,
+                            outcome: AttemptOutcome::Ok,
+                        }
+                    })
+                    .collect();
+            }
+            tracing::debug!(
+                handler = %name,
+                batch = batch.len(),
+                "batch failed; trying its events one at a time"
+            );
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for m in batch {
+            let result = self
+                .attempt(&m.event, &m.run)
+                .instrument(m.span.clone())
+                .await;
+            let failed = !matches!(result.outcome, AttemptOutcome::Ok);
+            results.push(result);
+            if failed {
+                break;
+            }
+        }
+        results
+    }
+
+    /// Records what was done with claimed deliveries. The attempts happened: keep trying to
+    /// record them (a lost record means the handlers run again after the lease runs out, which
+    /// is safe but noisy).
+    async fn record(&self, records: &[ChainRecord]) {
         let mut pause = STORE_ERROR_PAUSE;
         loop {
-            let recorded = self
-                .queue
-                .record_attempts(claimed.seq, &self.owner, &results)
-                .await;
+            let recorded = match records {
+                [one] => self
+                    .queue
+                    .record_attempts(one.seq, &self.owner, &one.results)
+                    .await
+                    .map(|status| tracing::debug!(seq = one.seq, %status, "dispatched")),
+                _ => self.queue.record_chain(&self.owner, records).await,
+            };
             match recorded {
-                Ok(status) => {
-                    tracing::debug!(delivery_id = %claimed.delivery_id, %status, "dispatched");
-                    return;
-                }
+                Ok(()) => return,
                 Err(e @ StoreError::LeaseLost(_)) => {
                     tracing::warn!(error = %e, "attempts not recorded");
                     return;
@@ -449,12 +571,51 @@ impl Dispatcher {
                     pause *= 2;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, delivery_id = %claimed.delivery_id,
+                    let seq = records.first().map(|r| r.seq);
+                    tracing::error!(error = %e, seq,
                         "giving up recording attempts; the lease will expire and they run again");
                     return;
                 }
             }
         }
+    }
+}
+
+/// One delivery of a claimed chain, ready for its handler.
+struct Member {
+    event: HandlerEvent,
+    run: DueRun,
+    /// Its `dispatch` span, which its attempt's log lines go in.
+    span: tracing::Span,
+}
+
+/// The span of one delivery's way through its handlers: its ids go on every line logged in it.
+fn dispatch_span(claimed: &Claimed) -> tracing::Span {
+    let topic = claimed.topic.as_deref().map(bounded_for_log);
+    tracing::info_span!(
+        "dispatch",
+        delivery_id = %claimed.delivery_id,
+        seq = claimed.seq,
+        request_id = claimed.request_id.as_deref(),
+        topic = topic.as_deref(),
+        entity = claimed.entity.as_deref(),
+    )
+}
+
+/// What a handler is given for a claimed delivery.
+fn handler_event(claimed: &Claimed, typed: Event) -> HandlerEvent {
+    HandlerEvent {
+        seq: claimed.seq,
+        delivery_id: claimed.delivery_id.clone(),
+        topic: claimed.topic.clone().unwrap_or_default(),
+        event: typed,
+        entity: claimed.entity.clone(),
+        version: claimed.version,
+        fresh: claimed.fresh,
+        project_id: claimed.project_id.clone(),
+        received_at: format_millis(claimed.received_at),
+        body_is_json: claimed.body_is_json,
+        body: claimed.body.clone(),
     }
 }
 
@@ -518,6 +679,12 @@ async fn parse_body(
 ) -> std::io::Result<Result<events::Parsed, String>> {
     if let Some(bytes) = body.as_inline() {
         return Ok(events::parse(topic, bytes).map_err(|e| e.to_string()));
+    }
+    if body.len() <= PARSE_IN_MEMORY_MAX {
+        // Parsing a slice skips strings many times faster than parsing a reader, which goes
+        // byte by byte; a body this size costs little memory for the moment it is parsed.
+        let bytes = body.read_all().await?;
+        return Ok(events::parse(topic, &bytes).map_err(|e| e.to_string()));
     }
     let reader = body.blocking_reader().await?;
     let topic = topic.map(str::to_owned);

@@ -3,7 +3,9 @@
 //!
 //! An fsync per event would cap throughput at the disk's sync rate, so one writer task owns the
 //! file and is fed through a channel: it takes every line queued so far, writes them, calls
-//! `sync_data` once, and then answers each caller (group commit). Inline bodies are rendered by
+//! `sync_data` once, and then answers each caller (group commit). A batch of one entity's
+//! consecutive events ([`Handler::handle_batch`]) is one job: its lines land together or not at
+//! all, under one fsync, which is how a single busy entity gets past the disk's sync rate. Inline bodies are rendered by
 //! the caller; stored bodies are streamed by the writer itself in chunks, each in a batch of
 //! its own, so no body is ever held whole in memory. A failed batch is cut off the file again,
 //! so a half-written line never corrupts the lines after it.
@@ -35,11 +37,19 @@ pub struct FileHandler {
     writer: OnceCell<mpsc::Sender<Job>>,
 }
 
-/// One line for the writer task, and where to send the outcome.
+/// Lines for the writer task, written together, and where to send the outcome.
 #[derive(Debug)]
 struct Job {
-    line: Line,
+    lines: Vec<Line>,
     done: oneshot::Sender<Result<(), Failure>>,
+}
+
+impl Job {
+    fn streams(&self) -> bool {
+        self.lines
+            .iter()
+            .any(|line| matches!(line, Line::Streamed(_)))
+    }
 }
 
 /// Why a line was not written.
@@ -96,27 +106,29 @@ impl FileHandler {
             })
             .await
     }
-}
 
-#[async_trait]
-impl Handler for FileHandler {
-    async fn handle(&self, event: &HandlerEvent) -> Result<(), HandlerError> {
-        let line = if event.body.as_inline().is_some() {
-            let mut buf = Vec::new();
-            write_event_json(event, &mut buf)
-                .await
-                .map_err(|e| retryable(&self.path, &e))?;
-            buf.push(b'\n');
-            Line::Rendered(buf)
-        } else {
-            Line::Streamed(Box::new(event.clone()))
-        };
+    /// The line of one event: rendered now when its body is in memory, streamed by the writer
+    /// when the store keeps it.
+    async fn line(&self, event: &HandlerEvent) -> Result<Line, HandlerError> {
+        if event.body.as_inline().is_none() {
+            return Ok(Line::Streamed(Box::new(event.clone())));
+        }
+        let mut buf = Vec::new();
+        write_event_json(event, &mut buf)
+            .await
+            .map_err(|e| retryable(&self.path, &e))?;
+        buf.push(b'\n');
+        Ok(Line::Rendered(buf))
+    }
+
+    /// Hands `lines` to the writer as one job and waits until they are on disk.
+    async fn append(&self, lines: Vec<Line>) -> Result<(), HandlerError> {
         let (done, answer) = oneshot::channel();
         let stopped =
             || HandlerError::Retryable(format!("{}: the file writer stopped", self.path.display()));
         self.writer()
             .await
-            .send(Job { line, done })
+            .send(Job { lines, done })
             .await
             .map_err(|_| stopped())?;
         match answer.await {
@@ -131,6 +143,26 @@ impl Handler for FileHandler {
     }
 }
 
+#[async_trait]
+impl Handler for FileHandler {
+    async fn handle(&self, event: &HandlerEvent) -> Result<(), HandlerError> {
+        let line = self.line(event).await?;
+        self.append(vec![line]).await
+    }
+
+    fn handles_batches(&self) -> bool {
+        true
+    }
+
+    async fn handle_batch(&self, events: &[HandlerEvent]) -> Result<(), HandlerError> {
+        let mut lines = Vec::with_capacity(events.len());
+        for event in events {
+            lines.push(self.line(event).await?);
+        }
+        self.append(lines).await
+    }
+}
+
 fn retryable(path: &Path, error: &std::io::Error) -> HandlerError {
     HandlerError::Retryable(format!("{}: {error}", path.display()))
 }
@@ -141,11 +173,9 @@ async fn run_writer(path: PathBuf, mut rx: mpsc::Receiver<Job>) {
     let mut file: Option<File> = None;
     let mut jobs = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut jobs, BATCH_MAX).await > 0 {
-        // Streamed bodies go alone: a long copy should not hold up the small lines, and an
-        // unreadable body should fail only its own event.
-        let (streamed, rendered): (Vec<Job>, Vec<Job>) = jobs
-            .drain(..)
-            .partition(|job| matches!(job.line, Line::Streamed(_)));
+        // Jobs with streamed bodies go alone: a long copy should not hold up the small lines,
+        // and an unreadable body should fail only its own job.
+        let (streamed, rendered): (Vec<Job>, Vec<Job>) = jobs.drain(..).partition(Job::streams);
         if !rendered.is_empty() {
             commit(&path, &mut file, rendered).await;
         }
@@ -187,8 +217,8 @@ async fn write_batch(path: &Path, file: &mut Option<File>, jobs: &[Job]) -> std:
 
 async fn write_lines(file: &mut File, jobs: &[Job]) -> std::io::Result<()> {
     let mut pending = Vec::new();
-    for job in jobs {
-        match &job.line {
+    for line in jobs.iter().flat_map(|job| &job.lines) {
+        match line {
             Line::Rendered(bytes) => pending.extend_from_slice(bytes),
             Line::Streamed(event) => {
                 file.write_all(&pending).await?;

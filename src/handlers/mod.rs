@@ -112,6 +112,24 @@ pub enum HandlerError {
 pub trait Handler: Send + Sync {
     /// One attempt at handling `event`.
     async fn handle(&self, event: &HandlerEvent) -> Result<(), HandlerError>;
+
+    /// Whether [`Handler::handle_batch`] does better than one [`Handler::handle`] per event
+    /// (one fsync for many lines, say). Only then does the dispatcher hand it batches.
+    fn handles_batches(&self) -> bool {
+        false
+    }
+
+    /// One attempt at each of `events`, consecutive deliveries of one entity in lane order, at
+    /// once. `Ok` only when every one of them was handled. After an error the dispatcher tries
+    /// them again one at a time, in order, so that each failure is pinned on its own event;
+    /// a handler that may have done part of a batch must be fine with doing it again, as it
+    /// must be for any retry.
+    async fn handle_batch(&self, events: &[HandlerEvent]) -> Result<(), HandlerError> {
+        for event in events {
+            self.handle(event).await?;
+        }
+        Ok(())
+    }
 }
 
 /// A `[[handler]]` that cannot be built; every variant names the handler.

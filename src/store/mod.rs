@@ -41,9 +41,10 @@ pub use retention::{Cutoffs, PruneReport, RetentionSettings, StoreStats};
 
 pub use model::{
     status_after_runs, Accepted, AttemptKind, AttemptOutcome, AttemptRecord, AttemptResult,
-    Claimed, DeliveryDetail, DeliverySummary, DueRun, EntityEntry, EntityHistory, EntityState,
-    GateRequest, HandlerActivity, HandlerRun, LeaseOwner, ListQuery, Overview, ReceivedBucket,
-    ReplayEffect, ReplayItem, ReplayOutcome, ReplayTarget, RunState, Ungated, VerdictBasis,
+    ChainRecord, Claimed, DeliveryDetail, DeliverySummary, DueRun, EntityEntry, EntityHistory,
+    EntityState, GateRequest, HandlerActivity, HandlerRun, LeaseOwner, ListQuery, Overview,
+    ReceivedBucket, ReplayEffect, ReplayItem, ReplayOutcome, ReplayTarget, RunState, Ungated,
+    VerdictBasis,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -135,11 +136,19 @@ pub trait Queue: Send + Sync {
     /// Leases up to `limit` deliveries with due handler runs. Only the head of an entity's lane
     /// is ever due, so two deliveries of one entity are never out at once, and each comes only
     /// after everything before it in its lane is finished.
+    ///
+    /// With `chain_max` above zero, a head with exactly one run due also brings up to
+    /// `chain_max` of the deliveries waiting right behind it in its lane ([`Claimed::chain`]),
+    /// as long as each waits for that same handler only and for its first attempt. They are
+    /// leased with the head and meant to be handed to the handler in one call, in lane order,
+    /// and recorded in one go ([`Queue::record_chain`]): a busy entity is then served at the
+    /// rate of batches, not of round trips.
     async fn claim(
         &self,
         owner: &LeaseOwner,
         lease: Duration,
         limit: u32,
+        chain_max: u32,
     ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Extends the leases `owner` still holds among `seqs` to `lease` from now; returns those.
@@ -158,6 +167,17 @@ pub trait Queue: Send + Sync {
         owner: &LeaseOwner,
         results: &[AttemptResult],
     ) -> Result<Status, StoreError>;
+
+    /// Records a claimed head and its chain in lane order, in one transaction: each member's
+    /// attempts as [`Queue::record_attempts`] does (a member whose predecessor finished has
+    /// become its lane's head by then), and for a member that was not tried, only the release
+    /// of its lease. [`StoreError::LeaseLost`] (and nothing recorded) when `owner` no longer
+    /// holds one of them.
+    async fn record_chain(
+        &self,
+        owner: &LeaseOwner,
+        records: &[ChainRecord],
+    ) -> Result<(), StoreError>;
 
     /// Deliveries with work left (not yet gated, or with handler runs left).
     async fn queue_depth(&self) -> Result<u64, StoreError>;

@@ -278,6 +278,21 @@ pub struct Claimed {
     /// The id of the HTTP request that brought the delivery, so that the log lines of its
     /// handler attempts (in another task, maybe on another replica) carry it too.
     pub request_id: Option<String>,
+    /// The deliveries right behind this one in its entity's lane, leased with it, in lane
+    /// order: each has the same one handler due for its first attempt, as this one has. The
+    /// dispatcher hands them to that handler together (one fsync for many lines, say) and
+    /// records them with [`crate::store::Queue::record_chain`]. Empty when the claim asked for
+    /// no chains or nothing qualifies; never nested.
+    pub chain: Vec<Claimed>,
+}
+
+/// What was done with one delivery of a claimed chain, for [`crate::store::Queue::record_chain`].
+#[derive(Debug, Clone)]
+pub struct ChainRecord {
+    pub seq: i64,
+    /// Its attempts; empty when it was not tried (a delivery before it failed), which releases
+    /// its lease and leaves it waiting in its lane as before.
+    pub results: Vec<AttemptResult>,
 }
 
 /// One handler to call for a claimed delivery.

@@ -187,7 +187,7 @@ pub async fn replay_says_per_delivery_what_it_does_and_does_it(h: &Harness) {
     })
     .await;
     let now = h.clock.now();
-    for claimed in h.store.claim(&owner, LEASE, 10).await.expect("claim") {
+    for claimed in h.store.claim(&owner, LEASE, 10, 0).await.expect("claim") {
         let outcome = if claimed.seq == z1 {
             AttemptOutcome::Ok
         } else {
@@ -282,7 +282,11 @@ pub async fn a_delivery_being_handled_is_left_alone_by_replay_and_says_so(h: &Ha
     })
     .await;
     assert_eq!(
-        h.store.claim(&owner, LEASE, 10).await.expect("claim").len(),
+        h.store
+            .claim(&owner, LEASE, 10, 0)
+            .await
+            .expect("claim")
+            .len(),
         1
     );
     let target = ReplayTarget::DeliveryId("busy".to_owned());
@@ -434,7 +438,7 @@ pub async fn handler_activity_tells_each_handlers_last_success_and_recent_failur
     })
     .await;
     let t0 = h.clock.now();
-    let claimed = h.store.claim(&owner, LEASE, 10).await.expect("claim");
+    let claimed = h.store.claim(&owner, LEASE, 10, 0).await.expect("claim");
     assert_eq!(claimed.len(), 3);
     // An hour ago: one failure of forward. Now: forward fails twice (one retried, one dead),
     // archive succeeds three times.

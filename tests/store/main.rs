@@ -49,6 +49,8 @@ conformance!(
     a_delete_is_final_and_outranks_an_update_at_the_same_version,
     two_replicas_gating_one_entity_at_once_hand_it_on_in_version_order,
     only_the_head_of_an_entity_lane_is_due,
+    a_busy_lane_is_claimed_as_a_chain_and_recorded_in_lane_order,
+    a_chain_whose_lease_ran_out_is_not_recorded_by_its_old_holder,
     a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cannot_record,
     a_retry_is_due_only_at_its_time_and_its_attempts_are_kept,
     a_dead_letter_frees_its_lane_and_replay_sends_it_through_the_gate_again,

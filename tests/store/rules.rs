@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use labelhook::delivery::{Clock, IncomingBody, Status};
 use labelhook::ordering::{Change, Verdict};
 use labelhook::store::{
-    AttemptKind, AttemptOutcome, AttemptResult, Claimed, Cutoffs, GateRequest, LeaseOwner,
-    ListQuery, PruneReport, ReplayTarget, RetentionSettings, RunState, StoreError,
+    AttemptKind, AttemptOutcome, AttemptResult, ChainRecord, Claimed, Cutoffs, GateRequest,
+    LeaseOwner, ListQuery, PruneReport, ReplayTarget, RetentionSettings, RunState, StoreError,
 };
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -50,7 +50,7 @@ fn result(handler: &str, attempt: u32, now: i64, outcome: AttemptOutcome) -> Att
 /// Claims what is due for `owner` and returns it.
 async fn claim(h: &Harness, owner: &str) -> Vec<Claimed> {
     h.store
-        .claim(&LeaseOwner::named(owner), LEASE, 100)
+        .claim(&LeaseOwner::named(owner), LEASE, 100, 0)
         .await
         .expect("claim")
 }
@@ -408,6 +408,194 @@ pub async fn only_the_head_of_an_entity_lane_is_due(h: &Harness) {
     assert_eq!(status_of(h, "a1").await, [Status::Delivered]);
 }
 
+/// Five deliveries of entity A (the fourth for two handlers) and one of B, gated in order;
+/// their sequence numbers.
+async fn busy_lane(h: &Harness) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    for (n, id) in ["a1", "a2", "a3", "a4", "a5", "b1"].iter().enumerate() {
+        seqs.push(h.accept(id, "LABEL_UPDATED", &body(n)).await.seq);
+    }
+    let lane = seqs.clone();
+    h.gate_all(|seq| {
+        let n = lane.iter().position(|s| *s == seq).unwrap_or(5);
+        let entity = if n == 5 { "label:B" } else { "label:A" };
+        let version = format!("2024-05-02T08:00:0{n}Z");
+        let handlers: &[&str] = if n == 3 {
+            &["archive", "audit"]
+        } else {
+            FRESH_TO
+        };
+        label_gate(seq, entity, &version, Change::Updated, handlers)
+    })
+    .await;
+    seqs
+}
+
+fn seqs_of(claimed: &[Claimed]) -> Vec<i64> {
+    claimed.iter().map(|c| c.seq).collect()
+}
+
+pub async fn a_busy_lane_is_claimed_as_a_chain_and_recorded_in_lane_order(h: &Harness) {
+    let seqs = busy_lane(h).await;
+    let owner = LeaseOwner::named("w");
+    let heads = h.store.claim(&owner, LEASE, 10, 10).await.expect("claim");
+    assert_eq!(
+        seqs_of(&heads),
+        [seqs[0], seqs[5]],
+        "only lane heads are claimed"
+    );
+    assert_eq!(
+        seqs_of(&heads[0].chain),
+        [seqs[1], seqs[2]],
+        "a2 and a3 come with a1; a4 waits for a second handler, so the chain ends before it"
+    );
+    assert!(heads[0]
+        .chain
+        .iter()
+        .all(|c| c.runs.len() == 1 && c.runs[0].handler == "archive" && c.runs[0].attempts == 0));
+    let chained = heads[0].chain[1].body.read_all().await.expect("body");
+    assert_eq!(
+        chained,
+        Bytes::from(body(2)),
+        "a chain member comes with its own body"
+    );
+    assert!(heads[1].chain.is_empty(), "B has nothing behind it");
+    assert!(
+        h.other()
+            .claim(&LeaseOwner::named("w2"), LEASE, 10, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the chain is leased with its head"
+    );
+
+    // a1 handled, a2 failed (to be retried), a3 not tried.
+    let now = h.clock.now();
+    let retry = AttemptOutcome::Retry {
+        next_at: now + 10_000,
+        error: "disk full".to_owned(),
+    };
+    let records = [
+        ChainRecord {
+            seq: seqs[0],
+            results: vec![ok("archive", 1, now)],
+        },
+        ChainRecord {
+            seq: seqs[1],
+            results: vec![result("archive", 1, now, retry)],
+        },
+        ChainRecord {
+            seq: seqs[2],
+            results: Vec::new(),
+        },
+    ];
+    h.store
+        .record_chain(&owner, &records)
+        .await
+        .expect("record chain");
+    assert_eq!(status_of(h, "a1").await, [Status::Delivered]);
+    assert_eq!(status_of(h, "a2").await, [Status::Pending]);
+    assert_eq!(status_of(h, "a3").await, [Status::Pending]);
+    let a2 = h.store.show("a2").await.expect("show");
+    assert_eq!(a2[0].attempts.len(), 1, "a2's failed attempt is kept");
+    assert!(
+        h.store.show("a3").await.expect("show")[0]
+            .attempts
+            .is_empty(),
+        "a3 was not tried"
+    );
+    assert!(
+        seqs_of(&claim(h, "w").await).is_empty(),
+        "a2 is not due before its retry; a3 still waits behind it"
+    );
+
+    // The retry comes due: a2 heads the lane with a3 behind it again.
+    h.clock.advance(Duration::from_secs(10));
+    let again = h.store.claim(&owner, LEASE, 10, 10).await.expect("claim");
+    assert_eq!(seqs_of(&again), [seqs[1]]);
+    assert_eq!(again[0].runs[0].attempts, 1, "the earlier attempt counts");
+    assert_eq!(seqs_of(&again[0].chain), [seqs[2]]);
+    assert_eq!(again[0].chain[0].runs[0].attempts, 0);
+    let now = h.clock.now();
+    let records = [
+        ChainRecord {
+            seq: seqs[1],
+            results: vec![ok("archive", 2, now)],
+        },
+        ChainRecord {
+            seq: seqs[2],
+            results: vec![ok("archive", 1, now)],
+        },
+    ];
+    h.store
+        .record_chain(&owner, &records)
+        .await
+        .expect("record chain");
+    assert_eq!(status_of(h, "a2").await, [Status::Delivered]);
+    assert_eq!(status_of(h, "a3").await, [Status::Delivered]);
+    let fourth = h.store.claim(&owner, LEASE, 10, 10).await.expect("claim");
+    assert_eq!(
+        seqs_of(&fourth),
+        [seqs[3]],
+        "a4 heads the lane after the chain"
+    );
+    assert_eq!(fourth[0].runs.len(), 2);
+    assert!(
+        fourth[0].chain.is_empty(),
+        "a head with two runs due brings no chain"
+    );
+}
+
+pub async fn a_chain_whose_lease_ran_out_is_not_recorded_by_its_old_holder(h: &Harness) {
+    let seqs = busy_lane(h).await;
+    let (a, b) = (LeaseOwner::named("a"), LeaseOwner::named("b"));
+    let first = h.store.claim(&a, LEASE, 10, 1).await.expect("claim");
+    assert_eq!(seqs_of(&first[0].chain), [seqs[1]], "chain_max is kept to");
+    h.clock.advance(LEASE * 2);
+    let taken = h.other().claim(&b, LEASE, 10, 10).await.expect("claim");
+    assert_eq!(seqs_of(&taken[0].chain), [seqs[1], seqs[2]]);
+    let now = h.clock.now();
+    let late = h
+        .store
+        .record_chain(
+            &a,
+            &[
+                ChainRecord {
+                    seq: seqs[0],
+                    results: vec![ok("archive", 1, now)],
+                },
+                ChainRecord {
+                    seq: seqs[1],
+                    results: vec![ok("archive", 1, now)],
+                },
+            ],
+        )
+        .await;
+    assert!(matches!(late, Err(StoreError::LeaseLost(_))), "{late:?}");
+    assert_eq!(status_of(h, "a1").await, [Status::Pending]);
+    assert_eq!(status_of(h, "a2").await, [Status::Pending]);
+    let records: Vec<ChainRecord> = seqs[..3]
+        .iter()
+        .map(|&seq| ChainRecord {
+            seq,
+            results: vec![ok("archive", 1, now)],
+        })
+        .collect();
+    h.other()
+        .record_chain(&b, &records)
+        .await
+        .expect("the new holder records");
+    for id in ["a1", "a2", "a3"] {
+        assert_eq!(status_of(h, id).await, [Status::Delivered], "{id}");
+    }
+    let next = claim(h, "b").await;
+    assert_eq!(
+        seqs_of(&next),
+        [seqs[3]],
+        "a4 heads the lane after the chain"
+    );
+}
+
 pub async fn a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cannot_record(
     h: &Harness,
 ) {
@@ -423,10 +611,13 @@ pub async fn a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cann
     })
     .await;
     let (a, b) = (LeaseOwner::named("a"), LeaseOwner::named("b"));
-    assert_eq!(h.store.claim(&a, LEASE, 10).await.expect("claim").len(), 1);
+    assert_eq!(
+        h.store.claim(&a, LEASE, 10, 0).await.expect("claim").len(),
+        1
+    );
     assert!(h
         .other()
-        .claim(&b, LEASE, 10)
+        .claim(&b, LEASE, 10, 0)
         .await
         .expect("claim")
         .is_empty());
@@ -446,7 +637,7 @@ pub async fn a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cann
     h.clock.advance(LEASE * 3 / 4);
     assert!(
         h.other()
-            .claim(&b, LEASE, 10)
+            .claim(&b, LEASE, 10, 0)
             .await
             .expect("claim")
             .is_empty(),
@@ -455,7 +646,7 @@ pub async fn a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cann
 
     // Not renewed any more (its holder died): taken over once it runs out.
     h.clock.advance(LEASE);
-    let taken = h.other().claim(&b, LEASE, 10).await.expect("claim");
+    let taken = h.other().claim(&b, LEASE, 10, 0).await.expect("claim");
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].runs[0].attempts, 0);
     let now = h.clock.now();

@@ -20,8 +20,8 @@ use crate::delivery::{after, Payload, Status, UnixMillis};
 use crate::ordering::{Verdict, Version};
 use crate::store::gate::{applied, decide_in_lane};
 use crate::store::{
-    status_after_runs, AttemptResult, Claimed, DueRun, GateRequest, LeaseOwner, Queue, StoreError,
-    Ungated,
+    status_after_runs, AttemptResult, ChainRecord, Claimed, DueRun, GateRequest, LeaseOwner, Queue,
+    StoreError, Ungated,
 };
 use crate::telemetry;
 
@@ -144,48 +144,32 @@ impl Queue for PgStore {
         owner: &LeaseOwner,
         lease: Duration,
         limit: u32,
+        chain_max: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         self.ready().await?;
         let now = self.clock.now();
+        let until = after(now, lease);
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "UPDATE deliveries d SET lease_owner = $1, lease_until = $2 \
              FROM (SELECT seq FROM deliveries \
                    WHERE due_at IS NOT NULL AND due_at <= $3 \
                      AND (lease_until IS NULL OR lease_until < $3) \
                    ORDER BY due_at, seq LIMIT $4 FOR UPDATE SKIP LOCKED) c \
              WHERE d.seq = c.seq \
-             RETURNING d.seq, d.delivery_id, d.topic, d.entity, d.version, d.project_id, \
-                 d.fresh, d.parse_error IS NULL AS body_is_json, d.received_at, d.body, \
-                 d.blob_id, d.body_len, d.event, d.request_id",
-        )
+             RETURNING {CLAIM_COLUMNS}"
+        ))
         .bind(owner.as_str())
-        .bind(after(now, lease))
+        .bind(until)
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in &rows {
-            claimed.push(Claimed {
-                seq: row.try_get("seq")?,
-                delivery_id: row.try_get("delivery_id")?,
-                topic: row.try_get("topic")?,
-                entity: row.try_get("entity")?,
-                version: row
-                    .try_get::<Option<i64>, _>("version")?
-                    .map(Version::from_nanos),
-                project_id: row.try_get("project_id")?,
-                fresh: row.try_get::<Option<bool>, _>("fresh")?.unwrap_or(true),
-                body_is_json: row.try_get("body_is_json")?,
-                received_at: row.try_get("received_at")?,
-                event: row.try_get("event")?,
-                body: self.body_of(row)?,
-                runs: Vec::new(),
-                request_id: row.try_get("request_id")?,
-            });
-        }
+        let mut claimed = rows
+            .iter()
+            .map(|row| self.claimed_of(row))
+            .collect::<Result<Vec<_>, _>>()?;
         let seqs: Vec<i64> = claimed.iter().map(|c| c.seq).collect();
         let runs: Vec<(i64, String, i32)> = sqlx::query_as(
             "SELECT delivery_seq, handler, attempts FROM handler_runs \
@@ -196,8 +180,6 @@ impl Queue for PgStore {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
-        telemetry::record_commit("postgres", started.elapsed(), 1);
         for (seq, handler, attempts) in runs {
             if let Some(c) = claimed.iter_mut().find(|c| c.seq == seq) {
                 c.runs.push(DueRun {
@@ -206,6 +188,15 @@ impl Queue for PgStore {
                 });
             }
         }
+        if chain_max > 0 {
+            for c in &mut claimed {
+                c.chain = self
+                    .chain_behind(&mut tx, c, owner, now, until, chain_max)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        telemetry::record_commit("postgres", started.elapsed(), 1);
         // Oldest first, so that a caller running them in order keeps arrival order.
         claimed.sort_by_key(|c| c.seq);
         Ok(claimed)
@@ -240,70 +231,41 @@ impl Queue for PgStore {
         let now = self.clock.now();
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        let row: Option<(Option<String>, String)> =
-            sqlx::query_as("SELECT lease_owner, status FROM deliveries WHERE seq = $1 FOR UPDATE")
-                .bind(seq)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((Some(holder), current)) = row else {
-            return Err(StoreError::LeaseLost(seq));
-        };
-        if holder != owner.as_str() {
-            return Err(StoreError::LeaseLost(seq));
-        }
-        for r in results {
-            let error = r.outcome.error();
-            sqlx::query(
-                "UPDATE handler_runs SET state = $3, attempts = $4, next_at = $5, \
-                 last_error = COALESCE($6, last_error) WHERE delivery_seq = $1 AND handler = $2",
-            )
-            .bind(seq)
-            .bind(&r.handler)
-            .bind(r.outcome.run_state().as_str())
-            .bind(r.attempt as i32)
-            .bind(r.outcome.next_at())
-            .bind(error)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO attempts (delivery_seq, handler, attempt, started_at, finished_at, \
-                 outcome, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(seq)
-            .bind(&r.handler)
-            .bind(r.attempt as i32)
-            .bind(r.started_at)
-            .bind(r.finished_at)
-            .bind(r.outcome.kind().as_str())
-            .bind(error)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let (next_due, dead): (Option<i64>, i64) = sqlx::query_as(
-            "SELECT MIN(next_at) FILTER (WHERE state = 'pending'), \
-                    COUNT(*) FILTER (WHERE state = 'dead') \
-             FROM handler_runs WHERE delivery_seq = $1",
-        )
-        .bind(seq)
-        .fetch_one(&mut *tx)
-        .await?;
-        let current: Status = current.parse().map_err(StoreError::Corrupt)?;
-        let status = status_after_runs(current, next_due.is_some(), dead > 0);
-        sqlx::query(
-            "UPDATE deliveries SET status = $2, due_at = $3, lease_owner = NULL, \
-             lease_until = NULL WHERE seq = $1",
-        )
-        .bind(seq)
-        .bind(status.as_str())
-        .bind(next_due)
-        .execute(&mut *tx)
-        .await?;
-        if next_due.is_none() {
-            finish_in_lane(&mut tx, seq, now).await?;
-        }
+        let status = record_in(&mut tx, seq, owner, results, now).await?;
         tx.commit().await?;
         telemetry::record_commit("postgres", started.elapsed(), 1);
         Ok(status)
+    }
+
+    async fn record_chain(
+        &self,
+        owner: &LeaseOwner,
+        records: &[ChainRecord],
+    ) -> Result<(), StoreError> {
+        self.ready().await?;
+        let now = self.clock.now();
+        let started = Instant::now();
+        let mut tx = self.pool.begin().await?;
+        for record in records {
+            if record.results.is_empty() {
+                let released = sqlx::query(
+                    "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL \
+                     WHERE seq = $1 AND lease_owner = $2",
+                )
+                .bind(record.seq)
+                .bind(owner.as_str())
+                .execute(&mut *tx)
+                .await?;
+                if released.rows_affected() == 0 {
+                    return Err(StoreError::LeaseLost(record.seq));
+                }
+            } else {
+                record_in(&mut tx, record.seq, owner, &record.results, now).await?;
+            }
+        }
+        tx.commit().await?;
+        telemetry::record_commit("postgres", started.elapsed(), 1);
+        Ok(())
     }
 
     async fn queue_depth(&self) -> Result<u64, StoreError> {
@@ -442,6 +404,208 @@ async fn record_gate(
     .execute(&mut *conn)
     .await?;
     Ok(Some(verdict))
+}
+
+/// A delivery waiting in a lane, with one of its runs (handler, state, attempts, due) when it
+/// has any, and whether someone holds its lease.
+type LaneRun = (
+    i64,
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<bool>,
+);
+
+/// The columns a claim returns, as [`PgStore::claimed_of`] reads them.
+const CLAIM_COLUMNS: &str = "d.seq, d.delivery_id, d.topic, d.entity, d.version, d.project_id, \
+    d.fresh, d.parse_error IS NULL AS body_is_json, d.received_at, d.body, d.blob_id, d.body_len, \
+    d.event, d.request_id";
+
+impl PgStore {
+    fn claimed_of(&self, row: &PgRow) -> Result<Claimed, StoreError> {
+        Ok(Claimed {
+            seq: row.try_get("seq")?,
+            delivery_id: row.try_get("delivery_id")?,
+            topic: row.try_get("topic")?,
+            entity: row.try_get("entity")?,
+            version: row
+                .try_get::<Option<i64>, _>("version")?
+                .map(Version::from_nanos),
+            project_id: row.try_get("project_id")?,
+            fresh: row.try_get::<Option<bool>, _>("fresh")?.unwrap_or(true),
+            body_is_json: row.try_get("body_is_json")?,
+            received_at: row.try_get("received_at")?,
+            event: row.try_get("event")?,
+            body: self.body_of(row)?,
+            runs: Vec::new(),
+            request_id: row.try_get("request_id")?,
+            chain: Vec::new(),
+        })
+    }
+
+    /// The deliveries waiting right behind the lane head `head`, each due for exactly the
+    /// head's one run and its first attempt, leased to `owner` with it; stops at the first that
+    /// is not, or that another transaction holds.
+    async fn chain_behind(
+        &self,
+        conn: &mut PgConnection,
+        head: &Claimed,
+        owner: &LeaseOwner,
+        now: UnixMillis,
+        until: UnixMillis,
+        chain_max: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let (Some(entity), [run]) = (head.entity.as_deref(), head.runs.as_slice()) else {
+            return Ok(Vec::new());
+        };
+        // The lane's next deliveries with what each waits for; a delivery with any other run
+        // (or a second one) has a row of its own that ends the chain.
+        let waiting: Vec<LaneRun> = sqlx::query_as(
+            "SELECT d.seq, COALESCE(d.lease_until >= $2, false), h.handler, h.state, \
+                        h.attempts, h.next_at <= $2 \
+                 FROM (SELECT seq, lane_pos, lease_until FROM deliveries \
+                       WHERE entity = $1 AND waiting ORDER BY lane_pos LIMIT $3) d \
+                 LEFT JOIN handler_runs h ON h.delivery_seq = d.seq \
+                 ORDER BY d.lane_pos, h.handler",
+        )
+        .bind(entity)
+        .bind(now)
+        .bind(i64::from(chain_max))
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut members: Vec<i64> = Vec::new();
+        for (i, (seq, leased, handler, state, attempts, due)) in waiting.iter().enumerate() {
+            let alone = waiting.get(i + 1).is_none_or(|next| next.0 != *seq);
+            let same_first_run = handler.as_deref() == Some(run.handler.as_str())
+                && state.as_deref() == Some("pending")
+                && *attempts == Some(0)
+                && *due == Some(true);
+            if *leased || !alone || !same_first_run || members.contains(seq) {
+                break;
+            }
+            members.push(*seq);
+        }
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Locked as a whole or not at all past the first that another transaction holds.
+        let rows = sqlx::query(&format!(
+            "UPDATE deliveries d SET lease_owner = $2, lease_until = $3 \
+             FROM (SELECT seq FROM deliveries WHERE seq = ANY($1) AND waiting \
+                   FOR UPDATE SKIP LOCKED) c \
+             WHERE d.seq = c.seq \
+             RETURNING {CLAIM_COLUMNS}"
+        ))
+        .bind(&members)
+        .bind(owner.as_str())
+        .bind(until)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut leased: Vec<Claimed> = rows
+            .iter()
+            .map(|row| self.claimed_of(row))
+            .collect::<Result<_, _>>()?;
+        let mut chain = Vec::with_capacity(members.len());
+        for seq in members {
+            let Some(at) = leased.iter().position(|c| c.seq == seq) else {
+                break;
+            };
+            let mut member = leased.swap_remove(at);
+            member.runs = vec![DueRun {
+                handler: run.handler.clone(),
+                attempts: 0,
+            }];
+            chain.push(member);
+        }
+        // Rows leased past a gap are not part of the chain: their leases go back.
+        let stray: Vec<i64> = leased.iter().map(|c| c.seq).collect();
+        if !stray.is_empty() {
+            sqlx::query(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE seq = ANY($1)",
+            )
+            .bind(&stray)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(chain)
+    }
+}
+
+/// Records one claimed delivery's attempts inside `conn`'s transaction: its runs, its attempt
+/// log, its status, the release of its lease, and its lane's promotion when it is finished.
+async fn record_in(
+    conn: &mut PgConnection,
+    seq: i64,
+    owner: &LeaseOwner,
+    results: &[AttemptResult],
+    now: UnixMillis,
+) -> Result<Status, StoreError> {
+    let row: Option<(Option<String>, String)> =
+        sqlx::query_as("SELECT lease_owner, status FROM deliveries WHERE seq = $1 FOR UPDATE")
+            .bind(seq)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((Some(holder), current)) = row else {
+        return Err(StoreError::LeaseLost(seq));
+    };
+    if holder != owner.as_str() {
+        return Err(StoreError::LeaseLost(seq));
+    }
+    for r in results {
+        let error = r.outcome.error();
+        sqlx::query(
+            "UPDATE handler_runs SET state = $3, attempts = $4, next_at = $5, \
+                 last_error = COALESCE($6, last_error) WHERE delivery_seq = $1 AND handler = $2",
+        )
+        .bind(seq)
+        .bind(&r.handler)
+        .bind(r.outcome.run_state().as_str())
+        .bind(r.attempt as i32)
+        .bind(r.outcome.next_at())
+        .bind(error)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO attempts (delivery_seq, handler, attempt, started_at, finished_at, \
+                 outcome, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(seq)
+        .bind(&r.handler)
+        .bind(r.attempt as i32)
+        .bind(r.started_at)
+        .bind(r.finished_at)
+        .bind(r.outcome.kind().as_str())
+        .bind(error)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let (next_due, dead): (Option<i64>, i64) = sqlx::query_as(
+        "SELECT MIN(next_at) FILTER (WHERE state = 'pending'), \
+                    COUNT(*) FILTER (WHERE state = 'dead') \
+             FROM handler_runs WHERE delivery_seq = $1",
+    )
+    .bind(seq)
+    .fetch_one(&mut *conn)
+    .await?;
+    let current: Status = current.parse().map_err(StoreError::Corrupt)?;
+    let status = status_after_runs(current, next_due.is_some(), dead > 0);
+    sqlx::query(
+        // A chain member still waiting behind an unfinished delivery is not due, whatever
+        // it has left.
+        "UPDATE deliveries SET status = $2, \
+             due_at = CASE WHEN waiting THEN NULL ELSE $3 END, lease_owner = NULL, \
+             lease_until = NULL WHERE seq = $1",
+    )
+    .bind(seq)
+    .bind(status.as_str())
+    .bind(next_due)
+    .execute(&mut *conn)
+    .await?;
+    if next_due.is_none() {
+        finish_in_lane(&mut *conn, seq, now).await?;
+    }
+    Ok(status)
 }
 
 /// Called when the lane head `seq` has no work left (done, dead, or taken back for replay):

@@ -13,9 +13,13 @@ use super::ops::body_of;
 use crate::delivery::{Payload, Status, UnixMillis};
 use crate::ordering::Version;
 use crate::store::{
-    status_after_runs, AttemptResult, Claimed, DueRun, ReplayOutcome, ReplayTarget, RunState,
-    StoreError,
+    status_after_runs, AttemptResult, ChainRecord, Claimed, DueRun, ReplayOutcome, ReplayTarget,
+    RunState, StoreError,
 };
+
+/// The columns a claim returns, in the order [`claimed_row`] reads them.
+const CLAIM_COLUMNS: &str = "seq, delivery_id, topic, entity, version, project_id, fresh, \
+    parse_error, received_at, blob_name, body_len, event, request_id";
 
 pub fn claim(
     conn: &Connection,
@@ -24,42 +28,21 @@ pub fn claim(
     now: UnixMillis,
     until: UnixMillis,
     limit: u32,
+    chain_max: u32,
 ) -> Result<Vec<Claimed>, StoreError> {
     let mut claimed = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2 WHERE seq IN ( \
                  SELECT d.seq FROM deliveries d \
                  WHERE d.due_at IS NOT NULL AND d.due_at <= ?3 \
                    AND (d.lease_until IS NULL OR d.lease_until < ?3) \
                  ORDER BY d.due_at, d.seq LIMIT ?4) \
-             RETURNING seq, delivery_id, topic, entity, version, project_id, fresh, \
-                 parse_error, received_at, blob_name, body_len, event, request_id",
-        )?
-        .query_map(params![owner, until, now, i64::from(limit)], |row| {
-            let body_location = (row.get::<_, Option<String>>(9)?, row.get::<_, i64>(10)?);
-            let claimed = Claimed {
-                seq: row.get(0)?,
-                delivery_id: row.get(1)?,
-                topic: row.get(2)?,
-                entity: row.get(3)?,
-                version: row.get::<_, Option<i64>>(4)?.map(Version::from_nanos),
-                project_id: row.get(5)?,
-                fresh: row.get::<_, Option<bool>>(6)?.unwrap_or(true),
-                body_is_json: row.get::<_, Option<String>>(7)?.is_none(),
-                received_at: row.get(8)?,
-                event: row.get(11)?,
-                body: Payload::inline(bytes::Bytes::new()),
-                runs: Vec::new(),
-                request_id: row.get(12)?,
-            };
-            Ok((claimed, body_location))
-        })?
+             RETURNING {CLAIM_COLUMNS}"
+        ))?
+        .query_map(params![owner, until, now, i64::from(limit)], claimed_row)?
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
-        .map(|(mut claimed, (blob_name, len))| {
-            claimed.body = body_of(conn, blobs, claimed.seq, blob_name, len)?;
-            Ok(claimed)
-        })
+        .map(|row| with_body(conn, blobs, row))
         .collect::<Result<Vec<_>, StoreError>>()?;
     let mut due_runs = conn.prepare_cached(
         "SELECT handler, attempts FROM handler_runs \
@@ -74,10 +57,101 @@ pub fn claim(
                 })
             })?
             .collect::<Result<_, _>>()?;
+        if chain_max > 0 {
+            c.chain = chain_behind(conn, blobs, c, owner, now, until, chain_max)?;
+        }
     }
     // Oldest first, so that a caller running them in order keeps arrival order.
     claimed.sort_by_key(|c| c.seq);
     Ok(claimed)
+}
+
+/// A claimed row, its body still to be read: the claim and where its body is.
+type ClaimedRow = (Claimed, (Option<String>, i64));
+
+fn claimed_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimedRow> {
+    let body_location = (row.get::<_, Option<String>>(9)?, row.get::<_, i64>(10)?);
+    let claimed = Claimed {
+        seq: row.get(0)?,
+        delivery_id: row.get(1)?,
+        topic: row.get(2)?,
+        entity: row.get(3)?,
+        version: row.get::<_, Option<i64>>(4)?.map(Version::from_nanos),
+        project_id: row.get(5)?,
+        fresh: row.get::<_, Option<bool>>(6)?.unwrap_or(true),
+        body_is_json: row.get::<_, Option<String>>(7)?.is_none(),
+        received_at: row.get(8)?,
+        event: row.get(11)?,
+        body: Payload::inline(bytes::Bytes::new()),
+        runs: Vec::new(),
+        request_id: row.get(12)?,
+        chain: Vec::new(),
+    };
+    Ok((claimed, body_location))
+}
+
+fn with_body(
+    conn: &Connection,
+    blobs: &BlobDir,
+    (mut claimed, (blob_name, len)): ClaimedRow,
+) -> Result<Claimed, StoreError> {
+    claimed.body = body_of(conn, blobs, claimed.seq, blob_name, len)?;
+    Ok(claimed)
+}
+
+/// The deliveries waiting right behind the lane head `head`, each due for exactly the head's one
+/// run and its first attempt, leased to `owner` with it; stops at the first that is not.
+fn chain_behind(
+    conn: &Connection,
+    blobs: &BlobDir,
+    head: &Claimed,
+    owner: &str,
+    now: UnixMillis,
+    until: UnixMillis,
+    chain_max: u32,
+) -> Result<Vec<Claimed>, StoreError> {
+    let (Some(entity), [run]) = (head.entity.as_deref(), head.runs.as_slice()) else {
+        return Ok(Vec::new());
+    };
+    let waiting: Vec<(i64, bool)> = conn
+        .prepare_cached(
+            "SELECT seq, COALESCE(lease_until >= ?2, 0) FROM deliveries \
+             WHERE entity = ?1 AND waiting = 1 ORDER BY lane_pos LIMIT ?3",
+        )?
+        .query_map(params![entity, now, i64::from(chain_max)], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut runs_of = conn.prepare_cached(
+        "SELECT handler, state, attempts, next_at <= ?2 FROM handler_runs WHERE delivery_seq = ?1",
+    )?;
+    let mut lease = conn.prepare_cached(&format!(
+        "UPDATE deliveries SET lease_owner = ?2, lease_until = ?3 WHERE seq = ?1 \
+         RETURNING {CLAIM_COLUMNS}"
+    ))?;
+    let mut chain = Vec::new();
+    for (seq, leased) in waiting {
+        let runs: Vec<(String, String, i64, bool)> = runs_of
+            .query_map(params![seq, now], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let same_first_run = matches!(
+            runs.as_slice(),
+            [(handler, state, 0, true)] if *handler == run.handler && state == "pending"
+        );
+        if leased || !same_first_run {
+            break;
+        }
+        let row = lease.query_row(params![seq, owner, until], claimed_row)?;
+        let mut member = with_body(conn, blobs, row)?;
+        member.runs = vec![DueRun {
+            handler: run.handler.clone(),
+            attempts: 0,
+        }];
+        chain.push(member);
+    }
+    Ok(chain)
 }
 
 pub fn renew(
@@ -158,14 +232,40 @@ pub fn record_attempts(
     let current: Status = current.parse().map_err(StoreError::Corrupt)?;
     let status = status_after_runs(current, next_due.is_some(), dead.unwrap_or(0) > 0);
     conn.prepare_cached(
-        "UPDATE deliveries SET status = ?2, due_at = ?3, lease_owner = NULL, \
-         lease_until = NULL WHERE seq = ?1",
+        // A chain member still waiting behind an unfinished delivery is not due, whatever it
+        // has left.
+        "UPDATE deliveries SET status = ?2, due_at = CASE WHEN waiting = 1 THEN NULL ELSE ?3 END, \
+         lease_owner = NULL, lease_until = NULL WHERE seq = ?1",
     )?
     .execute(params![seq, status.as_str(), next_due])?;
     if next_due.is_none() {
         finish_in_lane(conn, seq, now)?;
     }
     Ok(status)
+}
+
+/// A head and its chain, in lane order: each member's attempts recorded, or its lease released
+/// when it was not tried. Run inside a savepoint, so a lost lease records nothing.
+pub fn record_chain(
+    conn: &Connection,
+    owner: &str,
+    records: &[ChainRecord],
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    let mut release = conn.prepare_cached(
+        "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL \
+         WHERE seq = ?1 AND lease_owner = ?2",
+    )?;
+    for record in records {
+        if record.results.is_empty() {
+            if release.execute(params![record.seq, owner])? == 0 {
+                return Err(StoreError::LeaseLost(record.seq));
+            }
+        } else {
+            record_attempts(conn, record.seq, owner, &record.results, now)?;
+        }
+    }
+    Ok(())
 }
 
 /// Called when the lane head `seq` has no work left (done, dead, or taken back for replay):

@@ -35,10 +35,10 @@ use self::ops::{Op, Output};
 use self::reads::Readers;
 use self::writer::{Request, WriteRequest, Writer};
 use super::{
-    Accepted, AttemptResult, BodyStore, Claimed, Cutoffs, DeliveryDetail, DeliverySummary,
-    EntityHistory, GateRequest, HandlerActivity, Inspect, Intake, LeaseOwner, ListQuery,
-    Maintenance, Overview, PruneReport, Queue, ReplayItem, ReplayOutcome, ReplayTarget, Store,
-    StoreError, StoreStats, Ungated, VerdictBasis,
+    Accepted, AttemptResult, BodyStore, ChainRecord, Claimed, Cutoffs, DeliveryDetail,
+    DeliverySummary, EntityHistory, GateRequest, HandlerActivity, Inspect, Intake, LeaseOwner,
+    ListQuery, Maintenance, Overview, PruneReport, Queue, ReplayItem, ReplayOutcome, ReplayTarget,
+    Store, StoreError, StoreStats, Ungated, VerdictBasis,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{after, Clock, Status, UnixMillis, VerifiedDelivery};
@@ -273,6 +273,7 @@ impl Queue for SqliteStore {
         owner: &LeaseOwner,
         lease: Duration,
         limit: u32,
+        chain_max: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         let now = self.clock.now();
         let op = Op::Claim {
@@ -280,6 +281,7 @@ impl Queue for SqliteStore {
             now,
             until: after(now, lease),
             limit,
+            chain_max,
         };
         match self.write(op, true).await? {
             Output::Claimed(claimed) => Ok(claimed),
@@ -318,6 +320,22 @@ impl Queue for SqliteStore {
         };
         match self.write(op, true).await? {
             Output::Recorded(status) => Ok(status),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn record_chain(
+        &self,
+        owner: &LeaseOwner,
+        records: &[ChainRecord],
+    ) -> Result<(), StoreError> {
+        let op = Op::RecordChain {
+            owner: owner.as_str().to_owned(),
+            records: records.to_vec(),
+            now: self.clock.now(),
+        };
+        match self.write(op, true).await? {
+            Output::RecordedChain => Ok(()),
             other => Err(unexpected(other)),
         }
     }

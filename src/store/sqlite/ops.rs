@@ -16,7 +16,8 @@ use crate::ordering::{Verdict, Version};
 use crate::store::gate::{applied, decide_in_lane};
 use crate::store::retention::{Cutoffs, PruneReport};
 use crate::store::{
-    Accepted, AttemptResult, Claimed, GateRequest, ReplayOutcome, ReplayTarget, StoreError,
+    Accepted, AttemptResult, ChainRecord, Claimed, GateRequest, ReplayOutcome, ReplayTarget,
+    StoreError,
 };
 
 /// A write, as queued for the writer. Times are taken from the store's clock when the op is
@@ -37,6 +38,7 @@ pub enum Op {
         now: UnixMillis,
         until: UnixMillis,
         limit: u32,
+        chain_max: u32,
     },
     Renew {
         owner: String,
@@ -49,6 +51,12 @@ pub enum Op {
         /// again, or the delivery replayed meanwhile) is refused.
         owner: String,
         results: Vec<AttemptResult>,
+        now: UnixMillis,
+    },
+    /// A claimed chain's attempts, in lane order.
+    RecordChain {
+        owner: String,
+        records: Vec<ChainRecord>,
         now: UnixMillis,
     },
     Replay {
@@ -78,6 +86,7 @@ pub enum Output {
     Claimed(Vec<Claimed>),
     Renewed(Vec<i64>),
     Recorded(Status),
+    RecordedChain,
     Replayed(ReplayOutcome),
     Released(u64),
     /// What the batch removed, and the blob files to delete now that it is committed.
@@ -121,7 +130,9 @@ impl Op {
                 now,
                 until,
                 limit,
-            } => lanes::claim(conn, blobs, owner, *now, *until, *limit).map(Output::Claimed),
+                chain_max,
+            } => lanes::claim(conn, blobs, owner, *now, *until, *limit, *chain_max)
+                .map(Output::Claimed),
             Op::Renew { owner, seqs, until } => {
                 lanes::renew(conn, owner, seqs, *until).map(Output::Renewed)
             }
@@ -131,6 +142,11 @@ impl Op {
                 results,
                 now,
             } => lanes::record_attempts(conn, *seq, owner, results, *now).map(Output::Recorded),
+            Op::RecordChain {
+                owner,
+                records,
+                now,
+            } => lanes::record_chain(conn, owner, records, *now).map(|()| Output::RecordedChain),
             Op::Replay { target, now } => lanes::replay(conn, target, *now).map(Output::Replayed),
             Op::ReleaseLeases => {
                 let n = conn
@@ -231,6 +247,25 @@ pub(super) fn body_of(
     })
 }
 
+/// Runs `work` in a savepoint: kept when it succeeds, undone alone when it fails. The outer
+/// error is the savepoint's own (the transaction is then in no state to go on).
+///
+/// The savepoint statements are prepared once and cached: `Connection::execute_batch`, which
+/// rusqlite's `Savepoint` uses, parses its SQL on every call, and at one savepoint per op that
+/// was a good share of the writer's time.
+pub fn in_savepoint<T>(
+    conn: &Connection,
+    work: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<Result<T, StoreError>, StoreError> {
+    conn.prepare_cached("SAVEPOINT op")?.execute([])?;
+    let result = work();
+    if result.is_err() {
+        conn.prepare_cached("ROLLBACK TO op")?.execute([])?;
+    }
+    conn.prepare_cached("RELEASE op")?.execute([])?;
+    Ok(result)
+}
+
 /// Each gate in a savepoint of its own, so one that fails is left for the next round alone.
 fn record_gates(
     conn: &Connection,
@@ -239,14 +274,9 @@ fn record_gates(
 ) -> Result<Vec<Option<Verdict>>, StoreError> {
     let mut verdicts = Vec::with_capacity(gates.len());
     for gate in gates {
-        conn.execute_batch("SAVEPOINT gate")?;
-        match record_gate(conn, gate, now) {
-            Ok(verdict) => {
-                conn.execute_batch("RELEASE gate")?;
-                verdicts.push(verdict);
-            }
+        match in_savepoint(conn, || record_gate(conn, gate, now))? {
+            Ok(verdict) => verdicts.push(verdict),
             Err(e) => {
-                conn.execute_batch("ROLLBACK TO gate; RELEASE gate")?;
                 tracing::error!(seq = gate.seq, error = %e, "gate failed; left for the next round");
                 verdicts.push(None);
             }

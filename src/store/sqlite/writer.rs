@@ -332,17 +332,11 @@ impl Writer {
         // Checked before as well as after: a batch is not written into files already gone.
         self.check_files()?;
         let conn = self.connection()?;
-        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
         for request in batch {
             let result = if request.op.needs_savepoint() {
-                let savepoint = tx.savepoint()?;
-                let result = request.op.run(&savepoint, &blobs);
-                if result.is_ok() {
-                    savepoint.commit()?;
-                }
-                // Dropped uncommitted, the savepoint rolls back this op alone.
-                result
+                super::ops::in_savepoint(&tx, || request.op.run(&tx, &blobs))?
             } else {
                 request.op.run(&tx, &blobs)
             };
