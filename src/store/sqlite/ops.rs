@@ -102,12 +102,14 @@ impl Op {
         !matches!(self, Op::Accept(_) | Op::Probe { .. })
     }
 
-    /// Single statements are atomic by themselves and skip the savepoint; `Gate` keeps one
-    /// per delivery itself, so that one failing gate does not undo the others.
+    /// Single statements are atomic by themselves and skip the savepoint; `Gate` keeps its
+    /// own, so that one failing gate does not undo the others; `Accept` undoes its row itself
+    /// when its body cannot be stored.
     pub fn needs_savepoint(&self) -> bool {
         !matches!(
             self,
-            Op::Probe { .. }
+            Op::Accept(_)
+                | Op::Probe { .. }
                 | Op::ReleaseLeases
                 | Op::Gate { .. }
                 | Op::Renew { .. }
@@ -203,8 +205,16 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
     match inserted {
         Some((seq, id_conflict)) => {
             if let Some(body) = inline {
-                conn.prepare_cached("INSERT INTO bodies (seq, body) VALUES (?1, ?2)")?
-                    .execute(params![seq, body])?;
+                let stored = conn
+                    .prepare_cached("INSERT INTO bodies (seq, body) VALUES (?1, ?2)")
+                    .and_then(|mut insert| insert.execute(params![seq, body]));
+                if let Err(e) = stored {
+                    // Undone by hand rather than in a savepoint (which costs more than the
+                    // insert): no delivery row without its body.
+                    conn.prepare_cached("DELETE FROM deliveries WHERE seq = ?1")?
+                        .execute([seq])?;
+                    return Err(e.into());
+                }
             }
             Ok(Accepted {
                 seq,
@@ -266,12 +276,23 @@ pub fn in_savepoint<T>(
     Ok(result)
 }
 
-/// Each gate in a savepoint of its own, so one that fails is left for the next round alone.
+/// The gates of a batch; one that fails is left for the next round alone.
 fn record_gates(
     conn: &Connection,
     gates: &[GateRequest],
     now: UnixMillis,
 ) -> Result<Vec<Option<Verdict>>, StoreError> {
+    // All at once first; only when one fails, again one by one, each in a savepoint of its
+    // own (a savepoint per gate costs a good share of the gate itself).
+    let all = in_savepoint(conn, || {
+        gates
+            .iter()
+            .map(|gate| record_gate(conn, gate, now))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    if let Ok(verdicts) = all {
+        return Ok(verdicts);
+    }
     let mut verdicts = Vec::with_capacity(gates.len());
     for gate in gates {
         match in_savepoint(conn, || record_gate(conn, gate, now))? {

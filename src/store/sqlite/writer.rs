@@ -340,6 +340,13 @@ impl Writer {
             } else {
                 request.op.run(&tx, &blobs)
             };
+            // Some errors (a full disk, an I/O error) make SQLite roll back the whole
+            // transaction by itself; the ops after it would then each commit on their own.
+            if result.is_err() && tx.is_autocommit() {
+                return Err(StoreError::Unavailable(
+                    "the database rolled back the batch after an error".to_owned(),
+                ));
+            }
             results.push(result);
         }
         tx.commit()?;
