@@ -9,6 +9,7 @@
 //! Each write transaction (gate, claim, attempts) is counted as one store commit, as the
 //! intake's are, so that `/metrics` shows the latency of every commit a delivery waits for.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -189,11 +190,8 @@ impl Queue for PgStore {
             }
         }
         if chain_max > 0 {
-            for c in &mut claimed {
-                c.chain = self
-                    .chain_behind(&mut tx, c, owner, now, until, chain_max)
-                    .await?;
-            }
+            self.chains_behind(&mut tx, &mut claimed, owner, now, until, chain_max)
+                .await?;
         }
         tx.commit().await?;
         telemetry::record_commit("postgres", started.elapsed(), 1);
@@ -406,9 +404,10 @@ async fn record_gate(
     Ok(Some(verdict))
 }
 
-/// A delivery waiting in a lane, with one of its runs (handler, state, attempts, due) when it
-/// has any, and whether someone holds its lease.
+/// A delivery waiting in a lane (entity, seq), whether someone holds its lease, and one of its
+/// runs (handler, state, attempts, due) when it has any.
 type LaneRun = (
+    String,
     i64,
     bool,
     Option<String>,
@@ -444,52 +443,72 @@ impl PgStore {
         })
     }
 
-    /// The deliveries waiting right behind the lane head `head`, each due for exactly the
-    /// head's one run and its first attempt, leased to `owner` with it; stops at the first that
-    /// is not, or that another transaction holds.
-    async fn chain_behind(
+    /// For each lane head in `heads` with exactly one run due: the deliveries waiting right
+    /// behind it, each due for that same run and its first attempt, leased to `owner` with it;
+    /// a chain stops at the first that is not, or that another transaction holds. Two
+    /// statements for all heads together, so that a claim of many lanes with nothing behind
+    /// them costs no more round trips than before.
+    async fn chains_behind(
         &self,
         conn: &mut PgConnection,
-        head: &Claimed,
+        heads: &mut [Claimed],
         owner: &LeaseOwner,
         now: UnixMillis,
         until: UnixMillis,
         chain_max: u32,
-    ) -> Result<Vec<Claimed>, StoreError> {
-        let (Some(entity), [run]) = (head.entity.as_deref(), head.runs.as_slice()) else {
-            return Ok(Vec::new());
+    ) -> Result<(), StoreError> {
+        let handler_of = |head: &Claimed| match (head.entity.as_deref(), head.runs.as_slice()) {
+            (Some(entity), [run]) => Some((entity.to_owned(), run.handler.clone())),
+            _ => None,
         };
-        // The lane's next deliveries with what each waits for; a delivery with any other run
-        // (or a second one) has a row of its own that ends the chain.
+        let wanted: Vec<String> = heads
+            .iter()
+            .filter_map(|h| handler_of(h).map(|(entity, _)| entity))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // Each lane's next deliveries with what each waits for; a delivery with any other run
+        // (or a second one) has a row of its own that ends its chain.
         let waiting: Vec<LaneRun> = sqlx::query_as(
-            "SELECT d.seq, COALESCE(d.lease_until >= $2, false), h.handler, h.state, \
-                        h.attempts, h.next_at <= $2 \
-                 FROM (SELECT seq, lane_pos, lease_until FROM deliveries \
-                       WHERE entity = $1 AND waiting ORDER BY lane_pos LIMIT $3) d \
-                 LEFT JOIN handler_runs h ON h.delivery_seq = d.seq \
-                 ORDER BY d.lane_pos, h.handler",
+            "SELECT d.entity, d.seq, COALESCE(d.lease_until >= $2, false), h.handler, h.state, \
+                    h.attempts, h.next_at <= $2 \
+             FROM (SELECT entity, seq, lane_pos, lease_until, \
+                          row_number() OVER (PARTITION BY entity ORDER BY lane_pos) AS n \
+                   FROM deliveries WHERE entity = ANY($1) AND waiting) d \
+             LEFT JOIN handler_runs h ON h.delivery_seq = d.seq \
+             WHERE d.n <= $3 \
+             ORDER BY d.entity, d.lane_pos, h.handler",
         )
-        .bind(entity)
+        .bind(&wanted)
         .bind(now)
         .bind(i64::from(chain_max))
         .fetch_all(&mut *conn)
         .await?;
-        let mut members: Vec<i64> = Vec::new();
-        for (i, (seq, leased, handler, state, attempts, due)) in waiting.iter().enumerate() {
-            let alone = waiting.get(i + 1).is_none_or(|next| next.0 != *seq);
-            let same_first_run = handler.as_deref() == Some(run.handler.as_str())
-                && state.as_deref() == Some("pending")
-                && *attempts == Some(0)
-                && *due == Some(true);
-            if *leased || !alone || !same_first_run || members.contains(seq) {
-                break;
+        // Per head, the sequence numbers of its chain, in lane order.
+        let mut chains: Vec<Vec<i64>> = vec![Vec::new(); heads.len()];
+        for (head, chain) in heads.iter().zip(chains.iter_mut()) {
+            let Some((entity, handler)) = handler_of(head) else {
+                continue;
+            };
+            let lane: Vec<&LaneRun> = waiting.iter().filter(|r| r.0 == entity).collect();
+            for (i, (_, seq, leased, run, state, attempts, due)) in lane.iter().copied().enumerate()
+            {
+                let alone = lane.get(i + 1).is_none_or(|next| next.1 != *seq);
+                let same_first_run = run.as_deref() == Some(handler.as_str())
+                    && state.as_deref() == Some("pending")
+                    && *attempts == Some(0)
+                    && *due == Some(true);
+                if *leased || !alone || !same_first_run || chain.contains(seq) {
+                    break;
+                }
+                chain.push(*seq);
             }
-            members.push(*seq);
         }
+        let members: Vec<i64> = chains.iter().flatten().copied().collect();
         if members.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        // Locked as a whole or not at all past the first that another transaction holds.
         let rows = sqlx::query(&format!(
             "UPDATE deliveries d SET lease_owner = $2, lease_until = $3 \
              FROM (SELECT seq FROM deliveries WHERE seq = ANY($1) AND waiting \
@@ -502,24 +521,28 @@ impl PgStore {
         .bind(until)
         .fetch_all(&mut *conn)
         .await?;
-        let mut leased: Vec<Claimed> = rows
+        let mut leased: HashMap<i64, Claimed> = rows
             .iter()
-            .map(|row| self.claimed_of(row))
+            .map(|row| self.claimed_of(row).map(|c| (c.seq, c)))
             .collect::<Result<_, _>>()?;
-        let mut chain = Vec::with_capacity(members.len());
-        for seq in members {
-            let Some(at) = leased.iter().position(|c| c.seq == seq) else {
-                break;
+        for (head, chain) in heads.iter_mut().zip(chains) {
+            let Some(run) = head.runs.first().cloned() else {
+                continue;
             };
-            let mut member = leased.swap_remove(at);
-            member.runs = vec![DueRun {
-                handler: run.handler.clone(),
-                attempts: 0,
-            }];
-            chain.push(member);
+            for seq in chain {
+                // A chain ends at the first delivery another transaction held.
+                let Some(mut member) = leased.remove(&seq) else {
+                    break;
+                };
+                member.runs = vec![DueRun {
+                    handler: run.handler.clone(),
+                    attempts: 0,
+                }];
+                head.chain.push(member);
+            }
         }
-        // Rows leased past a gap are not part of the chain: their leases go back.
-        let stray: Vec<i64> = leased.iter().map(|c| c.seq).collect();
+        // Rows leased past a gap are not part of a chain: their leases go back.
+        let stray: Vec<i64> = leased.into_keys().collect();
         if !stray.is_empty() {
             sqlx::query(
                 "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE seq = ANY($1)",
@@ -528,7 +551,7 @@ impl PgStore {
             .execute(&mut *conn)
             .await?;
         }
-        Ok(chain)
+        Ok(())
     }
 }
 
