@@ -119,7 +119,8 @@ writer_us = sustained.get(("sqlite", "off"), {}).get("writer_us", "-")
 w(f"| {human(small)} delivery: >= 0.5 x ceiling-hmac | {r_small:.2f} x "
   f"({rows[small].get('labelhook', 0):,.0f} vs {rows[small].get('ceiling-hmac', 0):,.0f} rps; "
   f"the store's writer thread: {writer_us} us of CPU per delivery under the sustained load, "
-  f"about 50 us in the first profile) | "
+  f"104 us in the run at `be6c56b`, in a faster hour of this machine when ceiling-hmac "
+  f"answered 79,466/s) | "
   f"{'reached' if r_small >= 0.5 else 'not reached'} |")
 # One durable copy of each body must reach the disk: its fsync'd write rate bounds the rate.
 disk_bound = disk_bytes_per_s(disk) / large if large else 0
@@ -131,7 +132,7 @@ r_bound = ours_large / bound if bound else 0
 w(f"| {human(large)} delivery: >= 0.8 x the lower of ceiling-hmac and the disk's bound, never "
   f"below Flask | {r_bound:.2f} x ({ours_large:,.0f} rps; ceiling-hmac "
   f"{rows[large].get('ceiling-hmac', 0):,.0f}, one durable copy at {disk} "
-  f"{disk_bound:,.0f}; Flask {flask_large:,.0f}) | "
+  f"{disk_bound:,.0f} (the `file` route writes two); Flask {flask_large:,.0f}) | "
   f"{'reached' if r_bound >= 0.8 and ours_large >= flask_large else 'not reached'} |")
 growth = float(growth_mib)
 ok_huge = huge_code == "202" and int(archived) > int(huge_size) and growth <= 64
@@ -141,7 +142,7 @@ w(f"| {human(int(huge_size))} delivery accepted, stored, handed to `file`, peak 
   f"peak RSS grew {growth_mib} MiB | {'reached' if ok_huge else 'not reached'} |")
 w(f"| HMAC-SHA1 >= 0.8 x OpenSSL on the same bytes | `labelhook sign` {float(ours_s):.3f} s vs "
   f"`openssl dgst -sha1 -hmac` {float(openssl_s):.3f} s on the same {human(int(huge_size))} "
-  f"(best of 3): {hmac_ratio} x, same digest: {same_digest} | "
+  f"(best of 5, taking turns): {hmac_ratio} x, same digest: {same_digest} | "
   f"{'reached' if float(hmac_ratio) >= 0.8 and same_digest == 'yes' else 'not reached'} |")
 for backend in ("sqlite", "postgres"):
     run = sustained.get((backend, "off"))
@@ -170,7 +171,7 @@ w("""How each target was measured, all by `bench/run.sh`:
   line to be complete, and the growth is `VmHWM` after minus `VmRSS` before, from
   `/proc/PID/status`;
 - row 4: `openssl dgst -sha1 -hmac bench-secret` and `labelhook sign` on the same 512 MiB file,
-  best wall time of three each;
+  best wall time of five each, the two taking turns;
 - the sustained rows: `bench/sustained.sh sqlite|postgres` (below), with `RETENTION=on` for the
   run that prunes while it loads (delivered deliveries kept 20 s, bodies 10 s, the pruner every
   2 s). Accepted and handled come from labelhook's own `/metrics`: the `file` handler's
@@ -200,34 +201,64 @@ w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from
   of an entity's lane is ever due, so a claim never scans the backlog; a WAL kept bounded. In
   the runs during that work the 2 KiB rate went from about 5,000 to 11,000-14,000 per second and
   the p99 from 835 ms to 10-20 ms.
-- **The throughput rows measure one entity.** `run-anchors.sh` posts the same body under new
-  delivery ids, so every delivery is a version of one label, and per-entity order lets only
-  the head of that label's lane be handled at a time: claim, the `file` handler's write and
-  fsync, the record of the attempt, one after the other. Past `server.backlog_limit` waiting
-  deliveries labelhook holds each answer back so that the sender slows down to what the
-  handlers get; so the labelhook rows show one entity's end-to-end rate, handled and not only
-  answered. (Before that admission existed, at commit `5162b11`, the same load was answered at
-  4,990/s against 39,332 for ceiling-hmac, 0.13 x; what its handler got was not measured.) The
-  sustained rows, over 2,000 labels, show what the handlers get when order lets lanes run side
-  by side.
-- **What limits 2 KiB deliveries now** is the durable store, not the HTTP path: with the
-  store's `accept` stubbed out (a measurement build, not committed), the same binary answered
-  about 52,000 requests per second against the ceiling-hmac's 62,000 in the same session
-  (0.85 x). The store's single writer thread spent about 50 us of CPU per delivery in that
-  profile (the insert with its dedup key and indexes, the gate, the claim, the attempt record,
-  each a B-tree update written to the WAL) plus the fsync of each batch; under the sustained
-  load of this run it is the figure in the targets table (read from `/proc` by
-  `bench/sustained.sh`; the typed event the gate records and the request id were added since,
-  and that has not been profiled again). The two cores are
-  shared with wrk and with the HTTP work (hyper, HMAC, SHA-256 of the body). The ceiling rows
-  do none of this: no disk, no parse, no dispatch. Not reached; the next steps would be fewer
-  writes per delivery (gate and claim folded into one statement, the attempt log made
-  optional) and multi-row inserts per batch.
-- **Large deliveries are bound by the disk.** Durable acknowledgement means every body is on
-  disk before the 2xx, and the `file` handler writes it a second time. At 300 KiB, 0.8 x the
-  ceiling would be over 2,000 bodies per second, more than this disk's sustained fsync'd write
-  rate (above) allows even for one copy; the measured rate sits at that bound, not at the CPU.
-  Not reachable here with fsync before 2xx; a receiver that skips the fsync is not comparable.
+- **The throughput rows measure one entity, handled in batches.** `run-anchors.sh` posts the
+  same body under new delivery ids, so every delivery is a version of one label, and
+  per-entity order lets only the head of that label's lane be out at a time. Until commit
+  `7d652c5` that meant one claim, one `file` write with its own fsync and one attempt record
+  per delivery, about 1,000 per second whatever the machine, and past `server.backlog_limit`
+  waiting deliveries the answers were held back to that rate (the previous BENCHMARKS.md, at
+  `be6c56b`: 1,617/s against 79,466 for ceiling-hmac, 0.02 x). Now a claim brings the lane
+  head together with up to 256 deliveries waiting behind it for the same one handler (its
+  chain, leased with it); a handler that takes batches gets them in one call, in lane order
+  (the `file` handler writes them with one fsync), and their attempts are recorded in lane
+  order in one transaction. A batch that fails is taken apart, one delivery at a time, so
+  each failure is pinned on its own delivery and nothing after it is handled before it
+  (`tests/it/ordering.rs`, `a_busy_entity_reaches_a_batching_handler_in_batches_and_in_order`;
+  the store rules `a_busy_lane_is_claimed_as_a_chain_and_recorded_in_lane_order` and
+  `a_chain_whose_lease_ran_out_is_not_recorded_by_its_old_holder` on both back-ends). In
+  8-second runs of this load beside the build before it (same machine, same minute, not part
+  of this script): the build before answered 993/s and had handled 3,058 of its 7,963
+  deliveries a second after the load stopped; this one answered 2,864/s and had handled every
+  one it answered.
+- **What limits 2 KiB deliveries now** is the store's one writer thread, not the per-entity
+  order and not the HTTP path. In the 2 KiB runs used for the profile it was busy about 93%
+  of the wall time (`labelhook_store_commit_duration_seconds` summed over the run against its
+  length): each
+  commit cycle (about 4 ms, 13-15 requests) is its CPU work plus the WAL's write and fsync,
+  and every answer waits for one. Its CPU per delivery, read from `/proc` in the 2 KiB runs,
+  went from 189 us to 173 us this round (one savepoint per batch of gates instead of one per
+  gate, none around an accept); under the sustained load it is the figure in the targets
+  table. `perf record -g` of the writer finds no single hot spot: the ops' statements about
+  60% of its samples (the accept's insert into a table with six indexes, and the gate, claim
+  and attempt record, some twenty statements per delivery), the commit's WAL write and fsync
+  about 25%, the rest the loop and its file checks. mimalloc as the global allocator was tried
+  and made no measurable difference, so it was not kept. 0.5 x ceiling-hmac would be tens of
+  thousands of deliveries per second, under 25 us of writer time each: that needs a different
+  store design (an append-only log with the queue's state in memory, say), not a tuning step.
+  Not reached.
+- **Large deliveries are bound by the disk and by hashing.** Durable acknowledgement means
+  every body is on disk before the 2xx, and the `file` route writes it a second time, so the
+  route's own bound is half the one-copy bound in the table; every body is also hashed twice
+  (HMAC-SHA1 to verify it, SHA-256 for the dedup key) and parsed once by the gate (stored
+  bodies up to 4 MiB are now read into memory for that: a slice parses many times faster than
+  a reader). Not reached on 300 KiB; labelhook stays above Flask, which stores nothing. The
+  PostgreSQL back-end keeps large bodies in `blob_chunks` rows on the same two cores, and is
+  well below the others at that size.
+- **On PostgreSQL the dispatcher's bookkeeping is the limit.** Each delivery costs about ten
+  statements of gate, claim and attempt record, each a round trip to a server that shares the
+  two cores, and attempt records are one transaction per delivery unless a chain forms. Once
+  ingest is ahead by `server.backlog_limit` (5,000) deliveries, labelhook holds its answers
+  back to the dispatcher's pace, so over a sustained run the ratio is about one minus 5,000
+  over what was accepted: the faster the machine, the closer to 1 (0.92 x in the run at
+  `be6c56b`, in a faster hour of this machine, when ceiling-hmac answered 79,466 2 KiB
+  requests per second). Tried this round and not
+  kept: asynchronous commit for the dispatcher's transactions (no measurable change in a
+  20-second run: the round trips, not the flushes, are the cost). What would help: attempt
+  records of several deliveries in one statement, and gate and claim folded together.
+- **Retention's share of the writer varies from run to run.** Pruning runs on the same store
+  writer as everything else; its work per pruned delivery did not change this round, yet its
+  cost in the retention row moved between runs of this script in the same hour (-8% for both
+  rates in two runs, the figure in the table in this one). The row is reported as measured.
 - **Memory stays flat for any size**: bodies above `store.inline_body_max_bytes` (64 KiB) are
   streamed to a blob file while the HMAC and SHA-256 are computed, parsed again from the file
   by a streaming parser that skips the `label` string, and streamed to handlers.
