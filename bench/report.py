@@ -205,7 +205,7 @@ w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from
   same body under new delivery ids, so every delivery is a version of one label, and
   per-entity order lets only the head of that label's lane be out at a time. Until commit
   `7d652c5` that meant one claim, one `file` write with its own fsync and one attempt record
-  per delivery, about 1,000 per second whatever the machine, and past `server.backlog_limit`
+  per delivery, about 1,000 per second on this disk, and past `server.backlog_limit`
   waiting deliveries the answers were held back to that rate (the previous BENCHMARKS.md, at
   `be6c56b`: 1,617/s against 79,466 for ceiling-hmac, 0.02 x). Now a claim brings the lane
   head together with up to 256 deliveries waiting behind it for the same one handler (its
@@ -223,8 +223,8 @@ w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from
 - **What limits 2 KiB deliveries now** is the store's one writer thread, not the per-entity
   order and not the HTTP path. In the 2 KiB runs used for the profile it was busy about 93%
   of the wall time (`labelhook_store_commit_duration_seconds` summed over the run against its
-  length): each
-  commit cycle (about 4 ms, 13-15 requests) is its CPU work plus the WAL's write and fsync,
+  length): each commit cycle (about 4 ms, 13-15 requests) is its CPU work plus the WAL's write
+  and fsync,
   and every answer waits for one. Its CPU per delivery, read from `/proc` in the 2 KiB runs,
   went from 189 us to 173 us this round (one savepoint per batch of gates instead of one per
   gate, none around an accept); under the sustained load it is the figure in the targets
@@ -243,7 +243,7 @@ w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from
   bodies up to 4 MiB are now read into memory for that: a slice parses many times faster than
   a reader). Not reached on 300 KiB; labelhook stays above Flask, which stores nothing. The
   PostgreSQL back-end keeps large bodies in `blob_chunks` rows on the same two cores, and is
-  well below the others at that size.
+  well below Flask at that size.
 - **On PostgreSQL the dispatcher's bookkeeping is the limit.** Each delivery costs about ten
   statements of gate, claim and attempt record, each a round trip to a server that shares the
   two cores, and attempt records are one transaction per delivery unless a chain forms. Once
@@ -251,8 +251,7 @@ w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from
   back to the dispatcher's pace, so over a sustained run the ratio is about one minus 5,000
   over what was accepted: the faster the machine, the closer to 1 (0.92 x in the run at
   `be6c56b`, in a faster hour of this machine, when ceiling-hmac answered 79,466 2 KiB
-  requests per second). Tried this round and not
-  kept: asynchronous commit for the dispatcher's transactions (no measurable change in a
+  requests per second). Tried this round and not kept: asynchronous commit for the dispatcher's transactions (no measurable change in a
   20-second run: the round trips, not the flushes, are the cost). What would help: attempt
   records of several deliveries in one statement, and gate and claim folded together.
 - **Retention's share of the writer varies from run to run.** Pruning runs on the same store
@@ -260,8 +259,9 @@ w("""Profiled with `perf record -g` under the 2 KiB load and per-thread CPU from
   cost in the retention row moved between runs of this script in the same hour (-8% for both
   rates in two runs, the figure in the table in this one). The row is reported as measured.
 - **Memory stays flat for any size**: bodies above `store.inline_body_max_bytes` (64 KiB) are
-  streamed to a blob file while the HMAC and SHA-256 are computed, parsed again from the file
-  by a streaming parser that skips the `label` string, and streamed to handlers.
+  streamed to a blob file while the HMAC and SHA-256 are computed, read back for the gate's
+  parse (whole up to 4 MiB; above that by a streaming parser that skips the `label` string),
+  and streamed to handlers.
 
 Micro-benchmarks of the pure steps (criterion; `cargo bench --bench pipeline`): HMAC
 verification as the ingress feeds it, parsing into a typed event (from memory and from a
