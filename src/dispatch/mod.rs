@@ -439,6 +439,7 @@ impl Dispatcher {
         members.push(head);
         members.extend(chain);
         // Events up to the first whose body cannot be read now; that one and those after it wait.
+        let mut events = Vec::with_capacity(members.len());
         let mut batch = Vec::with_capacity(members.len());
         for member in &members {
             let Some(run) = member.runs.first() else {
@@ -446,11 +447,13 @@ impl Dispatcher {
             };
             let span = dispatch_span(member);
             match self.typed_event(member).instrument(span.clone()).await {
-                Ok(typed) => batch.push(Member {
-                    event: handler_event(member, typed),
-                    run: run.clone(),
-                    span,
-                }),
+                Ok(typed) => {
+                    events.push(handler_event(member, typed));
+                    batch.push(Member {
+                        run: run.clone(),
+                        span,
+                    });
+                }
                 Err(e) => {
                     span.in_scope(|| {
                         tracing::warn!(error = %e, "cannot read the body; will retry");
@@ -464,7 +467,7 @@ impl Dispatcher {
             return;
         };
         let results = tokio::select! {
-            results = self.attempt_batch(&batch) => results,
+            results = self.attempt_batch(&events, &batch) => results,
             () = lost.cancelled() => {
                 head_span.in_scope(|| {
                     tracing::warn!(
@@ -486,20 +489,20 @@ impl Dispatcher {
         self.record(&records).await;
     }
 
-    /// One attempt of one handler at each member of `batch` (one entity's deliveries, in lane
-    /// order), as one call when the handler takes batches; after a failed batch, or for a
+    /// One attempt of one handler at each of `events` (one entity's deliveries, in lane order;
+    /// `batch` holds each one's run and span), as one call when the handler takes batches;
+    /// after a failed batch, or for a
     /// handler that does not take them, one at a time up to the first failure. One result per
     /// member tried.
-    async fn attempt_batch(&self, batch: &[Member]) -> Vec<AttemptResult> {
+    async fn attempt_batch(&self, events: &[HandlerEvent], batch: &[Member]) -> Vec<AttemptResult> {
         let Some(name) = batch.first().map(|m| m.run.handler.clone()) else {
             return Vec::new();
         };
         if let Some(handler) = self.registry.get(&name).filter(|h| h.handles_batches()) {
-            let events: Vec<HandlerEvent> = batch.iter().map(|m| m.event.clone()).collect();
             let started_at = self.clock.now();
             let started = Instant::now();
             let limit = self.attempt_timeout;
-            if let Ok(Ok(())) = tokio::time::timeout(limit, handler.handle_batch(&events)).await {
+            if let Ok(Ok(())) = tokio::time::timeout(limit, handler.handle_batch(events)).await {
                 let took = started.elapsed();
                 let finished_at = self.clock.now();
                 let duration_ms = took.as_secs_f64() * 1000.0;
@@ -531,11 +534,8 @@ impl Dispatcher {
             );
         }
         let mut results = Vec::with_capacity(batch.len());
-        for m in batch {
-            let result = self
-                .attempt(&m.event, &m.run)
-                .instrument(m.span.clone())
-                .await;
+        for (event, m) in events.iter().zip(batch) {
+            let result = self.attempt(event, &m.run).instrument(m.span.clone()).await;
             let failed = !matches!(result.outcome, AttemptOutcome::Ok);
             results.push(result);
             if failed {
@@ -581,9 +581,8 @@ impl Dispatcher {
     }
 }
 
-/// One delivery of a claimed chain, ready for its handler.
+/// One delivery of a claimed chain, beside its event: the run it is due for and its span.
 struct Member {
-    event: HandlerEvent,
     run: DueRun,
     /// Its `dispatch` span, which its attempt's log lines go in.
     span: tracing::Span,

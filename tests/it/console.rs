@@ -80,24 +80,8 @@ handlers = ["flaky", "archive"]
 /// Posts a delivery signed as Labelbox signs it, with `extra` curl arguments; the answer and
 /// the signature sent.
 pub fn send(server: &TestServer, id: &str, body: &[u8], extra: &[&str]) -> (Answer, String) {
-    let file = body_file(server.dir.path(), &format!("body-{id}.json"), body);
-    let signature = sha1_sig(SECRET, body);
-    let sig = format!("X-Hub-Signature: {signature}");
-    let id_header = format!("X-Labelbox-Id: {id}");
-    let mut args = vec![
-        "-H",
-        "Content-Type: application/json",
-        "-H",
-        &sig,
-        "-H",
-        "X-Labelbox-Event: LABEL_UPDATED",
-        "-H",
-        &id_header,
-        "--data-binary",
-        &file,
-    ];
-    args.extend_from_slice(extra);
-    (curl(&server.url("/webhooks/labelbox"), &args), signature)
+    let answer = post_signed(server, id, "LABEL_UPDATED", body, extra);
+    (answer, sha1_sig(SECRET, body))
 }
 
 /// Polls (bounded) until every stored delivery with `id` has `status`, and there are `copies`.

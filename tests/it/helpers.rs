@@ -376,7 +376,13 @@ pub fn deliver_chunked(server: &TestServer, id: &str, body: &[u8]) -> Answer {
 }
 
 /// A delivery signed with `SECRET`, with any extra curl arguments.
-fn post_signed(server: &TestServer, id: &str, topic: &str, body: &[u8], extra: &[&str]) -> Answer {
+pub fn post_signed(
+    server: &TestServer,
+    id: &str,
+    topic: &str,
+    body: &[u8],
+    extra: &[&str],
+) -> Answer {
     post_signed_to(
         &server.url("/webhooks/labelbox"),
         server.dir.path(),

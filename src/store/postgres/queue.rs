@@ -485,21 +485,25 @@ impl PgStore {
         .bind(i64::from(chain_max))
         .fetch_all(&mut *conn)
         .await?;
+        // The rows come ordered by entity: each lane's rows are one run of them.
+        let lanes: HashMap<&str, &[LaneRun]> = waiting
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|lane| (lane[0].0.as_str(), lane))
+            .collect();
         // Per head, the sequence numbers of its chain, in lane order.
         let mut chains: Vec<Vec<i64>> = vec![Vec::new(); heads.len()];
         for (head, chain) in heads.iter().zip(chains.iter_mut()) {
             let Some((entity, handler)) = handler_of(head) else {
                 continue;
             };
-            let lane: Vec<&LaneRun> = waiting.iter().filter(|r| r.0 == entity).collect();
-            for (i, (_, seq, leased, run, state, attempts, due)) in lane.iter().copied().enumerate()
-            {
+            let lane = lanes.get(entity.as_str()).copied().unwrap_or_default();
+            for (i, (_, seq, leased, run, state, attempts, due)) in lane.iter().enumerate() {
                 let alone = lane.get(i + 1).is_none_or(|next| next.1 != *seq);
                 let same_first_run = run.as_deref() == Some(handler.as_str())
                     && state.as_deref() == Some("pending")
                     && *attempts == Some(0)
                     && *due == Some(true);
-                if *leased || !alone || !same_first_run || chain.contains(seq) {
+                if *leased || !alone || !same_first_run {
                     break;
                 }
                 chain.push(*seq);
