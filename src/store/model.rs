@@ -192,6 +192,17 @@ pub struct ReplayOutcome {
     pub running: u64,
 }
 
+impl ReplayOutcome {
+    /// The counts of what a replay did to each delivery.
+    pub fn of(items: &[ReplayItem]) -> Self {
+        let replayed = items.iter().filter(|i| i.effect.replays()).count() as u64;
+        Self {
+            replayed,
+            running: items.len() as u64 - replayed,
+        }
+    }
+}
+
 /// What `events replay` puts back in the queue.
 #[derive(Debug, Clone)]
 pub enum ReplayTarget {

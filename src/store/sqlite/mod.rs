@@ -1,24 +1,30 @@
 //! The embedded back-end: one SQLite file in WAL mode, `synchronous = FULL`, on rusqlite alone.
 //!
-//! Every write goes through the one writer thread in [`writer`], which commits in batches and
-//! answers each caller after its batch is on disk; the writes themselves are in [`ops`] and
-//! [`lanes`]. Reads ([`reads`]) run on read-only connections on blocking threads. Large bodies
-//! are files beside the database ([`blob`]).
+//! A delivery is written once, at accept; what happens to it later (the gate's verdict, each
+//! attempt, the closing of its work, a replay) is appended beside it, never rewritten. Every
+//! write goes through the one writer thread in [`writer`], which commits in batches and answers
+//! each caller after its batch is on disk; the writes themselves are in [`ops`] and [`appends`].
+//! Reads ([`reads`]) run on read-only connections on blocking threads, against the view
+//! `deliveries_now` that says where each delivery stands. Large bodies are files beside the
+//! database ([`blob`]).
 //!
 //! One server per database file (its writer holds `<database>.lock`): SQLite is for a single
-//! replica.
-//! That is also why a lease found at start can only be a dead process's, and why the dispatcher
-//! is woken in-process. [`SqliteInspector`] is what the CLI opens beside a running server: it
-//! reads read-only and writes (replay) in short transactions of its own, never taking the
-//! serving lock.
+//! replica. So the dispatch state (what waits for the gate, the lanes, their heads, leases and
+//! retry times) is kept in that server's memory ([`queue`]), rebuilt from the records at start
+//! ([`recover`]): claiming work and renewing leases write nothing. [`SqliteInspector`] is what
+//! the CLI opens beside a running server: it reads read-only and appends (replays) in short
+//! transactions of its own, never taking the serving lock; the server reads what it appended
+//! within a second.
 
+mod appends;
 mod blob;
 mod files;
 mod health;
-mod lanes;
 mod ops;
 mod prune;
+mod queue;
 mod reads;
+mod recover;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -31,9 +37,10 @@ use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 
 use self::blob::BlobDir;
 use self::health::{Health, Readiness};
-use self::ops::{Op, Output};
+use self::ops::{Op, Reply};
+use self::queue::MemQueue;
 use self::reads::Readers;
-use self::writer::{Request, WriteRequest, Writer};
+use self::writer::{WriteRequest, Writer};
 use super::{
     Accepted, AttemptResult, BodyStore, ChainRecord, Claimed, Cutoffs, DeliveryDetail,
     DeliverySummary, EntityHistory, GateRequest, HandlerActivity, Inspect, Intake, LeaseOwner,
@@ -41,11 +48,14 @@ use super::{
     Store, StoreError, StoreStats, Ungated, VerdictBasis,
 };
 use crate::config::StoreSettings;
-use crate::delivery::{after, Clock, Status, UnixMillis, VerifiedDelivery};
+use crate::delivery::{after, Clock, Payload, Status, UnixMillis, VerifiedDelivery};
 use crate::ordering::Verdict;
 
 /// How long the CLI's writes (replay, prune) wait for the server writer's lock.
 const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the server reads what another process appended (a replay from the CLI, say) and
+/// writes down how far its work is finished.
+const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -80,7 +90,11 @@ pub struct SqliteStore {
     inspector: SqliteInspector,
     blobs: BlobDir,
     work: Arc<Notify>,
+    /// The dispatch state (see [`queue`]); the writer changes it after each commit.
+    queue: Arc<std::sync::Mutex<MemQueue>>,
     writer_task: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Stops the catch-up ticker when the store is closed.
+    ticking: tokio_util::sync::CancellationToken,
     /// Dropping it stops the checkpointer thread.
     checkpointer: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
@@ -97,14 +111,6 @@ impl SqliteStore {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
         let (store, opened) = Self::start(path, settings, queue_capacity, clock).await?;
-        match store.write(Op::ReleaseLeases, true).await {
-            Ok(Output::Released(0)) => {}
-            Ok(Output::Released(n)) => {
-                tracing::info!(released = n, "taking back work of a previous run")
-            }
-            Ok(other) => return Err(unexpected(other)),
-            Err(e) => tracing::warn!(error = %e, "could not release old leases"),
-        }
         // Only with the lock held and before the first request is every unnamed blob an
         // orphan; a store that comes back later is swept at the next start.
         if opened {
@@ -128,6 +134,7 @@ impl SqliteStore {
         let blobs = blob_dir(&path, health.clone());
         let (tx, rx) = mpsc::channel(queue_capacity.max(1));
         let work = Arc::new(Notify::new());
+        let queue = Arc::new(std::sync::Mutex::new(MemQueue::default()));
         let writer = Writer {
             path: path.clone(),
             conn: None,
@@ -139,6 +146,8 @@ impl SqliteStore {
             files: None,
             fatal_logged: None,
             reached: false,
+            queue: queue.clone(),
+            rebuilt: false,
         };
         // The writer opens (and migrates) right away so that readers find the schema.
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -158,6 +167,12 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("lh-checkpoint".into())
             .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
+        let ticking = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(catch_up_every_second(
+            tx.clone(),
+            clock.clone(),
+            ticking.clone(),
+        ));
         let store = Self {
             readers: Readers::new(path.clone()),
             inspector: SqliteInspector::open(path, clock.clone())?,
@@ -166,18 +181,24 @@ impl SqliteStore {
             writer: tx,
             blobs,
             work,
+            queue,
             writer_task: Mutex::new(Some(task)),
+            ticking,
             checkpointer: std::sync::Mutex::new(Some(stop_checkpoints)),
         };
         Ok((store, opened))
     }
 
-    /// Queues a write and waits for its commit. `wait_for_room` false refuses at once with
-    /// `Busy` when the queue is full (deliveries: the sender retries); true waits (the
-    /// dispatcher's bookkeeping must not be dropped).
-    async fn write(&self, op: Op, wait_for_room: bool) -> Result<Output, StoreError> {
+    /// Queues an op made with its reply channel and waits for its commit. `wait_for_room`
+    /// false refuses at once with `Busy` when the queue is full (deliveries: the sender
+    /// retries); true waits (the dispatcher's bookkeeping must not be dropped).
+    async fn write<T>(
+        &self,
+        op: impl FnOnce(Reply<T>) -> Op,
+        wait_for_room: bool,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let request = WriteRequest::Write(Request { op, reply });
+        let request = WriteRequest::Write(op(reply));
         if wait_for_room {
             self.writer
                 .send(request)
@@ -196,6 +217,35 @@ impl SqliteStore {
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
 
+    /// The dispatch state, for a short look or change.
+    fn queue(&self) -> Result<std::sync::MutexGuard<'_, MemQueue>, StoreError> {
+        self.queue
+            .lock()
+            .map_err(|_| StoreError::Corrupt("dispatch state poisoned".into()))
+    }
+
+    /// Reads the bodies of `seqs` that were not in memory into `fill`'s payloads, and keeps
+    /// them in memory for the next time.
+    async fn read_bodies(&self, seqs: Vec<i64>) -> Result<Vec<(i64, Payload)>, StoreError> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let blobs = self.blobs.clone();
+        let read = self
+            .readers
+            .run(move |conn| {
+                seqs.iter()
+                    .map(|&seq| Ok((seq, ops::body_required(conn, &blobs, seq)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await?;
+        let mut queue = self.queue()?;
+        for (seq, body) in &read {
+            queue.keep_body(*seq, body);
+        }
+        Ok(read)
+    }
+
     /// Removes blob files that no delivery names (left by a crash between write and commit).
     async fn sweep_orphan_blobs(&self) -> Result<usize, StoreError> {
         let referenced = self.readers.run(reads::referenced_blobs).await?;
@@ -203,21 +253,44 @@ impl SqliteStore {
     }
 }
 
-/// An op's output was not the kind its caller asked for: a bug, reported rather than panicked.
-fn unexpected(output: Output) -> StoreError {
-    StoreError::Corrupt(format!("unexpected writer output {output:?}"))
+/// Asks the writer to read what other processes appended, every [`CATCH_UP_INTERVAL`], until
+/// `stop`. A full queue skips a tick: the writer is busy, and the next tick comes soon.
+async fn catch_up_every_second(
+    writer: mpsc::Sender<WriteRequest>,
+    clock: Arc<dyn Clock>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(CATCH_UP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let op = Op::CatchUp { now: clock.now() };
+        if let Err(mpsc::error::TrySendError::Closed(_)) = writer.try_send(WriteRequest::Write(op))
+        {
+            return;
+        }
+    }
+}
+
+/// Fills the empty bodies of `claimed` (and of their chains) from `read`.
+fn fill_bodies(claimed: &mut [Claimed], read: &[(i64, Payload)]) {
+    for c in claimed {
+        if let Some((_, body)) = read.iter().find(|(seq, _)| *seq == c.seq) {
+            c.body = body.clone();
+        }
+        fill_bodies(&mut c.chain, read);
+    }
 }
 
 #[async_trait]
 impl Intake for SqliteStore {
     async fn accept(&self, delivery: VerifiedDelivery) -> Result<Accepted, StoreError> {
-        match self
-            .write(Op::Accept(Box::new(delivery.into_parts())), false)
-            .await?
-        {
-            Output::Accepted(accepted) => Ok(accepted),
-            other => Err(unexpected(other)),
-        }
+        let delivery = Box::new(delivery.into_parts());
+        self.write(|reply| Op::Accept { delivery, reply }, false)
+            .await
     }
 
     fn bodies(&self) -> &dyn BodyStore {
@@ -232,29 +305,33 @@ impl Intake for SqliteStore {
             Readiness::NotReady(why) => Err(StoreError::Unavailable(why)),
             Readiness::Unknown => {
                 let now = self.clock.now();
-                match self.write(Op::Probe { now }, false).await? {
-                    Output::Probed => Ok(()),
-                    other => Err(unexpected(other)),
-                }
+                self.write(|reply| Op::Probe { now, reply }, false).await
             }
         }
     }
 }
 
+/// The dispatch state is this process's (see [`queue`]): taking deliveries to gate, claiming,
+/// renewing leases, the queue's depth read it without a write; verdicts and attempts are
+/// appended through the writer.
 #[async_trait]
 impl Queue for SqliteStore {
-    /// One process per SQLite database: nobody else gates, so nothing needs reserving, and
-    /// this is a read (the gate itself skips a delivery gated meanwhile).
+    /// Nobody else gates a SQLite database, so nothing needs reserving; the gate itself skips a
+    /// delivery gated meanwhile.
     async fn take_ungated(
         &self,
         _owner: &LeaseOwner,
         _lease: Duration,
         limit: u32,
     ) -> Result<Vec<Ungated>, StoreError> {
-        let blobs = self.blobs.clone();
-        self.readers
-            .run(move |conn| reads::ungated(conn, &blobs, limit))
-            .await
+        let (mut taken, unread) = self.queue()?.ungated(limit as usize);
+        let read = self.read_bodies(unread).await?;
+        for u in &mut taken {
+            if let Some((_, body)) = read.iter().find(|(seq, _)| *seq == u.seq) {
+                u.body = body.clone();
+            }
+        }
+        Ok(taken)
     }
 
     async fn record_gates(
@@ -262,10 +339,8 @@ impl Queue for SqliteStore {
         gates: Vec<GateRequest>,
     ) -> Result<Vec<Option<Verdict>>, StoreError> {
         let now = self.clock.now();
-        match self.write(Op::Gate { gates, now }, true).await? {
-            Output::Gated(verdicts) => Ok(verdicts),
-            other => Err(unexpected(other)),
-        }
+        self.write(|reply| Op::Gate { gates, now, reply }, true)
+            .await
     }
 
     async fn claim(
@@ -276,17 +351,16 @@ impl Queue for SqliteStore {
         chain_max: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         let now = self.clock.now();
-        let op = Op::Claim {
-            owner: owner.as_str().to_owned(),
+        let (mut claimed, unread) = self.queue()?.claim(
+            owner.as_str(),
             now,
-            until: after(now, lease),
-            limit,
-            chain_max,
-        };
-        match self.write(op, true).await? {
-            Output::Claimed(claimed) => Ok(claimed),
-            other => Err(unexpected(other)),
-        }
+            after(now, lease),
+            limit as usize,
+            chain_max as usize,
+        );
+        let read = self.read_bodies(unread).await?;
+        fill_bodies(&mut claimed, &read);
+        Ok(claimed)
     }
 
     async fn renew(
@@ -295,15 +369,8 @@ impl Queue for SqliteStore {
         seqs: &[i64],
         lease: Duration,
     ) -> Result<Vec<i64>, StoreError> {
-        let op = Op::Renew {
-            owner: owner.as_str().to_owned(),
-            seqs: seqs.to_vec(),
-            until: after(self.clock.now(), lease),
-        };
-        match self.write(op, true).await? {
-            Output::Renewed(held) => Ok(held),
-            other => Err(unexpected(other)),
-        }
+        let until = after(self.clock.now(), lease);
+        Ok(self.queue()?.renew(owner.as_str(), seqs, until))
     }
 
     async fn record_attempts(
@@ -312,16 +379,15 @@ impl Queue for SqliteStore {
         owner: &LeaseOwner,
         results: &[AttemptResult],
     ) -> Result<Status, StoreError> {
-        let op = Op::Record {
+        let records = vec![ChainRecord {
             seq,
-            owner: owner.as_str().to_owned(),
             results: results.to_vec(),
-            now: self.clock.now(),
-        };
-        match self.write(op, true).await? {
-            Output::Recorded(status) => Ok(status),
-            other => Err(unexpected(other)),
-        }
+        }];
+        let statuses = self.record(owner, records).await?;
+        statuses
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt(format!("no status recorded for {seq}")))
     }
 
     async fn record_chain(
@@ -329,23 +395,15 @@ impl Queue for SqliteStore {
         owner: &LeaseOwner,
         records: &[ChainRecord],
     ) -> Result<(), StoreError> {
-        let op = Op::RecordChain {
-            owner: owner.as_str().to_owned(),
-            records: records.to_vec(),
-            now: self.clock.now(),
-        };
-        match self.write(op, true).await? {
-            Output::RecordedChain => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        self.record(owner, records.to_vec()).await.map(|_| ())
     }
 
     async fn queue_depth(&self) -> Result<u64, StoreError> {
-        self.readers.run(reads::queue_depth).await
+        Ok(self.queue()?.depth())
     }
 
     async fn oldest_unfinished(&self) -> Result<Option<crate::delivery::UnixMillis>, StoreError> {
-        self.readers.run(reads::oldest_unfinished).await
+        Ok(self.queue()?.oldest_received())
     }
 
     async fn wait_for_work(&self, max_wait: Duration) {
@@ -353,10 +411,39 @@ impl Queue for SqliteStore {
     }
 }
 
+impl SqliteStore {
+    async fn record(
+        &self,
+        owner: &LeaseOwner,
+        records: Vec<ChainRecord>,
+    ) -> Result<Vec<Status>, StoreError> {
+        let (owner, now) = (owner.as_str().to_owned(), self.clock.now());
+        self.write(
+            |reply| Op::Record {
+                owner,
+                records,
+                now,
+                reply,
+            },
+            true,
+        )
+        .await
+    }
+
+    async fn replay_through_writer(
+        &self,
+        target: &ReplayTarget,
+    ) -> Result<Vec<ReplayItem>, StoreError> {
+        let (target, now) = (target.clone(), self.clock.now());
+        self.write(|reply| Op::Replay { target, now, reply }, true)
+            .await
+    }
+}
+
 #[async_trait]
 impl Inspect for SqliteStore {
-    // Reads go through the same code as the CLI's read-only inspector; only `replay` goes
-    // through this server's writer.
+    // Reads go through the same code as the CLI's read-only inspector; replays go through this
+    // server's writer, which knows what is being handled right now.
     async fn list(&self, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
         self.inspector.list(query).await
     }
@@ -366,29 +453,25 @@ impl Inspect for SqliteStore {
     }
 
     async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
-        let op = Op::Replay {
-            target: target.clone(),
-            now: self.clock.now(),
-        };
-        match self.write(op, true).await? {
-            Output::Replayed(outcome) => Ok(outcome),
-            other => Err(unexpected(other)),
-        }
+        Ok(ReplayOutcome::of(
+            &self.replay_through_writer(target).await?,
+        ))
     }
 
-    /// Decided and done in one transaction of its own beside the writer's (as the CLI's
-    /// replay is), since the decision must see what the replay changes; the dispatcher is
-    /// woken as after the writer's commits.
     async fn replay_each(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
-        let items = self.inspector.replay_each(target).await?;
-        if items.iter().any(|i| i.effect.replays()) {
-            self.work.notify_one();
-        }
-        Ok(items)
+        self.replay_through_writer(target).await
     }
 
     async fn replay_preview(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
-        self.inspector.replay_preview(target).await
+        let target = target.clone();
+        let queue = self.queue.clone();
+        let now = self.clock.now();
+        self.readers
+            .run(move |conn| {
+                let running = |seq| queue.lock().is_ok_and(|q| q.running(seq, now));
+                reads::replay_plan(conn, &target, &running)
+            })
+            .await
     }
 
     async fn entity_history(&self, entity: &str, limit: u32) -> Result<EntityHistory, StoreError> {
@@ -434,30 +517,35 @@ impl Maintenance for SqliteStore {
                 .run(move |conn| prune::dry_run(conn, &cutoffs))
                 .await;
         }
-        let op = Op::Prune {
-            cutoffs: *cutoffs,
-            limit,
-        };
-        match self.write(op, true).await? {
-            Output::Pruned(report, blobs) => {
-                self.blobs.remove(&blobs);
-                Ok(report)
-            }
-            other => Err(unexpected(other)),
-        }
+        let cutoffs = *cutoffs;
+        let (report, blobs) = self
+            .write(
+                |reply| Op::Prune {
+                    cutoffs,
+                    limit,
+                    reply,
+                },
+                true,
+            )
+            .await?;
+        self.blobs.remove(&blobs);
+        Ok(report)
     }
 
     async fn reclaim_space(&self) -> Result<(), StoreError> {
-        loop {
-            let op = Op::Reclaim {
-                pages: RECLAIM_PAGES,
-            };
-            match self.write(op, true).await? {
-                Output::Reclaimed(true) => tokio::task::yield_now().await,
-                Output::Reclaimed(false) => return Ok(()),
-                other => return Err(unexpected(other)),
-            }
+        while self
+            .write(
+                |reply| Op::Reclaim {
+                    pages: RECLAIM_PAGES,
+                    reply,
+                },
+                true,
+            )
+            .await?
+        {
+            tokio::task::yield_now().await;
         }
+        Ok(())
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -468,6 +556,7 @@ impl Maintenance for SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn close(&self) {
+        self.ticking.cancel();
         if let Ok(mut stop) = self.checkpointer.lock() {
             stop.take();
         }
@@ -518,30 +607,29 @@ impl Inspect for SqliteInspector {
             .await
     }
 
-    /// One short write transaction of its own; a running server's writer waits for it (and it
-    /// for the writer) through SQLite's lock. The server's dispatcher finds the replayed
-    /// deliveries at its next poll.
+    /// Appends the replays in one short write transaction of its own; a running server's writer
+    /// waits for it (and it for the writer) through SQLite's lock, and reads the replays within
+    /// a second. This process cannot see what the server is handling at this moment: a replay of
+    /// such a delivery takes effect once its attempts are recorded.
     async fn replay(&self, target: &ReplayTarget) -> Result<ReplayOutcome, StoreError> {
-        let (target, now) = (target.clone(), self.clock.now());
-        self.write(move |conn| lanes::replay(conn, &target, now))
-            .await
+        Ok(ReplayOutcome::of(&self.replay_each(target).await?))
     }
 
     /// What each delivery gets is decided inside the replay's transaction, before it.
     async fn replay_each(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
         let (target, now) = (target.clone(), self.clock.now());
         self.write(move |conn| {
-            let items = reads::replay_plan(conn, &target, now)?;
-            lanes::replay(conn, &target, now)?;
+            let items = reads::replay_plan(conn, &target, &|_| false)?;
+            appends::append_replays(conn, &items, now)?;
             Ok(items)
         })
         .await
     }
 
     async fn replay_preview(&self, target: &ReplayTarget) -> Result<Vec<ReplayItem>, StoreError> {
-        let (target, now) = (target.clone(), self.clock.now());
+        let target = target.clone();
         self.readers
-            .run(move |conn| reads::replay_plan(conn, &target, now))
+            .run(move |conn| reads::replay_plan(conn, &target, &|_| false))
             .await
     }
 

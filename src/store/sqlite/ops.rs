@@ -1,171 +1,248 @@
-//! Every write the SQLite store makes, each run by the writer thread on its one connection
-//! inside the current batch's transaction. Ops other than single statements run inside a
-//! savepoint, so one failing op is undone alone and the rest of the batch commits.
+//! Every write the SQLite store makes, as queued for the writer thread, and what each one does
+//! once its batch is committed.
 //!
-//! This file holds the intake and the gate; the lanes (claims, attempts, replay) are in
-//! [`super::lanes`]. Statements are prepared once and cached (`prepare_cached`): the writer
-//! runs the same few thousands of times a second.
+//! An op runs on the writer's connection inside the current batch's transaction and becomes a
+//! [`Done`]: the answer its caller waits for and the change it makes to the dispatch state in
+//! memory ([`MemQueue`]), both held back until the batch is on disk. If the commit fails,
+//! every [`Done`] of the batch answers with the failure and changes nothing. Each op carries the
+//! channel of its own answer's type, so an answer can never be of the wrong kind.
+//!
+//! This file holds the intake (a delivery written once, with its body) and the probe; the
+//! records appended later (verdicts, attempts, replays) are in [`super::appends`], reading back
+//! what another process appended in [`super::recover`], retention in [`super::prune`].
+//! Statements are prepared once and cached (`prepare_cached`): the writer runs the same few
+//! thousands of times a second.
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::oneshot;
 
 use super::blob::BlobDir;
-use super::{lanes, prune};
+use super::queue::{Arrival, MemQueue};
+use super::{appends, prune, recover};
 use crate::delivery::{IncomingBody, NewDelivery, Payload, Status, UnixMillis};
-use crate::ordering::{Verdict, Version};
-use crate::store::gate::{applied, decide_in_lane};
+use crate::ordering::Verdict;
 use crate::store::retention::{Cutoffs, PruneReport};
-use crate::store::{
-    Accepted, AttemptResult, ChainRecord, Claimed, GateRequest, ReplayOutcome, ReplayTarget,
-    StoreError,
-};
+use crate::store::{Accepted, ChainRecord, GateRequest, ReplayItem, ReplayTarget, StoreError};
+
+/// Where an op's answer goes.
+pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A write, as queued for the writer. Times are taken from the store's clock when the op is
 /// made.
 #[derive(Debug)]
 pub enum Op {
-    Accept(Box<NewDelivery>),
-    /// Proves the store takes commits (`/readyz`).
-    Probe {
-        now: UnixMillis,
+    Accept {
+        delivery: Box<NewDelivery>,
+        reply: Reply<Accepted>,
     },
+    /// Proves the store takes commits (`/readyz`).
+    Probe { now: UnixMillis, reply: Reply<()> },
+    /// The gate's verdicts, one per request: `None` for one gated already (or failed).
     Gate {
         gates: Vec<GateRequest>,
         now: UnixMillis,
+        reply: Reply<Vec<Option<Verdict>>>,
     },
-    Claim {
-        owner: String,
-        now: UnixMillis,
-        until: UnixMillis,
-        limit: u32,
-        chain_max: u32,
-    },
-    Renew {
-        owner: String,
-        seqs: Vec<i64>,
-        until: UnixMillis,
-    },
+    /// Attempts of claimed deliveries, in lane order (a head and its chain, or one delivery);
+    /// their statuses after.
     Record {
-        seq: i64,
-        /// The claim's owner: a record from a claim that was lost (lease expired and taken
-        /// again, or the delivery replayed meanwhile) is refused.
-        owner: String,
-        results: Vec<AttemptResult>,
-        now: UnixMillis,
-    },
-    /// A claimed chain's attempts, in lane order.
-    RecordChain {
         owner: String,
         records: Vec<ChainRecord>,
         now: UnixMillis,
+        reply: Reply<Vec<Status>>,
     },
     Replay {
         target: ReplayTarget,
         now: UnixMillis,
+        reply: Reply<Vec<ReplayItem>>,
     },
-    /// At start: one server per SQLite file, so every lease found is a dead process's.
-    ReleaseLeases,
-    /// One batch of retention.
+    /// Reads what another process (the CLI) appended since, and moves the dispatch mark.
+    CatchUp { now: UnixMillis },
+    /// One batch of retention: what it removed, and the blob files to delete after the commit.
     Prune {
         cutoffs: Cutoffs,
         limit: u32,
+        reply: Reply<(PruneReport, Vec<String>)>,
     },
-    /// Gives up to `pages` free pages back to the file system.
-    Reclaim {
-        pages: u32,
-    },
+    /// Gives up to `pages` free pages back to the file system; true when more are left.
+    Reclaim { pages: u32, reply: Reply<bool> },
 }
 
-/// What an op produced; handed to its caller once the batch is committed.
-#[derive(Debug)]
-pub enum Output {
-    Accepted(Accepted),
-    Probed,
-    /// Per gate, in order: its verdict, or `None` when it failed or was gated already.
-    Gated(Vec<Option<Verdict>>),
-    Claimed(Vec<Claimed>),
-    Renewed(Vec<i64>),
-    Recorded(Status),
-    RecordedChain,
-    Replayed(ReplayOutcome),
-    Released(u64),
-    /// What the batch removed, and the blob files to delete now that it is committed.
-    Pruned(PruneReport, Vec<String>),
-    /// True when free pages are left.
-    Reclaimed(bool),
+/// How a batch ended, as each of its ops is told: committed (and the dispatch state to change),
+/// or failed.
+pub type Committed<'a> = Result<&'a mut MemQueue, &'a StoreError>;
+
+/// What an op leaves for after the commit.
+pub struct Done(Box<dyn for<'a> FnOnce(Committed<'a>) -> Effects + Send>);
+
+/// What a committed op changed, for the writer's bookkeeping.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Effects {
+    /// The dispatcher has something new to do.
+    pub new_work: bool,
+    /// A new delivery was stored.
+    pub stored: bool,
+}
+
+impl Done {
+    pub fn new(apply: impl for<'a> FnOnce(Committed<'a>) -> Effects + Send + 'static) -> Self {
+        Self(Box::new(apply))
+    }
+
+    /// After a commit (`Ok`) or a failed one (`Err`).
+    pub fn finish(self, committed: Committed<'_>) -> Effects {
+        (self.0)(committed)
+    }
+
+    /// An answer that changes nothing in memory.
+    pub fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Self {
+        Self::new(move |committed| {
+            let _ = reply.send(settle(committed.map(|_| ()), result));
+            Effects::default()
+        })
+    }
+}
+
+/// An op's own result, unless its batch failed to commit.
+pub fn settle<T>(
+    committed: Result<(), &StoreError>,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match committed {
+        Ok(()) => result,
+        Err(failure) => Err(StoreError::Unavailable(failure.to_string())),
+    }
+}
+
+/// What an op runs against: the writer's connection (in its transaction), the blob files, and
+/// the dispatch state as the last commit left it.
+pub struct Ctx<'a> {
+    pub conn: &'a Connection,
+    pub blobs: &'a BlobDir,
+    pub queue: &'a MemQueue,
 }
 
 impl Op {
     /// The dispatcher's bookkeeping (and the operator's), as opposed to deliveries coming in:
     /// committed first when both wait.
     pub fn is_dispatch(&self) -> bool {
-        !matches!(self, Op::Accept(_) | Op::Probe { .. })
+        !matches!(self, Op::Accept { .. } | Op::Probe { .. })
     }
 
-    /// Single statements are atomic by themselves and skip the savepoint; `Gate` keeps its
-    /// own, so that one failing gate does not undo the others; `Accept` undoes its row itself
-    /// when its body cannot be stored.
-    pub fn needs_savepoint(&self) -> bool {
-        !matches!(
-            self,
-            Op::Accept(_)
-                | Op::Probe { .. }
-                | Op::ReleaseLeases
-                | Op::Gate { .. }
-                | Op::Renew { .. }
-                | Op::Reclaim { .. }
-        )
+    pub fn is_accept(&self) -> bool {
+        matches!(self, Op::Accept { .. })
     }
 
-    /// Runs the op on the writer's connection (inside the open transaction).
-    pub fn run(&self, conn: &Connection, blobs: &BlobDir) -> Result<Output, StoreError> {
+    pub fn is_staged_accept(&self) -> bool {
+        matches!(self, Op::Accept { delivery, .. } if matches!(delivery.body, IncomingBody::Staged(_)))
+    }
+
+    /// Answers the op with `failure` without running it.
+    pub fn refuse(self, failure: &StoreError) {
+        let err = || StoreError::Unavailable(failure.to_string());
         match self {
-            Op::Accept(d) => insert(conn, d).map(Output::Accepted),
-            Op::Probe { now } => {
-                conn.prepare_cached("UPDATE probe SET at = ?1 WHERE id = 1")?
-                    .execute([now])?;
-                Ok(Output::Probed)
+            Op::Accept { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Probe { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Gate { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Record { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Replay { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Prune { reply, .. } => drop(reply.send(Err(err()))),
+            Op::Reclaim { reply, .. } => drop(reply.send(Err(err()))),
+            Op::CatchUp { .. } => {}
+        }
+    }
+
+    /// Runs the op inside the open transaction. An op that fails is undone alone (its own
+    /// savepoint, or its own statement) and answers with its error; the batch goes on.
+    pub fn run(self, ctx: &Ctx<'_>) -> Done {
+        match self {
+            Op::Accept { delivery, reply } => accept(ctx, *delivery, reply),
+            Op::Probe { now, reply } => {
+                let probed = ctx
+                    .conn
+                    .prepare_cached("UPDATE probe SET at = ?1 WHERE id = 1")
+                    .and_then(|mut probe| probe.execute([now]))
+                    .map(|_| ())
+                    .map_err(StoreError::from);
+                Done::answer(reply, probed)
             }
-            Op::Gate { gates, now } => Ok(Output::Gated(record_gates(conn, gates, *now)?)),
-            Op::Claim {
-                owner,
-                now,
-                until,
-                limit,
-                chain_max,
-            } => lanes::claim(conn, blobs, owner, *now, *until, *limit, *chain_max)
-                .map(Output::Claimed),
-            Op::Renew { owner, seqs, until } => {
-                lanes::renew(conn, owner, seqs, *until).map(Output::Renewed)
-            }
+            Op::Gate { gates, now, reply } => appends::gate(ctx, gates, now, reply),
             Op::Record {
-                seq,
-                owner,
-                results,
-                now,
-            } => lanes::record_attempts(conn, *seq, owner, results, *now).map(Output::Recorded),
-            Op::RecordChain {
                 owner,
                 records,
                 now,
-            } => lanes::record_chain(conn, owner, records, *now).map(|()| Output::RecordedChain),
-            Op::Replay { target, now } => lanes::replay(conn, target, *now).map(Output::Replayed),
-            Op::ReleaseLeases => {
-                let n = conn
-                    .prepare_cached(
-                        "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL \
-                         WHERE lease_owner IS NOT NULL",
-                    )?
-                    .execute([])?;
-                Ok(Output::Released(n as u64))
+                reply,
+            } => appends::record(ctx, &owner, records, now, reply),
+            Op::Replay { target, now, reply } => appends::replay(ctx, &target, now, reply),
+            Op::CatchUp { now } => recover::catch_up(ctx, now),
+            Op::Prune {
+                cutoffs,
+                limit,
+                reply,
+            } => {
+                let pruned =
+                    in_savepoint(ctx.conn, || prune::prune_batch(ctx.conn, &cutoffs, limit))
+                        .and_then(|r| r);
+                Done::answer(reply, pruned)
             }
-            Op::Prune { cutoffs, limit } => {
-                let (report, blobs) = prune::prune_batch(conn, cutoffs, *limit)?;
-                Ok(Output::Pruned(report, blobs))
-            }
-            Op::Reclaim { pages } => prune::reclaim(conn, *pages).map(Output::Reclaimed),
+            Op::Reclaim { pages, reply } => Done::answer(reply, prune::reclaim(ctx.conn, pages)),
         }
     }
+}
+
+/// Writes a new delivery once: its row (the dedup key with it) and a small body beside it. After
+/// the commit it waits for the gate, its body still in memory.
+fn accept(ctx: &Ctx<'_>, delivery: NewDelivery, reply: Reply<Accepted>) -> Done {
+    let inserted = insert(ctx.conn, &delivery);
+    let blobs = ctx.blobs.clone();
+    Done::new(move |committed| {
+        let queue = match committed {
+            Ok(queue) => queue,
+            Err(failure) => {
+                // Its staged body, if any, is dropped (and removed) with the delivery.
+                let _ = reply.send(Err(StoreError::Unavailable(failure.to_string())));
+                return Effects::default();
+            }
+        };
+        let accepted = match inserted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Effects::default();
+            }
+        };
+        // A duplicate's staged body is dropped (and removed); a new one is kept.
+        if accepted.duplicate {
+            let _ = reply.send(Ok(accepted));
+            return Effects::default();
+        }
+        let body = match delivery.body {
+            IncomingBody::Inline(bytes) => Payload::inline(bytes),
+            IncomingBody::Staged(staged) => {
+                let body = Payload::stored(staged.len(), blobs.source(staged.key()));
+                staged.keep();
+                body
+            }
+        };
+        queue.arrived(
+            accepted.seq,
+            Arrival {
+                delivery_id: delivery.delivery_id,
+                request_id: delivery.request_id,
+                topic: delivery.topic,
+                received_at: delivery.received_at,
+                round: 0,
+                body: Some(body),
+                done: Vec::new(),
+            },
+        );
+        let _ = reply.send(Ok(accepted));
+        Effects {
+            new_work: true,
+            stored: true,
+        }
+    })
 }
 
 fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
@@ -175,11 +252,15 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
         IncomingBody::Inline(bytes) => (Some(bytes), None),
         IncomingBody::Staged(staged) => (None, Some(staged.key())),
     };
+    let accepted_as = match d.status {
+        Status::Unrecognized => Status::Unrecognized,
+        _ => Status::Pending,
+    };
     // One statement: the dedup (unique key), the id-conflict flag and the row.
     let inserted = conn
         .prepare_cached(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, blob_name, body_len, received_at, status, request_id) \
+                 client_ip, headers, blob_name, body_len, received_at, accepted_as, request_id) \
              SELECT ?1, ?2, EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = ?1 AND body_sha256 <> ?2), \
                  ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 WHERE true \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
@@ -196,73 +277,86 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
                 blob_name,
                 d.body.len() as i64,
                 d.received_at,
-                d.status.as_str(),
+                accepted_as.as_str(),
                 d.request_id,
             ],
             |row| Ok((row.get::<_, i64>(0)?, row.get::<_, bool>(1)?)),
         )
         .optional()?;
-    match inserted {
-        Some((seq, id_conflict)) => {
-            if let Some(body) = inline {
-                let stored = conn
-                    .prepare_cached("INSERT INTO bodies (seq, body) VALUES (?1, ?2)")
-                    .and_then(|mut insert| insert.execute(params![seq, body]));
-                if let Err(e) = stored {
-                    // Undone by hand rather than in a savepoint (which costs more than the
-                    // insert): no delivery row without its body.
-                    conn.prepare_cached("DELETE FROM deliveries WHERE seq = ?1")?
-                        .execute([seq])?;
-                    return Err(e.into());
-                }
-            }
-            Ok(Accepted {
-                seq,
-                duplicate: false,
-                id_conflict,
-            })
-        }
-        None => {
-            let seq = conn
-                .prepare_cached(
-                    "SELECT seq FROM deliveries WHERE delivery_id = ?1 AND body_sha256 = ?2",
-                )?
-                .query_row(params![d.delivery_id, &d.body_sha256[..]], |row| row.get(0))?;
-            Ok(Accepted {
-                seq,
-                duplicate: true,
-                id_conflict: false,
-            })
+    let Some((seq, id_conflict)) = inserted else {
+        let seq = conn
+            .prepare_cached(
+                "SELECT seq FROM deliveries WHERE delivery_id = ?1 AND body_sha256 = ?2",
+            )?
+            .query_row(params![d.delivery_id, &d.body_sha256[..]], |row| row.get(0))?;
+        return Ok(Accepted {
+            seq,
+            duplicate: true,
+            id_conflict: false,
+        });
+    };
+    if let Some(body) = inline {
+        let stored = conn
+            .prepare_cached("INSERT INTO bodies (seq, body) VALUES (?1, ?2)")
+            .and_then(|mut insert| insert.execute(params![seq, body]));
+        if let Err(e) = stored {
+            // Undone by hand rather than in a savepoint (which costs more than the insert): no
+            // delivery row without its body.
+            conn.prepare_cached("DELETE FROM deliveries WHERE seq = ?1")?
+                .execute([seq])?;
+            return Err(e.into());
         }
     }
+    Ok(Accepted {
+        seq,
+        duplicate: false,
+        id_conflict,
+    })
 }
 
-/// A row's body: the blob file it names, or its row in `bodies`.
+/// A row's body: the blob file it names, or its row in `bodies`; `None` when retention dropped
+/// it (or it is missing).
 pub(super) fn body_of(
     conn: &Connection,
     blobs: &BlobDir,
     seq: i64,
-    blob_name: Option<String>,
-    len: i64,
-) -> Result<Payload, StoreError> {
-    Ok(match blob_name {
-        Some(name) => Payload::stored(len.max(0) as u64, blobs.source(&name)),
-        None => Payload::inline(Bytes::from(
-            conn.prepare_cached("SELECT body FROM bodies WHERE seq = ?1")?
-                .query_row([seq], |row| row.get::<_, Vec<u8>>(0))
-                .optional()?
-                // Never an empty body in its place: that would hand handlers a wrong event.
-                .ok_or_else(|| StoreError::Corrupt(format!("delivery {seq} has no body")))?,
-        )),
+) -> Result<Option<Payload>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT d.blob_name, d.body_len, b.body FROM deliveries d \
+             LEFT JOIN bodies b ON b.seq = d.seq WHERE d.seq = ?1",
+        )?
+        .query_row([seq], |row| {
+            Ok((
+                row.get::<_, Option<String>>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, Option<Vec<u8>>>(2)?,
+            ))
+        })
+        .optional()?;
+    Ok(match row {
+        Some((Some(name), len, _)) => Some(Payload::stored(len.max(0) as u64, blobs.source(&name))),
+        Some((None, _, Some(bytes))) => Some(Payload::inline(Bytes::from(bytes))),
+        _ => None,
     })
+}
+
+/// [`body_of`], where a missing body is an error: never an empty body in its place, which would
+/// hand handlers a wrong event.
+pub(super) fn body_required(
+    conn: &Connection,
+    blobs: &BlobDir,
+    seq: i64,
+) -> Result<Payload, StoreError> {
+    body_of(conn, blobs, seq)?
+        .ok_or_else(|| StoreError::Corrupt(format!("delivery {seq} has no body")))
 }
 
 /// Runs `work` in a savepoint: kept when it succeeds, undone alone when it fails. The outer
 /// error is the savepoint's own (the transaction is then in no state to go on).
 ///
 /// The savepoint statements are prepared once and cached: `Connection::execute_batch`, which
-/// rusqlite's `Savepoint` uses, parses its SQL on every call, and at one savepoint per op that
-/// was a good share of the writer's time.
+/// rusqlite's `Savepoint` uses, parses its SQL on every call.
 pub fn in_savepoint<T>(
     conn: &Connection,
     work: impl FnOnce() -> Result<T, StoreError>,
@@ -274,121 +368,4 @@ pub fn in_savepoint<T>(
     }
     conn.prepare_cached("RELEASE op")?.execute([])?;
     Ok(result)
-}
-
-/// The gates of a batch; one that fails is left for the next round alone.
-fn record_gates(
-    conn: &Connection,
-    gates: &[GateRequest],
-    now: UnixMillis,
-) -> Result<Vec<Option<Verdict>>, StoreError> {
-    // All at once first; only when one fails, again one by one, each in a savepoint of its
-    // own (a savepoint per gate costs a good share of the gate itself).
-    let all = in_savepoint(conn, || {
-        gates
-            .iter()
-            .map(|gate| record_gate(conn, gate, now))
-            .collect::<Result<Vec<_>, _>>()
-    })?;
-    if let Ok(verdicts) = all {
-        return Ok(verdicts);
-    }
-    let mut verdicts = Vec::with_capacity(gates.len());
-    for gate in gates {
-        match in_savepoint(conn, || record_gate(conn, gate, now))? {
-            Ok(verdict) => verdicts.push(verdict),
-            Err(e) => {
-                tracing::error!(seq = gate.seq, error = %e, "gate failed; left for the next round");
-                verdicts.push(None);
-            }
-        }
-    }
-    Ok(verdicts)
-}
-
-/// The gate: decide against the entity's last applied state and record everything at once.
-/// `None` when the delivery was gated already.
-fn record_gate(
-    conn: &Connection,
-    gate: &GateRequest,
-    now: UnixMillis,
-) -> Result<Option<Verdict>, StoreError> {
-    let gated = conn
-        .prepare_cached("SELECT gated FROM deliveries WHERE seq = ?1")?
-        .query_row([gate.seq], |row| row.get::<_, bool>(0))
-        .optional()?;
-    if gated != Some(false) {
-        return Ok(None);
-    }
-    let (verdict, lane_pos, lane_busy) = match &gate.entity {
-        None => (Verdict::Fresh, None, false),
-        Some(entity) => {
-            let last = conn
-                .prepare_cached(
-                    "SELECT version, change, lane_next, active_pos FROM entities WHERE entity = ?1",
-                )?
-                .query_row([entity], |row| {
-                    Ok((
-                        row.get::<_, Option<i64>>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, Option<i64>>(3)?,
-                    ))
-                })
-                .optional()?;
-            let (last, lane_pos, active_pos) = match last {
-                None => (None, 0_i64, None),
-                Some((version, change, lane_next, active_pos)) => {
-                    (Some(applied(version, &change)?), lane_next, active_pos)
-                }
-            };
-            let decision = decide_in_lane(last, lane_pos, active_pos, gate);
-            conn.prepare_cached(
-                "INSERT INTO entities (entity, version, change, lane_next, active_pos, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                 ON CONFLICT (entity) DO UPDATE SET version = excluded.version, \
-                 change = excluded.change, lane_next = excluded.lane_next, \
-                 active_pos = excluded.active_pos, updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                entity,
-                decision.state.version.map(Version::as_nanos),
-                decision.state.change.as_str(),
-                lane_pos + 1,
-                decision.active_pos,
-                now
-            ])?;
-            (decision.verdict, Some(lane_pos), active_pos.is_some())
-        }
-    };
-    let fresh = verdict.is_fresh();
-    let handlers = gate.handlers(fresh);
-    let waiting = lane_busy && !handlers.is_empty();
-    let mut add_run = conn.prepare_cached(
-        "INSERT INTO handler_runs (delivery_seq, handler, state, attempts, next_at) \
-         VALUES (?1, ?2, 'pending', 0, ?3) ON CONFLICT DO NOTHING",
-    )?;
-    for handler in handlers {
-        add_run.execute(params![gate.seq, handler, now])?;
-    }
-    conn.prepare_cached(
-        "UPDATE deliveries SET gated = 1, entity = ?2, version = ?3, change = ?4, \
-         project_id = ?5, fresh = ?6, lane_pos = ?7, parse_error = ?8, status = ?9, \
-         due_at = ?10, waiting = ?11, event = ?12 WHERE seq = ?1",
-    )?
-    .execute(params![
-        gate.seq,
-        gate.entity,
-        gate.version.map(Version::as_nanos),
-        gate.change.as_str(),
-        gate.project_id,
-        fresh,
-        lane_pos,
-        gate.parse_error,
-        gate.status(fresh).as_str(),
-        (!handlers.is_empty() && !waiting).then_some(now),
-        waiting,
-        gate.event,
-    ])?;
-    Ok(Some(verdict))
 }

@@ -2,14 +2,16 @@
 //! batch (run by the writer, inside its transaction), counting them for a dry run (on a reader),
 //! and the statistics the metrics show.
 //!
-//! A delivery may go only when it has no work left: gated, nothing due, not waiting in a lane,
-//! not `pending`. Rows are taken oldest first. Blob files of removed bodies are deleted by the
+//! A delivery may go only when it has no work left: its work closed, or gated with no handler
+//! to run (the view `deliveries_now` says which). Rows are taken oldest first, and a delivery
+//! goes with every record appended for it. Blob files of removed bodies are deleted by the
 //! writer once the batch is committed.
 
 use std::collections::HashSet;
 
 use rusqlite::Connection;
 
+use super::reads::status_candidates;
 use crate::delivery::Status;
 use crate::store::retention::{Cutoffs, PruneReport, StoreStats};
 use crate::store::StoreError;
@@ -41,8 +43,8 @@ fn walked(row: &rusqlite::Row<'_>) -> Result<(Doomed, i64, bool), StoreError> {
 }
 
 /// The columns [`walked`] reads.
-const WALK_COLUMNS: &str = "seq, status, blob_name, body_len, body_pruned, received_at, \
-     (gated = 1 AND due_at IS NULL AND waiting = 0 AND status <> 'pending')";
+const WALK_COLUMNS: &str =
+    "d.seq, d.status, d.blob_name, d.body_len, d.body_pruned, d.received_at, d.finished";
 
 /// Walks the rows `sql` gives in sequence order while they were received before `before`,
 /// keeping up to `limit` of those `keep` accepts. Sequence numbers follow arrival, so the walk
@@ -73,7 +75,6 @@ fn walk(
 
 /// Rows past their retention, oldest first: each status walked along its index.
 fn rows_to_delete(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doomed>, StoreError> {
-    let sql = format!("SELECT {WALK_COLUMNS} FROM deliveries WHERE status = ?1 ORDER BY seq");
     let mut rows = Vec::new();
     for (status, before) in [
         (Status::Delivered, c.delivered_before),
@@ -82,6 +83,13 @@ fn rows_to_delete(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doom
         (Status::Dead, c.investigated_before),
     ] {
         let finished = |_: &Doomed, finished: bool| finished;
+        let narrowed = status_candidates(status)
+            .map(|c| format!("{c} AND "))
+            .unwrap_or_default();
+        let sql = format!(
+            "SELECT {WALK_COLUMNS} FROM deliveries_now d WHERE {narrowed}d.status = ?1 \
+             ORDER BY d.seq"
+        );
         rows.extend(walk(
             conn,
             &sql,
@@ -96,13 +104,16 @@ fn rows_to_delete(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doom
     Ok(rows)
 }
 
-/// Delivered rows whose bodies are past their retention (the rows stay), oldest first, walked
-/// along the index of rows that still have a body.
+/// Rows that still have a body, oldest first, from after the newest body dropped so far
+/// (bodies go in order, so the walk does not pass over the days of rows whose bodies are gone;
+/// an older body that was kept then, its delivery not finished, goes with its row).
+const UNPRUNED_BODIES: &str = "FROM deliveries_now d \
+     WHERE d.seq > (SELECT COALESCE(MAX(seq), 0) FROM pruned_bodies) AND NOT d.body_pruned \
+     ORDER BY d.seq";
+
+/// Delivered rows whose bodies are past their retention (the rows stay), oldest first.
 fn bodies_to_drop(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doomed>, StoreError> {
-    let sql = format!(
-        "SELECT {WALK_COLUMNS} FROM deliveries INDEXED BY deliveries_unpruned_bodies \
-         WHERE body_pruned = 0 ORDER BY seq"
-    );
+    let sql = format!("SELECT {WALK_COLUMNS} {UNPRUNED_BODIES}");
     walk(conn, &sql, [], c.bodies_before, limit, |d, finished| {
         finished && d.status == Status::Delivered
     })
@@ -111,7 +122,10 @@ fn bodies_to_drop(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doom
 /// Bytes of bodies kept.
 fn body_bytes(conn: &Connection) -> Result<u64, StoreError> {
     let bytes: i64 = conn
-        .prepare_cached("SELECT COALESCE(SUM(body_len), 0) FROM deliveries WHERE body_pruned = 0")?
+        .prepare_cached(
+            "SELECT COALESCE(SUM(body_len), 0) FROM deliveries d \
+             WHERE NOT EXISTS (SELECT 1 FROM pruned_bodies p WHERE p.seq = d.seq)",
+        )?
         .query_row([], |row| row.get(0))?;
     Ok(bytes.max(0) as u64)
 }
@@ -133,10 +147,7 @@ fn bodies_over_budget(
     if excess == 0 {
         return Ok(Vec::new());
     }
-    let sql = format!(
-        "SELECT {WALK_COLUMNS} FROM deliveries INDEXED BY deliveries_unpruned_bodies \
-         WHERE body_pruned = 0 ORDER BY seq"
-    );
+    let sql = format!("SELECT {WALK_COLUMNS} {UNPRUNED_BODIES}");
     let room = limit.saturating_add(u32::try_from(already.len()).unwrap_or(u32::MAX));
     let finished = |_: &Doomed, finished: bool| finished;
     let rows = walk(conn, &sql, [], i64::MAX, room, finished)?;
@@ -195,27 +206,40 @@ pub fn prune_batch(
 ) -> Result<(PruneReport, Vec<String>), StoreError> {
     let (rows, bodies) = plan(conn, c, limit)?;
     let mut blobs = Vec::new();
-    for row in &rows {
-        for sql in [
-            "DELETE FROM attempts WHERE delivery_seq = ?1",
-            "DELETE FROM handler_runs WHERE delivery_seq = ?1",
-            "DELETE FROM bodies WHERE seq = ?1",
-            "DELETE FROM deliveries WHERE seq = ?1",
-        ] {
-            conn.prepare_cached(sql)?.execute([row.seq])?;
-        }
-        blobs.extend(row.blob_name.clone());
+    let gone: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    for sql in [
+        "DELETE FROM attempts WHERE delivery_seq IN ({})",
+        "DELETE FROM verdicts WHERE seq IN ({})",
+        "DELETE FROM closings WHERE seq IN ({})",
+        "DELETE FROM replays WHERE seq IN ({})",
+        "DELETE FROM pruned_bodies WHERE seq IN ({})",
+        "DELETE FROM bodies WHERE seq IN ({})",
+        "DELETE FROM deliveries WHERE seq IN ({})",
+    ] {
+        for_each_chunk(conn, sql, &gone)?;
     }
-    for body in &bodies {
-        conn.prepare_cached("DELETE FROM bodies WHERE seq = ?1")?
-            .execute([body.seq])?;
-        conn.prepare_cached(
-            "UPDATE deliveries SET body_pruned = 1, blob_name = NULL WHERE seq = ?1",
-        )?
-        .execute([body.seq])?;
-        blobs.extend(body.blob_name.clone());
+    blobs.extend(rows.iter().filter_map(|r| r.blob_name.clone()));
+    let dropped: Vec<i64> = bodies.iter().map(|b| b.seq).collect();
+    for_each_chunk(conn, "DELETE FROM bodies WHERE seq IN ({})", &dropped)?;
+    let mut mark = conn.prepare_cached("INSERT OR IGNORE INTO pruned_bodies (seq) VALUES (?1)")?;
+    for seq in &dropped {
+        mark.execute([seq])?;
     }
+    blobs.extend(bodies.iter().filter_map(|b| b.blob_name.clone()));
     Ok((report(&rows, &bodies), blobs))
+}
+
+/// Rows deleted per statement.
+const CHUNK: usize = 256;
+
+/// Runs `sql` (with `{}` where the list of `seq`s goes) for `seqs`, a chunk at a time.
+fn for_each_chunk(conn: &Connection, sql: &str, seqs: &[i64]) -> Result<(), StoreError> {
+    for chunk in seqs.chunks(CHUNK) {
+        let marks = vec!["?"; chunk.len()].join(",");
+        conn.prepare_cached(&sql.replace("{}", &marks))?
+            .execute(rusqlite::params_from_iter(chunk))?;
+    }
+    Ok(())
 }
 
 /// Free pages kept for the next inserts, as a share of the pages in use: under steady load
@@ -250,20 +274,7 @@ pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
         Ok(conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))?)
     };
     let used_pages = pragma("page_count")? - pragma("freelist_count")?;
-    let deliveries = conn
-        .prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?
-        .query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .map(|(status, n)| {
-            Ok((
-                status.parse().map_err(StoreError::Corrupt)?,
-                n.max(0) as u64,
-            ))
-        })
-        .collect::<Result<Vec<(Status, u64)>, StoreError>>()?;
+    let deliveries = super::reads::counts_by_status(conn)?;
     let oldest: Option<i64> = conn
         .prepare_cached("SELECT MIN(received_at) FROM deliveries")?
         .query_row([], |row| row.get(0))?;

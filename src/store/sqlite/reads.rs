@@ -1,7 +1,14 @@
 //! Reads of the SQLite store, on connections of their own and on blocking threads (rusqlite is
 //! synchronous): `events list` and `show`, the console's pages (an entity's history, the gate's
-//! reasons, handler activity, the overview, what a replay would do), the queue depth, and the
-//! blob names the orphan sweep must keep. Readers never write, so they never wait for the writer's lock and never hold it.
+//! reasons, handler activity, the overview, what a replay would do), and the blob names the
+//! orphan sweep must keep. Readers never write, so they never wait for the writer's lock and
+//! never hold it.
+//!
+//! Where a delivery stands is read off its records through the view `deliveries_now` (see the
+//! migration `0006_append_only.sql`), which has the columns the table had before its rows
+//! stopped being rewritten. A status other than `delivered` is looked for among the few records
+//! that can give it (the dead letters among the closings, say, or from the dispatch mark on for
+//! `pending`), never by reading every delivery.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -18,11 +25,12 @@ use crate::delivery::{format_millis, Payload, UnixMillis};
 use crate::ordering::Change;
 use crate::ordering::Version;
 use crate::store::gate::{applied, replay_effect};
-use crate::store::model::{counts_by_status, in_version_order, RECEIVED_WINDOW_MARGIN_MS};
+use crate::store::model::{in_version_order, RECEIVED_WINDOW_MARGIN_MS};
+use crate::store::RunState;
 use crate::store::{
     AttemptRecord, DeliveryDetail, DeliverySummary, EntityEntry, EntityHistory, EntityState,
     HandlerActivity, HandlerRun, ListQuery, Overview, ReceivedBucket, ReplayItem, ReplayTarget,
-    StoreError, Ungated, VerdictBasis,
+    StoreError, VerdictBasis,
 };
 
 /// How long a reader waits for a lock (the writer checkpointing, another process).
@@ -121,11 +129,36 @@ fn summary(row: &Row<'_>) -> rusqlite::Result<DeliverySummary> {
     })
 }
 
+/// A condition that narrows a status filter down to the few deliveries that can have that
+/// status, so that looking for dead letters does not read every delivery; `delivered`, which
+/// most have, is found by reading newest first.
+pub(super) fn status_candidates(status: Status) -> Option<&'static str> {
+    Some(match status {
+        Status::Dead => "d.seq IN (SELECT seq FROM closings WHERE status = 'dead')",
+        Status::Stale => {
+            "d.seq IN (SELECT seq FROM closings WHERE status = 'stale' \
+             UNION ALL SELECT seq FROM verdicts WHERE status = 'stale')"
+        }
+        Status::Unrecognized => {
+            "d.seq IN (SELECT seq FROM closings WHERE status = 'unrecognized' \
+             UNION ALL SELECT seq FROM verdicts WHERE status = 'unrecognized' \
+             UNION ALL SELECT seq FROM deliveries WHERE accepted_as = 'unrecognized' \
+             UNION ALL SELECT seq FROM replays WHERE status = 'unrecognized')"
+        }
+        Status::Pending => "d.seq >= (SELECT low_water FROM dispatch_mark)",
+        Status::Delivered => return None,
+    })
+}
+
 pub fn list(conn: &Connection, query: &ListQuery) -> Result<Vec<DeliverySummary>, StoreError> {
     // Only the filters given become conditions, so that SQLite can use the index that fits
-    // (status, delivery id) rather than scan for `?1 IS NULL OR ...`.
-    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM deliveries d WHERE 1 = 1");
+    // (delivery id) rather than scan for `?1 IS NULL OR ...`.
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM deliveries_now d WHERE 1 = 1");
     let mut args: Vec<Value> = Vec::new();
+    if let Some(candidates) = query.status.and_then(status_candidates) {
+        sql.push_str(" AND ");
+        sql.push_str(candidates);
+    }
     let mut add = |condition: &str, value: Value| {
         sql.push_str(" AND ");
         sql.push_str(condition);
@@ -146,7 +179,7 @@ pub fn list(conn: &Connection, query: &ListQuery) -> Result<Vec<DeliverySummary>
     }
     if let Some(handler) = &query.handler {
         add(
-            "EXISTS (SELECT 1 FROM handler_runs h WHERE h.delivery_seq = d.seq AND h.handler = ?)",
+            "EXISTS (SELECT 1 FROM json_each(d.handlers) h WHERE h.value = ?)",
             Value::Text(handler.clone()),
         );
     }
@@ -174,8 +207,8 @@ pub fn show(
     delivery_id: &str,
 ) -> Result<Vec<DeliveryDetail>, StoreError> {
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, client_ip, headers, blob_name, fresh, parse_error, \
-         body_pruned, request_id FROM deliveries d WHERE delivery_id = ?1 ORDER BY d.seq"
+        "SELECT {SUMMARY_COLUMNS}, client_ip, headers, fresh, parse_error, \
+         body_pruned, request_id FROM deliveries_now d WHERE delivery_id = ?1 ORDER BY d.seq"
     );
     let rows = conn
         .prepare_cached(&sql)?
@@ -184,23 +217,22 @@ pub fn show(
                 summary(row)?,
                 row.get::<_, String>(11)?,
                 row.get::<_, String>(12)?,
-                row.get::<_, Option<String>>(13)?,
-                row.get::<_, Option<bool>>(14)?,
-                row.get::<_, Option<String>>(15)?,
-                row.get::<_, bool>(16)?,
-                row.get::<_, Option<String>>(17)?,
+                row.get::<_, Option<bool>>(13)?,
+                row.get::<_, Option<String>>(14)?,
+                row.get::<_, bool>(15)?,
+                row.get::<_, Option<String>>(16)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut details = Vec::with_capacity(rows.len());
-    for (summary, client_ip, headers, blob_name, fresh, parse_error, body_pruned, request_id) in
-        rows
-    {
+    for (summary, client_ip, headers, fresh, parse_error, body_pruned, request_id) in rows {
         let seq = summary.seq;
         let body = if body_pruned {
             Payload::inline(bytes::Bytes::new())
         } else {
-            body_of(conn, blobs, seq, blob_name, summary.body_len as i64)?
+            body_of(conn, blobs, seq)?
+                // Never an empty body in its place: that would show a wrong delivery.
+                .ok_or_else(|| StoreError::Corrupt(format!("delivery {seq} has no body")))?
         };
         details.push(DeliveryDetail {
             client_ip,
@@ -219,33 +251,79 @@ pub fn show(
     Ok(details)
 }
 
+/// One attempt as [`handler_runs`] reads it.
+struct Tried {
+    round: i64,
+    handler: String,
+    attempt: i64,
+    outcome: String,
+    error: Option<String>,
+    next_at: Option<i64>,
+}
+
+/// Where each handler stands with delivery `seq`, from its attempts: the handlers its current
+/// verdict gives it to (none while it waits for the gate again after a replay) and those that
+/// did it in an earlier round. A run done in any round stays done; a run's attempts, next
+/// attempt and last error are its current round's.
 fn handler_runs(conn: &Connection, seq: i64) -> Result<Vec<HandlerRun>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT handler, state, attempts, next_at, last_error FROM handler_runs \
-         WHERE delivery_seq = ?1 ORDER BY handler",
-    )?;
-    let rows = stmt
+    let (handlers, round, gated): (Option<String>, i64, Option<bool>) = conn
+        .prepare_cached("SELECT handlers, round, gated FROM deliveries_now WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let tried = conn
+        .prepare_cached(
+            "SELECT round, handler, attempt, outcome, error, next_at FROM attempts \
+             WHERE delivery_seq = ?1 ORDER BY round, attempt",
+        )?
         .query_map([seq], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, Option<String>>(4)?,
-            ))
+            Ok(Tried {
+                round: r.get(0)?,
+                handler: r.get(1)?,
+                attempt: r.get(2)?,
+                outcome: r.get(3)?,
+                error: r.get(4)?,
+                next_at: r.get(5)?,
+            })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(handler, state, attempts, next_at, last_error)| {
-            Ok(HandlerRun {
-                handler,
-                state: state.parse().map_err(StoreError::Corrupt)?,
-                attempts: attempts.max(0) as u32,
-                next_attempt_at: next_at.map(format_millis),
-                last_error,
-            })
-        })
-        .collect()
+    let mut names: Vec<String> = match (gated, handlers) {
+        (Some(true), Some(listed)) => serde_json::from_str(&listed)
+            .map_err(|e| StoreError::Corrupt(format!("handlers: {e}")))?,
+        _ => Vec::new(),
+    };
+    for t in tried.iter().filter(|t| t.outcome == "ok") {
+        if !names.contains(&t.handler) {
+            names.push(t.handler.clone());
+        }
+    }
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|handler| run_of(handler, round, &tried))
+        .collect())
+}
+
+fn run_of(handler: String, round: i64, tried: &[Tried]) -> HandlerRun {
+    let mine: Vec<&Tried> = tried.iter().filter(|t| t.handler == handler).collect();
+    let done = mine.iter().rev().find(|t| t.outcome == "ok");
+    // The round that counts: the one it was done in, else the current one.
+    let counted = done.map_or(round, |t| t.round);
+    let this_round: Vec<&&Tried> = mine.iter().filter(|t| t.round == counted).collect();
+    let last = this_round.last();
+    let state = match (done, last) {
+        (Some(_), _) => RunState::Done,
+        (None, Some(t)) if t.outcome == "dead" => RunState::Dead,
+        _ => RunState::Pending,
+    };
+    HandlerRun {
+        state,
+        attempts: last.map_or(0, |t| t.attempt.max(0) as u32),
+        next_attempt_at: match (state, last) {
+            (RunState::Pending, Some(t)) => t.next_at.map(format_millis),
+            _ => None,
+        },
+        last_error: this_round.iter().rev().find_map(|t| t.error.clone()),
+        handler,
+    }
 }
 
 fn attempts(conn: &Connection, seq: i64) -> Result<Vec<AttemptRecord>, StoreError> {
@@ -279,121 +357,63 @@ fn attempts(conn: &Connection, seq: i64) -> Result<Vec<AttemptRecord>, StoreErro
         .collect()
 }
 
-/// The oldest deliveries not gated yet, with their bodies.
-pub fn ungated(conn: &Connection, blobs: &BlobDir, limit: u32) -> Result<Vec<Ungated>, StoreError> {
-    let rows = conn
-        .prepare_cached(
-            "SELECT d.seq, topic, blob_name, body_len, b.body, delivery_id, request_id \
-             FROM deliveries d \
-             LEFT JOIN bodies b ON b.seq = d.seq WHERE gated = 0 ORDER BY d.seq LIMIT ?1",
-        )?
-        .query_map([i64::from(limit)], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, Option<String>>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, Option<Vec<u8>>>(4)?,
-                row.get::<_, String>(5)?,
-                row.get::<_, Option<String>>(6)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(
-            |(seq, topic, blob_name, len, inline, delivery_id, request_id)| {
-                let body = match (blob_name, inline) {
-                    (Some(name), _) => Payload::stored(len.max(0) as u64, blobs.source(&name)),
-                    (None, Some(bytes)) => Payload::inline(bytes.into()),
-                    (None, None) => {
-                        return Err(StoreError::Corrupt(format!("delivery {seq} has no body")))
-                    }
-                };
-                Ok(Ungated {
-                    seq,
-                    delivery_id,
-                    request_id,
-                    topic,
-                    body,
-                })
-            },
-        )
-        .collect()
-}
-
-/// Deliveries with work left: not gated yet, due, or waiting in a lane.
-pub fn queue_depth(conn: &Connection) -> Result<u64, StoreError> {
-    let n: i64 = conn
-        .prepare_cached(
-            "SELECT (SELECT COUNT(*) FROM deliveries WHERE due_at IS NOT NULL) \
-                  + (SELECT COUNT(*) FROM deliveries WHERE waiting = 1) \
-                  + (SELECT COUNT(*) FROM deliveries WHERE gated = 0)",
-        )?
-        .query_row([], |row| row.get(0))?;
-    Ok(n.max(0) as u64)
-}
-
-/// When the oldest delivery with work left was received. Each part is the smallest `seq` of
-/// one of the partial indexes `queue_depth` counts, so no table row is read but one.
-pub fn oldest_unfinished(conn: &Connection) -> Result<Option<UnixMillis>, StoreError> {
-    let at = conn
-        .prepare_cached(
-            "SELECT received_at FROM deliveries WHERE seq = (SELECT MIN(s) FROM ( \
-                 SELECT MIN(seq) AS s FROM deliveries WHERE gated = 0 \
-                 UNION ALL SELECT MIN(seq) FROM deliveries WHERE due_at IS NOT NULL \
-                 UNION ALL SELECT MIN(seq) FROM deliveries WHERE waiting = 1))",
-        )?
-        .query_row([], |row| row.get(0))
-        .optional()?;
-    Ok(at)
-}
-
 /// Every blob file name a delivery refers to.
 pub fn referenced_blobs(conn: &Connection) -> Result<HashSet<String>, StoreError> {
     let names = conn
-        .prepare_cached("SELECT blob_name FROM deliveries WHERE blob_name IS NOT NULL")?
+        .prepare_cached(
+            "SELECT blob_name FROM deliveries d WHERE blob_name IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM pruned_bodies p WHERE p.seq = d.seq)",
+        )?
         .query_map([], |row| row.get::<_, String>(0))?
         .collect::<Result<HashSet<_>, _>>()?;
     Ok(names)
 }
 
 /// The rows a replay target names.
-fn target_condition(target: &ReplayTarget) -> (&'static str, String) {
+fn target_condition(target: &ReplayTarget) -> (String, String) {
     match target {
-        ReplayTarget::DeliveryId(id) => ("d.delivery_id = ?1", id.clone()),
-        ReplayTarget::Status(status) => ("d.status = ?1", status.as_str().to_owned()),
+        ReplayTarget::DeliveryId(id) => ("d.delivery_id = ?1".to_owned(), id.clone()),
+        ReplayTarget::Status(status) => {
+            let narrowed = status_candidates(*status)
+                .map(|c| format!("{c} AND "))
+                .unwrap_or_default();
+            (
+                format!("{narrowed}d.status = ?1"),
+                status.as_str().to_owned(),
+            )
+        }
     }
 }
 
-/// What replaying `target` does to each delivery it names (see [`replay_effect`]). Run in the
-/// replay's own transaction, it says what the replay did.
+/// What replaying `target` does to each delivery it names (see [`replay_effect`]); `running`
+/// says which are being handled at this moment. Run in the replay's own transaction, it says
+/// what the replay did.
 pub fn replay_plan(
     conn: &Connection,
     target: &ReplayTarget,
-    now: UnixMillis,
+    running: &dyn Fn(i64) -> bool,
 ) -> Result<Vec<ReplayItem>, StoreError> {
     let (condition, value) = target_condition(target);
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, COALESCE(d.lease_until > ?2, 0), d.change, e.version, \
-         e.change FROM deliveries d LEFT JOIN entities e ON e.entity = d.entity \
+        "SELECT {SUMMARY_COLUMNS}, d.change, e.version, e.change \
+         FROM deliveries_now d LEFT JOIN entities e ON e.entity = d.entity \
          WHERE {condition} ORDER BY d.seq"
     );
     let rows = conn
         .prepare_cached(&sql)?
-        .query_map(params![value, now], |row| {
+        .query_map(params![value], |row| {
             let at = SUMMARY_WIDTH;
             Ok((
                 summary(row)?,
                 row.get::<_, Option<i64>>(5)?,
-                row.get::<_, bool>(at)?,
-                row.get::<_, Option<String>>(at + 1)?,
-                row.get::<_, Option<i64>>(at + 2)?,
-                row.get::<_, Option<String>>(at + 3)?,
+                row.get::<_, Option<String>>(at)?,
+                row.get::<_, Option<i64>>(at + 1)?,
+                row.get::<_, Option<String>>(at + 2)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut items = Vec::with_capacity(rows.len());
-    for (summary, version, running, change, entity_version, entity_change) in rows {
+    for (summary, version, change, entity_version, entity_change) in rows {
         let own = match (&summary.entity, change.as_deref().and_then(Change::parse)) {
             (Some(_), Some(change)) => Some((version.map(Version::from_nanos), change)),
             _ => None,
@@ -403,7 +423,7 @@ pub fn replay_plan(
             None => None,
         };
         let handlers = handler_runs(conn, summary.seq)?;
-        let effect = replay_effect(running, summary.status, own, last, &handlers);
+        let effect = replay_effect(running(summary.seq), summary.status, own, last, &handlers);
         items.push(ReplayItem {
             summary,
             effect,
@@ -429,41 +449,45 @@ fn entry(row: &Row<'_>) -> rusqlite::Result<EntityEntry> {
     })
 }
 
+/// One entity's gate state, and whether a delivery of it has work left (from the dispatch mark
+/// on, the only place one can be).
 fn entity_state(conn: &Connection, entity: &str) -> Result<Option<EntityState>, StoreError> {
     let row = conn
         .prepare_cached(
-            "SELECT version, change, updated_at, active_pos FROM entities WHERE entity = ?1",
+            "SELECT version, change, updated_at, EXISTS (SELECT 1 FROM deliveries_now d \
+                 WHERE d.seq >= (SELECT low_water FROM dispatch_mark) AND d.entity = ?1 \
+                   AND d.gated AND NOT d.finished) \
+             FROM entities WHERE entity = ?1",
         )?
         .query_row([entity], |row| {
             Ok((
                 row.get::<_, Option<i64>>(0)?,
                 row.get::<_, String>(1)?,
                 row.get::<_, i64>(2)?,
-                row.get::<_, Option<i64>>(3)?,
+                row.get::<_, bool>(3)?,
             ))
         })
         .optional()?;
-    Ok(
-        row.map(|(version, change, updated_at, active_pos)| EntityState {
-            entity: entity.to_owned(),
-            version: version.map(|v| Version::from_nanos(v).to_string()),
-            change: Change::parse(&change),
-            updated_at,
-            busy: active_pos.is_some(),
-        }),
-    )
+    Ok(row.map(|(version, change, updated_at, busy)| EntityState {
+        entity: entity.to_owned(),
+        version: version.map(|v| Version::from_nanos(v).to_string()),
+        change: Change::parse(&change),
+        updated_at,
+        busy,
+    }))
 }
 
 /// One entity's state and its most recent `limit` deliveries, in version order. The entity has
 /// no index of its own (the dispatcher never looks deliveries up by it), so this reads the
-/// table; it is for a person looking at one entity, not for a loop.
+/// verdicts; it is for a person looking at one entity, not for a loop.
 pub fn entity_history(
     conn: &Connection,
     entity: &str,
     limit: u32,
 ) -> Result<EntityHistory, StoreError> {
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d WHERE d.entity = ?1 \
+        "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries_now d \
+         WHERE d.seq IN (SELECT seq FROM verdicts WHERE entity = ?1) AND d.entity = ?1 \
          ORDER BY d.seq DESC LIMIT ?2"
     );
     let mut rows = conn
@@ -484,7 +508,7 @@ pub fn entity_history(
 /// Delivery `seq`, what it was held against, and its entity's state now.
 pub fn verdict_basis(conn: &Connection, seq: i64) -> Result<Option<VerdictBasis>, StoreError> {
     let sql =
-        format!("SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d WHERE d.seq = ?1");
+        format!("SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries_now d WHERE d.seq = ?1");
     let Some(delivery) = conn
         .prepare_cached(&sql)?
         .query_row([seq], entry)
@@ -496,11 +520,13 @@ pub fn verdict_basis(conn: &Connection, seq: i64) -> Result<Option<VerdictBasis>
         (Some(entity), lane_pos) => {
             let held = match lane_pos {
                 Some(pos) => {
+                    // The last verdict before it in the gate's order that applied something.
                     let sql = format!(
-                        "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d \
-                         WHERE d.entity = ?1 AND d.lane_pos < ?2 AND d.fresh = 1 \
-                           AND (d.version IS NOT NULL OR d.change = 'deleted') \
-                         ORDER BY d.lane_pos DESC LIMIT 1"
+                        "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries_now d \
+                         WHERE d.seq = (SELECT seq FROM verdicts \
+                             WHERE entity = ?1 AND id < ?2 AND fresh = 1 \
+                               AND (version IS NOT NULL OR change = 'deleted') \
+                             ORDER BY id DESC LIMIT 1)"
                     );
                     conn.prepare_cached(&sql)?
                         .query_row(params![entity, pos], entry)
@@ -520,7 +546,7 @@ pub fn verdict_basis(conn: &Connection, seq: i64) -> Result<Option<VerdictBasis>
 }
 
 /// Per handler: its last success and failure from its attempts, what finished since `since`,
-/// and its runs dead or pending now. One pass over each table.
+/// and its runs dead or pending now.
 pub fn handler_activity(
     conn: &Connection,
     since: UnixMillis,
@@ -563,22 +589,65 @@ pub fn handler_activity(
             a.last_error = error;
         }
     }
-    let runs = conn
-        .prepare_cached(
-            "SELECT handler, COALESCE(SUM(state = 'dead'), 0), \
-                    COALESCE(SUM(state = 'pending'), 0) \
-             FROM handler_runs GROUP BY handler",
-        )?
-        .query_map([], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, i64>(2)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    HandlerActivity::add_run_counts(&mut by_handler, runs);
+    HandlerActivity::add_run_counts(&mut by_handler, run_counts(conn)?);
     Ok(by_handler.into_values().collect())
+}
+
+/// Per handler, how many deliveries are dead-lettered for it and how many wait for it now: the
+/// dead letters among the closings, the waiting ones from the dispatch mark on.
+fn run_counts(conn: &Connection) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    let seqs: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT d.seq FROM deliveries_now d \
+             WHERE (d.seq IN (SELECT seq FROM closings WHERE status = 'dead') AND d.status = 'dead') \
+                OR (d.seq >= (SELECT low_water FROM dispatch_mark) AND d.gated AND NOT d.finished)",
+        )?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut counts: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for seq in seqs {
+        for run in handler_runs(conn, seq)? {
+            let (dead, pending) = counts.entry(run.handler).or_default();
+            match run.state {
+                RunState::Dead => *dead += 1,
+                RunState::Pending => *pending += 1,
+                RunState::Done => {}
+            }
+        }
+    }
+    Ok(counts
+        .into_iter()
+        .map(|(handler, (dead, pending))| (handler, dead, pending))
+        .collect())
+}
+
+/// Deliveries kept, by status: the rare statuses counted among the records that can give them,
+/// `delivered` as what is left.
+pub fn counts_by_status(conn: &Connection) -> Result<Vec<(Status, u64)>, StoreError> {
+    let total: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM deliveries")?
+        .query_row([], |row| row.get(0))?;
+    let mut counts = Vec::with_capacity(Status::ALL.len());
+    let mut others = 0;
+    for status in Status::ALL {
+        let Some(candidates) = status_candidates(status) else {
+            continue;
+        };
+        let n: i64 = conn
+            .prepare_cached(&format!(
+                "SELECT COUNT(*) FROM deliveries_now d WHERE {candidates} AND d.status = ?1"
+            ))?
+            .query_row([status.as_str()], |row| row.get(0))?;
+        others += n;
+        if n > 0 {
+            counts.push((status, n as u64));
+        }
+    }
+    let delivered = (total - others).max(0);
+    if delivered > 0 {
+        counts.push((Status::Delivered, delivered as u64));
+    }
+    Ok(counts)
 }
 
 /// Deliveries kept by status, and those received in `[since, now)` in buckets of `bucket_ms`.
@@ -588,13 +657,7 @@ pub fn overview(
     now: UnixMillis,
     bucket_ms: i64,
 ) -> Result<Overview, StoreError> {
-    let by_status = conn
-        .prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?
-        .query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let by_status = counts_by_status(by_status).map_err(StoreError::Corrupt)?;
+    let by_status = counts_by_status(conn)?;
     let mut buckets = ReceivedBucket::span(since, now, bucket_ms);
     if buckets.is_empty() {
         return Ok(Overview { by_status, buckets });
@@ -612,7 +675,7 @@ pub fn overview(
         })?;
     let counts = conn
         .prepare_cached(
-            "SELECT (received_at - ?1) / ?2, status, COUNT(*) FROM deliveries \
+            "SELECT (received_at - ?1) / ?2, status, COUNT(*) FROM deliveries_now \
              WHERE seq > ?3 AND received_at >= ?1 AND received_at < ?4 GROUP BY 1, 2",
         )?
         .query_map(params![since, bucket_ms, floor, now], |row| {

@@ -1,9 +1,10 @@
 //! The writer: the only connection that writes, on a thread of its own, and the group commit.
 //!
-//! Requests queue up on a bounded channel. The writer takes whatever is waiting (up to
+//! Ops queue up on a bounded channel. The writer takes whatever is waiting (up to
 //! `commit_batch_max`), runs it in one transaction, commits (one fsync of the WAL), and only
-//! then answers each request. Deliveries, gate decisions, claims and attempt records all share
-//! these commits, so there is never a second writer waiting on SQLite's lock.
+//! then answers each op and applies what it changes to the dispatch state in memory
+//! ([`super::queue`]), in the batch's order. Deliveries, verdicts, attempt records and replays
+//! all share these commits, so there is never a second writer waiting on SQLite's lock.
 //!
 //! It talks to SQLite directly (rusqlite) on a dedicated thread rather than through sqlx's
 //! async driver, which hands every statement to a worker thread and back: at a dozen statements
@@ -21,6 +22,7 @@
 //! database removed or replaced under a running server would take every acknowledged delivery
 //! with it, so that is refused until a restart, never acknowledged.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,17 +33,18 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::blob::BlobDir;
 use super::files::{FileId, ServingLock, StoreFiles};
 use super::health::Health;
-use super::ops::{Op, Output};
-use crate::delivery::IncomingBody;
+use super::ops::{Ctx, Done, Effects, Op};
+use super::queue::MemQueue;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_event.sql"),
     include_str!("migrations/0003_body_pruned.sql"),
     include_str!("migrations/0004_request_id.sql"),
     include_str!("migrations/0005_unpruned_bodies.sql"),
+    include_str!("migrations/0006_append_only.sql"),
 ];
 /// How long a batch waits for SQLite's lock held by another process (the CLI's replay or prune,
 /// which are short; or something outside that should not be there). The deliveries in that batch
@@ -51,6 +54,10 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 const FATAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Prepared statements kept per connection; the writer uses about twenty.
 const STATEMENT_CACHE: usize = 64;
+/// SQLite's page cache for the writer, in KiB (negative `cache_size`): the dedup index and the
+/// entities are written at random places, and a cache that holds their pages spares a read per
+/// insert. SQLite's default is 2 MiB.
+const PAGE_CACHE_KIB: i64 = 64 * 1024;
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// WAL pages after which the writer checkpoints at commit time. Under constant writes only a
@@ -63,14 +70,8 @@ const LOOKAHEAD_BATCHES: usize = 4;
 /// After a WAL restart the file is cut back to this size instead of staying at its peak.
 const WAL_KEEP_BYTES: u64 = 64 * 1024 * 1024;
 
-/// One queued write and where its answer goes.
-pub struct Request {
-    pub op: Op,
-    pub reply: oneshot::Sender<Result<Output, StoreError>>,
-}
-
 pub enum WriteRequest {
-    Write(Request),
+    Write(Op),
     /// Commit what is queued, then stop.
     Close(oneshot::Sender<()>),
 }
@@ -93,6 +94,11 @@ pub struct Writer {
     /// cannot be reached says nothing `/readyz`'s own probe will not find out; one refused by
     /// the database itself (a full disk, an I/O error) must hold readiness down.
     pub reached: bool,
+    /// The dispatch state, rebuilt from the database when it is first opened and changed after
+    /// each commit.
+    pub queue: Arc<std::sync::Mutex<MemQueue>>,
+    /// Whether the dispatch state has been read from the database yet.
+    pub rebuilt: bool,
 }
 
 impl Writer {
@@ -116,9 +122,9 @@ impl Writer {
             }
         };
         let _ = ready.send(Ok(opened));
-        // Requests taken off the channel, not yet committed: the dispatcher's go first, so
-        // that a flood of deliveries never starves the handling of the ones already stored.
-        let mut waiting: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
+        // Ops taken off the channel, not yet committed: the dispatcher's go first, so that a
+        // flood of deliveries never starves the handling of the ones already stored.
+        let mut waiting: VecDeque<Op> = VecDeque::new();
         let mut close = None;
         while close.is_none() || !waiting.is_empty() {
             if waiting.is_empty() {
@@ -126,15 +132,15 @@ impl Writer {
                     break;
                 };
                 match first {
-                    WriteRequest::Write(r) => waiting.push_back(r),
+                    WriteRequest::Write(op) => waiting.push_back(op),
                     WriteRequest::Close(done) => close = Some(done),
                 }
             }
             // Whatever is already waiting joins this commit; a few batches' worth are looked at
-            // so that the dispatcher's requests behind deliveries are found.
+            // so that the dispatcher's ops behind deliveries are found.
             while close.is_none() && waiting.len() < self.batch_max * LOOKAHEAD_BATCHES {
                 match rx.try_recv() {
-                    Ok(WriteRequest::Write(r)) => waiting.push_back(r),
+                    Ok(WriteRequest::Write(op)) => waiting.push_back(op),
                     Ok(WriteRequest::Close(done)) => close = Some(done),
                     Err(_) => break,
                 }
@@ -148,22 +154,27 @@ impl Writer {
                 // answer, so it gets it now (senders retry; the dispatcher polls again).
                 while close.is_none() {
                     match rx.try_recv() {
-                        Ok(WriteRequest::Write(r)) => waiting.push_back(r),
+                        Ok(WriteRequest::Write(op)) => waiting.push_back(op),
                         Ok(WriteRequest::Close(done)) => close = Some(done),
                         Err(_) => break,
                     }
                 }
-                let refused: Vec<Request> = waiting.drain(..).collect();
+                let refused: Vec<Op> = waiting.drain(..).collect();
                 self.refuse(refused, &failure);
+            }
+            if self.lock_queue().is_some_and(|q| q.has_gaps()) {
+                // Another process stored deliveries between this one's: read them now.
+                waiting.push_front(Op::CatchUp {
+                    now: crate::delivery::now_millis(),
+                });
             }
         }
         rx.close();
         // Whatever raced in behind the close is refused, not lost: senders retry.
+        let closing = StoreError::Unavailable("store is shutting down".into());
         while let Ok(late) = rx.try_recv() {
-            if let WriteRequest::Write(r) = late {
-                let _ = r.reply.send(Err(StoreError::Unavailable(
-                    "store is shutting down".into(),
-                )));
+            if let WriteRequest::Write(op) = late {
+                op.refuse(&closing);
             }
         }
         self.conn = None;
@@ -172,13 +183,15 @@ impl Writer {
         }
     }
 
-    /// Up to `batch_max` requests for the next commit: the dispatcher's first, then deliveries
-    /// in arrival order.
-    fn next_batch(&self, waiting: &mut std::collections::VecDeque<Request>) -> Vec<Request> {
-        let (first, rest): (Vec<Request>, Vec<Request>) =
-            waiting.drain(..).partition(|r| r.op.is_dispatch());
-        let mut ordered: std::collections::VecDeque<Request> =
-            first.into_iter().chain(rest).collect();
+    fn lock_queue(&self) -> Option<std::sync::MutexGuard<'_, MemQueue>> {
+        self.queue.lock().ok()
+    }
+
+    /// Up to `batch_max` ops for the next commit: the dispatcher's first, then deliveries in
+    /// arrival order.
+    fn next_batch(&self, waiting: &mut VecDeque<Op>) -> Vec<Op> {
+        let (first, rest): (Vec<Op>, Vec<Op>) = waiting.drain(..).partition(Op::is_dispatch);
+        let mut ordered: VecDeque<Op> = first.into_iter().chain(rest).collect();
         let take = ordered.len().min(self.batch_max);
         let batch = ordered.drain(..take).collect();
         *waiting = ordered;
@@ -245,32 +258,29 @@ impl Writer {
         StoreError::Unavailable(message)
     }
 
-    /// Commits one batch and answers every request in it. On failure nothing was committed
-    /// and everyone in the batch is told so.
-    fn commit(&mut self, batch: Vec<Request>) -> Result<(), StoreError> {
+    /// Commits one batch, then answers every op in it and applies what they change to the
+    /// dispatch state, in order. On failure nothing was committed, nothing changes, and every op
+    /// is told so.
+    fn commit(&mut self, batch: Vec<Op>) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
-        match self.write(&batch) {
-            Ok(results) => {
-                crate::telemetry::record_commit("sqlite", started.elapsed(), batch.len());
-                let mut new_work = false;
-                let mut stored = false;
-                for (request, result) in batch.into_iter().zip(results) {
-                    new_work |= match &result {
-                        Ok(Output::Accepted(a)) => !a.duplicate,
-                        Ok(Output::Replayed(outcome)) => outcome.replayed > 0,
-                        _ => false,
-                    };
-                    if let (Op::Accept(delivery), Ok(Output::Accepted(a))) = (request.op, &result) {
-                        stored = true;
-                        // A duplicate's blob is dropped (and removed); a new one is kept.
-                        if let (false, IncomingBody::Staged(blob)) = (a.duplicate, delivery.body) {
-                            blob.keep();
-                        }
-                    }
-                    let _ = request.reply.send(result);
+        let ops = batch.len();
+        let accepts = batch.iter().any(Op::is_accept);
+        let (dones, written) = self.write(batch);
+        match written {
+            Ok(()) => {
+                crate::telemetry::record_commit("sqlite", started.elapsed(), ops);
+                let queue = self.queue.clone();
+                let Ok(mut queue) = queue.lock() else {
+                    return Err(StoreError::Corrupt("dispatch state poisoned".into()));
+                };
+                let mut effects = Effects::default();
+                for done in dones {
+                    let e = done.finish(Ok(&mut queue));
+                    effects.new_work |= e.new_work;
+                    effects.stored |= e.stored;
                 }
-                self.health.committed(stored);
-                if new_work {
+                self.health.committed(effects.stored);
+                if effects.new_work {
                     // One permit is kept even when the dispatcher is busy: no wake-up is lost.
                     self.work.notify_one();
                 }
@@ -285,73 +295,131 @@ impl Writer {
                     StoreError::Unavailable(_) => e,
                     other => StoreError::Unavailable(other.to_string()),
                 };
-                self.refuse(batch, &failure);
+                self.log_refusal(ops, &failure);
+                if self.reached && accepts {
+                    self.health.delivery_failed(&failure.to_string());
+                }
+                for done in dones {
+                    done.finish(Err(&failure));
+                }
                 Err(failure)
             }
         }
     }
 
-    /// Answers `requests` with the store's failure, and logs it (while the store is lost for
-    /// good, once in a while rather than once per batch).
-    fn refuse(&mut self, requests: Vec<Request>, failure: &StoreError) {
-        if requests.is_empty() {
+    /// Answers `ops` with the store's failure, and logs it.
+    fn refuse(&mut self, ops: Vec<Op>, failure: &StoreError) {
+        if ops.is_empty() {
             return;
         }
+        self.log_refusal(ops.len(), failure);
+        if self.reached && ops.iter().any(Op::is_accept) {
+            self.health.delivery_failed(&failure.to_string());
+        }
+        for op in ops {
+            op.refuse(failure);
+        }
+    }
+
+    /// Logs a refusal (while the store is lost for good, once in a while rather than once per
+    /// batch).
+    fn log_refusal(&mut self, refused: usize, failure: &StoreError) {
         let quiet = self.health.fatal().is_some()
             && self
                 .fatal_logged
                 .is_some_and(|at| at.elapsed() < FATAL_LOG_INTERVAL);
         if !quiet {
-            tracing::error!(error = %failure, refused = requests.len(), "store write failed");
+            tracing::error!(error = %failure, refused, "store write failed");
             if self.health.fatal().is_some() {
                 self.fatal_logged = Some(std::time::Instant::now());
             }
         }
-        if self.reached && requests.iter().any(|r| matches!(r.op, Op::Accept(_))) {
-            self.health.delivery_failed(&failure.to_string());
-        }
-        for request in requests {
-            let _ = request
-                .reply
-                .send(Err(StoreError::Unavailable(failure.to_string())));
-        }
     }
 
-    /// Runs every op of the batch in one transaction. The outer error means nothing was
-    /// committed; an inner error means that op alone was rolled back.
-    fn write(&mut self, batch: &[Request]) -> Result<Vec<Result<Output, StoreError>>, StoreError> {
-        let any_blob = batch
-            .iter()
-            .any(|r| matches!(&r.op, Op::Accept(d) if matches!(d.body, IncomingBody::Staged(_))));
-        if any_blob {
+    /// Runs every op of the batch in one transaction and commits it. Every op becomes a
+    /// [`Done`], whatever happens: those not run (the batch failed before them) answer with the
+    /// failure too.
+    fn write(&mut self, batch: Vec<Op>) -> (Vec<Done>, Result<(), StoreError>) {
+        let mut dones = Vec::with_capacity(batch.len());
+        let mut ops = batch.into_iter();
+        let written = self.write_ops(&mut ops, &mut dones);
+        if let Err(failure) = &written {
+            for op in ops {
+                op.refuse(failure);
+            }
+        }
+        (dones, written)
+    }
+
+    fn write_ops(
+        &mut self,
+        ops: &mut std::vec::IntoIter<Op>,
+        dones: &mut Vec<Done>,
+    ) -> Result<(), StoreError> {
+        if ops.as_slice().iter().any(Op::is_staged_accept) {
             // The blob files are fsync'd; their directory entries must be too before a row
             // names them.
             self.blobs.sync_dir()?;
         }
-        let blobs = self.blobs.clone();
         // Checked before as well as after: a batch is not written into files already gone.
         self.check_files()?;
-        let conn = self.connection()?;
+        let blobs = self.blobs.clone();
+        let queue = self.queue.clone();
+        self.connection()?;
+        self.rebuild_once()?;
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut results = Vec::with_capacity(batch.len());
-        for request in batch {
-            let result = if request.op.needs_savepoint() {
-                super::ops::in_savepoint(&tx, || request.op.run(&tx, &blobs))?
-            } else {
-                request.op.run(&tx, &blobs)
+        {
+            let state = queue
+                .lock()
+                .map_err(|_| StoreError::Corrupt("dispatch state poisoned".into()))?;
+            let ctx = Ctx {
+                conn: &tx,
+                blobs: &blobs,
+                queue: &state,
             };
-            // Some errors (a full disk, an I/O error) make SQLite roll back the whole
-            // transaction by itself; the ops after it would then each commit on their own.
-            if result.is_err() && tx.is_autocommit() {
-                return Err(StoreError::Unavailable(
-                    "the database rolled back the batch after an error".to_owned(),
-                ));
+            for op in ops.by_ref() {
+                dones.push(op.run(&ctx));
+                // Some errors (a full disk, an I/O error) make SQLite roll back the whole
+                // transaction by itself; the ops after it would then each commit on their own.
+                if tx.is_autocommit() {
+                    return Err(StoreError::Unavailable(
+                        "the database rolled back the batch after an error".to_owned(),
+                    ));
+                }
             }
-            results.push(result);
         }
         tx.commit()?;
-        self.check_files()?;
-        Ok(results)
+        self.check_files()
+    }
+
+    /// Reads the dispatch state from the database, the first time it can be opened.
+    fn rebuild_once(&mut self) -> Result<(), StoreError> {
+        if self.rebuilt {
+            return Ok(());
+        }
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
+        let rebuilt = super::recover::rebuild(conn)?;
+        let (gated, waiting) = (rebuilt.depth(), rebuilt.known_seq);
+        if let Ok(mut queue) = self.queue.lock() {
+            *queue = rebuilt;
+        }
+        self.rebuilt = true;
+        if gated > 0 {
+            tracing::info!(
+                unfinished = gated,
+                last_seq = waiting,
+                "taking up the work of a previous run"
+            );
+            self.work.notify_one();
+        }
+        Ok(())
     }
 
     /// Before a batch, and after its commit before anyone hears of it: are the database's files
@@ -410,9 +478,9 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     // FULL: in WAL mode every commit fsyncs the log. NORMAL would lose commits on power loss.
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(unavailable)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
+    conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)
         .map_err(unavailable)?;
-    // Savepoints (one per op) keep their undo pages in memory rather than in a temp file.
+    // Savepoints keep their undo pages in memory rather than in a temp file.
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(unavailable)?;
     // Checkpoints (copying the WAL into the database file, with its own fsync) are mostly done
