@@ -57,7 +57,7 @@ const STATEMENT_CACHE: usize = 64;
 /// SQLite's page cache for the writer, in KiB (negative `cache_size`): the dedup index and the
 /// entities are written at random places, and a cache that holds their pages spares a read per
 /// insert. SQLite's default is 2 MiB.
-const PAGE_CACHE_KIB: i64 = 64 * 1024;
+const PAGE_CACHE_KIB: i64 = 16 * 1024;
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// WAL pages after which the writer checkpoints at commit time. Under constant writes only a
