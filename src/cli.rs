@@ -303,6 +303,9 @@ async fn serve(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, C
     let config = Config::load(path, env, true)?;
     telemetry::init_logging(&config.settings.log);
     log_environment_overrides(path, &config.settings);
+    for unused in crate::config::unused_variables(env, &config.settings) {
+        tracing::warn!(variable = %unused.variable, "{unused}");
+    }
     check_store_directory(&config.settings.store);
     let app = Application::build(config).await?;
     // Scripts and tests read these lines to learn the real ports.
@@ -399,6 +402,13 @@ fn current_uid() -> Option<u32> {
 }
 
 fn check_config(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, CliError> {
+    // A variable that sets nothing is said whether or not the file is valid; the settings
+    // that could be read tell which variables their secret sources read.
+    if let Ok((settings, _)) = Settings::load_lenient(path, env, true) {
+        for unused in crate::config::unused_variables(env, &settings) {
+            eprintln!("warning: {unused}");
+        }
+    }
     match Config::load(path, env, true) {
         Ok(config) => {
             let s = &config.settings;
