@@ -38,6 +38,26 @@ const MAX_DELIVERY_ID_LEN: usize = 200;
 pub const MODEL_RUN_TOPIC: &str = "MODEL_RUN";
 /// The endpoint name recorded for model-training callbacks.
 pub const MODEL_TRAINING_ENDPOINT: &str = "model_training";
+/// Every outcome `labelhook_deliveries_total` counts for a configured endpoint: accepted,
+/// duplicate, and each refusal's [`IngressError::outcome`] but `unknown_endpoint` (counted under
+/// the endpoint `unknown`).
+pub const OUTCOMES: [&str; 15] = [
+    "accepted",
+    "duplicate",
+    "address_not_allowed",
+    "signature_missing",
+    "signature_malformed",
+    "signature_mismatch",
+    "too_large",
+    "unsupported_media",
+    "bad_delivery_id",
+    "body_timeout",
+    "body_too_slow",
+    "overloaded",
+    "body_read_error",
+    "store_unavailable",
+    "queue_full",
+];
 /// Headers kept with a delivery only as `[redacted]`.
 const REDACTED_HEADERS: [&str; 4] = [
     "x-hub-signature",
@@ -706,6 +726,32 @@ fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_of_a_configured_endpoint_is_an_outcome_published_at_start() {
+        let refusals = [
+            IngressError::AddressNotAllowed { hint: "" },
+            IngressError::ContentEncoding,
+            IngressError::ContentType,
+            IngressError::TooLarge,
+            IngressError::Signature(SignatureError::Missing),
+            IngressError::Signature(SignatureError::Malformed),
+            IngressError::Signature(SignatureError::Mismatch),
+            IngressError::BadDeliveryId,
+            IngressError::BodyTimeout,
+            IngressError::BodyTooSlow,
+            IngressError::Overloaded,
+            IngressError::BodyRead,
+            IngressError::StoreUnavailable,
+            IngressError::QueueFull,
+        ];
+        let mut outcomes: Vec<&str> = refusals.iter().map(IngressError::outcome).collect();
+        outcomes.extend(["accepted", "duplicate"]);
+        outcomes.sort_unstable();
+        let mut published = OUTCOMES.to_vec();
+        published.sort_unstable();
+        assert_eq!(outcomes, published);
+    }
 
     #[test]
     fn client_sent_values_reach_logs_bounded_and_printable() {
