@@ -768,11 +768,12 @@ fn a_refused_request_writes_a_bounded_line_to_the_log_whatever_it_sends() {
         );
         assert_eq!(answer.status, 401);
     }
-    // Every refusal is logged, each in a few hundred bytes, not 100 KB.
+    // Every refusal is logged, each in about a kilobyte (two lines, with their spans' fields
+    // and the operator's hint for a mismatch), not 100 KB.
     let written = server.logs().len() - before;
     assert!(written > 20 * 64, "refusals not logged? {written} bytes");
     assert!(
-        written < 20 * 1024,
+        written < 20 * 1536,
         "{written} bytes of log for 20 refusals"
     );
 }
