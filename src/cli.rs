@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::delivery::signature::{sign, sign_reader, Algorithm};
 use crate::delivery::{Status, SystemClock};
-use crate::store::{redact_url, Backend, ListQuery, ReplayTarget, StoreError};
+use crate::store::{redact_url, Backend, ListQuery, ReplayEffect, ReplayTarget, StoreError};
 use crate::{server, telemetry, Application, StartError};
 
 /// The secret `sign` and `send` use when no option names one.
@@ -303,6 +303,9 @@ async fn serve(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, C
     let config = Config::load(path, env, true)?;
     telemetry::init_logging(&config.settings.log);
     log_environment_overrides(path, &config.settings);
+    for unused in crate::config::unused_variables(env, &config.settings) {
+        tracing::warn!(variable = %unused.variable, "{unused}");
+    }
     check_store_directory(&config.settings.store);
     let app = Application::build(config).await?;
     // Scripts and tests read these lines to learn the real ports.
@@ -399,6 +402,13 @@ fn current_uid() -> Option<u32> {
 }
 
 fn check_config(path: &Path, env: &HashMap<String, String>) -> Result<ExitCode, CliError> {
+    // A variable that sets nothing is said whether or not the file is valid; the settings
+    // that could be read tell which variables their secret sources read.
+    if let Ok((settings, _)) = Settings::load_lenient(path, env, true) {
+        for unused in crate::config::unused_variables(env, &settings) {
+            eprintln!("warning: {unused}");
+        }
+    }
     match Config::load(path, env, true) {
         Ok(config) => {
             let s = &config.settings;
@@ -644,8 +654,7 @@ async fn events_with(
         EventsCommand::Show { id } => {
             let details = store.show(&id).await?;
             if details.is_empty() {
-                eprintln!("no delivery with id {id:?}");
-                return Ok(ExitCode::FAILURE);
+                return Err(not_stored(&id));
             }
             for d in details {
                 let s = &d.summary;
@@ -735,9 +744,7 @@ async fn replay(
     };
     let items = store.replay_each(&target).await?;
     if let (ReplayTarget::DeliveryId(id), true) = (&target, items.is_empty()) {
-        return Err(CliError::Failed(format!(
-            "no delivery with id {id:?} is stored"
-        )));
+        return Err(not_stored(id));
     }
     let routes = crate::dispatch::Routes::new(&settings.route);
     let mut out = std::io::stdout().lock();
@@ -752,20 +759,34 @@ async fn replay(
             crate::console::replay::describe(item, &routes)
         )?;
     }
-    let replayed = items.iter().filter(|i| i.effect.replays()).count();
+    let count =
+        |effect: fn(&ReplayEffect) -> bool| items.iter().filter(|i| effect(&i.effect)).count();
+    // A delivery already done is put back all the same, but nothing runs for it: counting it
+    // as replayed would contradict the line above that says so.
+    let replayed = count(|e| matches!(e, ReplayEffect::Queued | ReplayEffect::Superseded { .. }));
+    let done = count(|e| matches!(e, ReplayEffect::Done));
+    let running = count(|e| matches!(e, ReplayEffect::Running));
     writeln!(out, "replayed {replayed} deliveries")?;
-    let running = items.len() - replayed;
+    if done > 0 {
+        writeln!(out, "nothing to run for {done}: already done")?;
+    }
     if running > 0 {
         writeln!(
             out,
             "left {running} alone: being handled right now (replay them once they finish)"
         )?;
     }
-    // One delivery asked for and not replayed (being handled) is not what was asked.
+    // A delivery asked for and left alone (being handled) is not what was asked; one already
+    // done is.
     Ok(match target {
-        ReplayTarget::DeliveryId(_) if replayed == 0 => ExitCode::FAILURE,
+        ReplayTarget::DeliveryId(_) if running == items.len() => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// The error of `events show` and `events replay` for an id that names no stored delivery.
+fn not_stored(id: &str) -> CliError {
+    CliError::Failed(format!("no delivery with id {id:?} is stored"))
 }
 
 /// Where `healthcheck` looks, and, for a failure's message, why there.

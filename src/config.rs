@@ -21,8 +21,11 @@ use serde::Deserialize;
 
 /// Strict field deserializers; `de::duration` is for any duration key (`#[serde(with = ...)]`).
 pub(crate) mod de;
+mod environment;
+mod keys;
 mod load;
 
+pub use environment::{unused_variables, Meant, UnusedVariable};
 pub use load::EnvOverride;
 
 /// Where the config file is looked for when neither `--config` nor `LABELHOOK_CONFIG` says.
@@ -352,6 +355,9 @@ pub enum HandlerKind {
     Nats,
 }
 
+/// The keys every `[[handler]]` takes, whatever its kind.
+const HANDLER_COMMON_KEYS: [&str; 4] = ["name", "kind", "max_attempts", "backoff"];
+
 impl HandlerKind {
     fn as_str(self) -> &'static str {
         match self {
@@ -361,6 +367,40 @@ impl HandlerKind {
             Self::Command => "command",
             Self::Nats => "nats",
         }
+    }
+
+    /// The keys of this kind besides [`HANDLER_COMMON_KEYS`]: those it requires, and those it
+    /// may have.
+    fn own_keys(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Self::Log => (&[], &["level"]),
+            Self::File => (&["path"], &[]),
+            Self::Http => (&["url"], &["timeout", "allowed_hosts", "secrets"]),
+            Self::Command => (&["argv"], &["timeout"]),
+            Self::Nats => (
+                &["url"],
+                &[
+                    "stream",
+                    "subject",
+                    "timeout",
+                    "token",
+                    "user",
+                    "password",
+                    "credentials",
+                ],
+            ),
+        }
+    }
+
+    /// Every key a `[[handler]]` of this kind takes.
+    fn keys(self) -> Vec<&'static str> {
+        let (required, optional) = self.own_keys();
+        HANDLER_COMMON_KEYS
+            .iter()
+            .chain(required)
+            .chain(optional)
+            .copied()
+            .collect()
     }
 }
 
@@ -618,6 +658,19 @@ impl Settings {
         source.resolve(env).map_err(|(suffix, message)| {
             invalid(format!("endpoint[{i}].secrets[0]{suffix}"), message)
         })
+    }
+
+    /// Every secret source the settings name: endpoints', model training's, handlers' (lists
+    /// and single ones), the admin token and the store's password.
+    pub fn secret_sources(&self) -> impl Iterator<Item = &SecretSource> {
+        let endpoints = self.endpoint.iter().flat_map(|e| &e.secrets);
+        let training = self.model_training.iter().flat_map(|m| &m.secrets);
+        let handlers = self.handler.iter().flat_map(|h| {
+            let lists = h.secrets.iter().flatten();
+            lists.chain(h.token.iter().chain(&h.password).chain(&h.credentials))
+        });
+        let singles = self.admin.token.iter().chain(&self.store.password);
+        endpoints.chain(training).chain(handlers).chain(singles)
     }
 
     /// Resolves `store.password` alone: for commands that reach the store without the other
@@ -938,30 +991,21 @@ impl HandlerSettings {
             ("password", self.password.is_some()),
             ("credentials", self.credentials.is_some()),
         ];
-        let (required, optional): (&[&str], &[&str]) = match self.kind {
-            HandlerKind::Log => (&[], &["level"]),
-            HandlerKind::File => (&["path"], &[]),
-            HandlerKind::Http => (&["url"], &["timeout", "allowed_hosts", "secrets"]),
-            HandlerKind::Command => (&["argv"], &["timeout"]),
-            HandlerKind::Nats => (
-                &["url"],
-                &[
-                    "stream",
-                    "subject",
-                    "timeout",
-                    "token",
-                    "user",
-                    "password",
-                    "credentials",
-                ],
-            ),
-        };
+        let (required, optional) = self.kind.own_keys();
         let kind = self.kind.as_str();
+        let own = || {
+            let keys: Vec<String> = required
+                .iter()
+                .chain(optional)
+                .map(|k| format!("`{k}`"))
+                .collect();
+            keys.join(", ")
+        };
         for (key, present) in given {
             if present && !required.contains(&key) && !optional.contains(&key) {
                 problem(
                     format!("handler[{i}].{key}"),
-                    &format!("is not a key of kind {kind:?}"),
+                    &format!("is not a key of kind {kind:?} (its own keys: {})", own()),
                 );
             }
             if !present && required.contains(&key) {
@@ -1141,6 +1185,44 @@ secrets = [{ env = "LB_SECRET" }]
         let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
         assert!(message.contains("server"), "{message}");
         assert!(message.contains("listen_addr"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_told_the_near_miss_and_in_a_handler_only_its_kinds_keys() {
+        let text = format!(
+            "{MINIMAL}\n[sever]\nlisten = \"127.0.0.1:1\"\n\
+             [[handler]]\nname = \"a\"\nkind = \"file\"\npth = \"x.jsonl\"\n\
+             [[handler]]\nname = \"b\"\nkind = \"command\"\nargs = [\"true\"]\nsteps = 3\n\
+             [[endpoint]]\nnme = \"other\"\nsecrets = [{{ value = \"x\" }}]\n"
+        );
+        let message = problems(load_str(
+            &text,
+            &[
+                ("LB_SECRET", "x"),
+                ("LABELHOOK__SERVER__LISTN", "127.0.0.1:2"),
+            ],
+        ));
+        let lines: Vec<&str> = message.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "server.listn: unknown key; did you mean `listen`? (set by LABELHOOK__SERVER__LISTN)",
+                "endpoint[1].nme: unknown key; did you mean `name`?",
+                "handler[0].pth: unknown key for kind \"file\"; did you mean `path`?",
+                "handler[1].args: unknown key for kind \"command\"; did you mean `argv`?",
+                "handler[1].steps: unknown key for kind \"command\", which takes `name`, `kind`, \
+                 `max_attempts`, `backoff`, `argv`, `timeout`",
+                "sever: unknown key; did you mean `server`?",
+            ],
+            "{message}"
+        );
+        // A key of another kind says which keys this kind has.
+        let text = format!("{MINIMAL}\n[[handler]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\nurl = \"http://h\"\n");
+        let message = problems(load_str(&text, &[("LB_SECRET", "x")]));
+        assert_eq!(
+            message,
+            "handler[0].url: is not a key of kind \"file\" (its own keys: `path`)"
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod dispatch;
 pub mod events;
 pub mod handlers;
 mod ingress;
+mod known_series;
 pub mod ordering;
 mod server;
 pub mod store;
@@ -146,6 +147,7 @@ impl Application {
     /// closes the store after its last commit.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         let settings = &self.config.settings;
+        known_series::publish(settings, self.handlers.names());
         let stop_background = CancellationToken::new();
         let admission = Arc::new(ingress::admission::Admission::new(
             settings.server.backlog_limit,

@@ -31,13 +31,15 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::console::Console;
 use crate::ingress::{webhook, IngressState};
 
+/// The route of topic deliveries (also the `route` label of their HTTP metrics).
+pub const WEBHOOK_ROUTE: &str = "/webhooks/{endpoint}";
 /// How long `/readyz` waits for the store's probe commit.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The delivery routes. The admin routes are never among them: they are [`admin_app`], on a
 /// listener of their own.
 pub fn app(state: IngressState, model_training_path: Option<&str>) -> Router {
-    let mut router = Router::new().route("/webhooks/{endpoint}", post(webhook::receive_delivery));
+    let mut router = Router::new().route(WEBHOOK_ROUTE, post(webhook::receive_delivery));
     if let Some(path) = model_training_path {
         router = router
             .route(&format!("{path}/models"), get(webhook::list_models))

@@ -102,7 +102,7 @@ const FAMILIES: &[Family] = &[
         name: "labelhook_deliveries_total",
         kind: Kind::Counter,
         unit: None,
-        help: "Deliveries answered, by endpoint, canonical topic and outcome: accepted, duplicate, or the reason one was refused (address_not_allowed, signature_missing, signature_malformed, signature_mismatch, too_large, unsupported_media, bad_delivery_id, body_timeout, body_read_error, unknown_endpoint, store_unavailable, queue_full).",
+        help: "Deliveries answered, by endpoint, canonical topic and outcome: accepted, duplicate, or the reason one was refused (address_not_allowed, signature_missing, signature_malformed, signature_mismatch, too_large, unsupported_media, bad_delivery_id, body_timeout, body_too_slow, overloaded, body_read_error, unknown_endpoint, store_unavailable, queue_full).",
     },
     Family {
         name: "labelhook_queue_depth",

@@ -13,10 +13,10 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{ConfigError, Problem, Settings};
+use super::{keys, ConfigError, Problem, Settings};
 
 /// Keys under which a value is a secret, or holds one: their values are never shown.
-const SECRET_KEYS: [&str; 4] = ["secrets", "password", "token", "credentials"];
+pub(super) const SECRET_KEYS: [&str; 4] = ["secrets", "password", "token", "credentials"];
 
 /// Keys a `LABELHOOK__` variable gives as a comma-separated list.
 const LIST_KEYS: [&str; 4] = [
@@ -250,17 +250,11 @@ impl Draft {
                     }
                 }
                 "route" => self.settings.route = self.elements(value, "route"),
-                _ => self.refuse(
-                    key.clone(),
-                    format!(
-                        "unknown key; expected one of {}",
-                        SECTIONS
-                            .iter()
-                            .map(|s| format!("`{s}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ),
+                _ => {
+                    let sections = SECTIONS.map(str::to_owned);
+                    let unknown = keys::unknown(&key, &sections, None, None);
+                    self.refuse(key.clone(), unknown.message);
+                }
             }
         }
     }
@@ -310,14 +304,14 @@ impl Draft {
                 return None;
             }
             let mut explained = explain(&message);
+            let mut meant = None;
             if let Some(name) = between(&message, "unknown field `", "`") {
                 if current.last() != Some(&Seg::key(name)) {
                     current.push(Seg::key(name));
                 }
-                let expected = message
-                    .split_once(", expected ")
-                    .map_or_else(String::new, |(_, e)| format!("; expected {e}"));
-                explained = format!("unknown key{expected}");
+                let unknown = unknown_key(&base, &current, &value, &message);
+                explained = unknown.message;
+                meant = unknown.meant;
             }
             let key = in_file(&current, &taken);
             let whole = base.iter().chain(&key).cloned().collect::<Vec<_>>();
@@ -325,6 +319,15 @@ impl Draft {
                 explained = secret_hint(&whole);
             }
             self.refuse(render(&base, &key), explained);
+            if let Some(meant) = meant {
+                // The value given under the misspelt key was meant for this one: a problem
+                // about this one (missing, say) would only repeat the one just reported.
+                let mut sibling = key.clone();
+                sibling.pop();
+                sibling.push(Seg::Key(meant));
+                self.refused.push(render(&base, &sibling));
+                refused_here.push(sibling);
+            }
             if !take_out(&mut value, &current) {
                 return None;
             }
@@ -419,6 +422,26 @@ impl Seg {
             Segment::Unknown => None,
         }
     }
+}
+
+/// The message for the unknown key at the end of `current` (a path in `value`, the section or
+/// element at `base`), from serde's `message`: in a `[[handler]]` of a kind that reads, only
+/// that kind's keys are offered.
+fn unknown_key(base: &[Seg], current: &[Seg], value: &Value, message: &str) -> keys::Unknown {
+    let Some((Seg::Key(given), parents)) = current.split_last() else {
+        return keys::unknown("", &[], None, None);
+    };
+    let table = parents.iter().try_fold(value, |node, seg| match seg {
+        Seg::Key(k) => node.get(k),
+        Seg::Index(i) => node.get(*i),
+    });
+    let in_handler = parents.is_empty() && base.first() == Some(&Seg::key("handler"));
+    let kind = table.filter(|_| in_handler).and_then(keys::handler_kind);
+    let known: Vec<String> = match kind {
+        Some(kind) => kind.keys().into_iter().map(str::to_owned).collect(),
+        None => keys::expected_keys(message),
+    };
+    keys::unknown(given, &known, table.and_then(Value::as_object), kind)
 }
 
 /// `endpoint[0].secrets[1].env`.

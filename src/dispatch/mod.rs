@@ -87,7 +87,7 @@ impl Dispatcher {
                 (h.name.clone(), policy)
             })
             .collect();
-        zero_handler_counters(&registry);
+        // Its handlers' counters are published at 0 at start by `known_series`.
         Self {
             queue,
             clock,
@@ -649,17 +649,6 @@ fn count_attempt(handler: &str, outcome: &AttemptOutcome, took: Duration) {
     metrics::counter!(telemetry::HANDLER_FAILURES_TOTAL, "handler" => handler.clone()).increment(1);
     if matches!(outcome, AttemptOutcome::Dead { .. }) {
         metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "handler" => handler).increment(1);
-    }
-}
-
-/// Publishes each handler's failure and dead-letter counters at zero, so that the first
-/// failure is an increase Prometheus sees (a series that starts at 1 has no increase).
-fn zero_handler_counters(registry: &Registry) {
-    for handler in registry.names() {
-        let handler = handler.to_owned();
-        metrics::counter!(telemetry::HANDLER_FAILURES_TOTAL, "handler" => handler.clone())
-            .increment(0);
-        metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "handler" => handler).increment(0);
     }
 }
 

@@ -235,13 +235,9 @@ impl Registry {
 
 /// Every environment variable the configuration reads a secret from.
 fn secret_env_vars(config: &Config) -> Vec<String> {
-    let s = &config.settings;
-    let endpoint = s.endpoint.iter().flat_map(|e| e.secrets.iter());
-    let training = s.model_training.iter().flat_map(|m| m.secrets.iter());
-    let handler = s.handler.iter().flat_map(|h| h.secrets.iter().flatten());
-    let mut vars: Vec<String> = endpoint
-        .chain(training)
-        .chain(handler)
+    let mut vars: Vec<String> = config
+        .settings
+        .secret_sources()
         .filter_map(|source| source.env.clone())
         .collect();
     vars.sort();

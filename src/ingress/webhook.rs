@@ -38,6 +38,26 @@ const MAX_DELIVERY_ID_LEN: usize = 200;
 pub const MODEL_RUN_TOPIC: &str = "MODEL_RUN";
 /// The endpoint name recorded for model-training callbacks.
 pub const MODEL_TRAINING_ENDPOINT: &str = "model_training";
+/// Every outcome `labelhook_deliveries_total` counts for a configured endpoint: accepted,
+/// duplicate, and each refusal's [`IngressError::outcome`] but `unknown_endpoint` (counted under
+/// the endpoint `unknown`).
+pub const OUTCOMES: [&str; 15] = [
+    "accepted",
+    "duplicate",
+    "address_not_allowed",
+    "signature_missing",
+    "signature_malformed",
+    "signature_mismatch",
+    "too_large",
+    "unsupported_media",
+    "bad_delivery_id",
+    "body_timeout",
+    "body_too_slow",
+    "overloaded",
+    "body_read_error",
+    "store_unavailable",
+    "queue_full",
+];
 /// Headers kept with a delivery only as `[redacted]`.
 const REDACTED_HEADERS: [&str; 4] = [
     "x-hub-signature",
@@ -50,8 +70,9 @@ const REDACTED_HEADERS: [&str; 4] = [
 pub enum IngressError {
     #[error("unknown endpoint")]
     UnknownEndpoint,
+    /// `hint` says which key to change: for the operator's log, never for the sender.
     #[error("source address not allowed")]
-    AddressNotAllowed,
+    AddressNotAllowed { hint: &'static str },
     #[error("content encoding not supported")]
     ContentEncoding,
     #[error("content type must be application/json")]
@@ -80,7 +101,7 @@ impl IngressError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnknownEndpoint => StatusCode::NOT_FOUND,
-            Self::AddressNotAllowed => StatusCode::FORBIDDEN,
+            Self::AddressNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::ContentEncoding | Self::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Signature(_) => StatusCode::UNAUTHORIZED,
@@ -96,7 +117,7 @@ impl IngressError {
     pub fn outcome(&self) -> &'static str {
         match self {
             Self::UnknownEndpoint => "unknown_endpoint",
-            Self::AddressNotAllowed => "address_not_allowed",
+            Self::AddressNotAllowed { .. } => "address_not_allowed",
             Self::ContentEncoding | Self::ContentType => "unsupported_media",
             Self::TooLarge => "too_large",
             Self::Signature(SignatureError::Missing) => "signature_missing",
@@ -113,10 +134,52 @@ impl IngressError {
     }
 }
 
+impl IngressError {
+    /// What the operator can do about a refusal, for its log line: the configuration keys
+    /// involved and the usual causes.
+    fn operator_hint(&self) -> Option<&'static str> {
+        match self {
+            Self::AddressNotAllowed { hint } => Some(hint),
+            Self::Signature(SignatureError::Mismatch) => Some(MISMATCH_OPERATOR_HINT),
+            _ => None,
+        }
+    }
+
+    /// What the sender is told besides the error: only what helps whoever signed the request
+    /// and names nothing of the configuration (the sender is not the one who can change it).
+    fn sender_hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Signature(SignatureError::Mismatch) => Some(MISMATCH_SENDER_HINT),
+            _ => None,
+        }
+    }
+}
+
+/// The two usual causes of a signature mismatch, as the sender can check them.
+pub const MISMATCH_SENDER_HINT: &str = "signed with another secret, or the body changed after \
+     signing (send the exact bytes: curl --data-binary @file, not -d)";
+/// The same for the operator, with the key that lists the secrets.
+const MISMATCH_OPERATOR_HINT: &str = "signed with a secret not in this endpoint's secrets, \
+     or the body changed on its way (a proxy re-encoding it; curl -d, not --data-binary)";
+/// A refused address that came straight to the listener (or through a trusted proxy).
+const ADDRESS_NOT_LISTED_HINT: &str = "add the address to network.allowlist if it is a sender \
+     you expect; behind a proxy, list the proxy in network.trusted_proxies so that the address \
+     it forwards is the one checked";
+/// A refused address that sent a forwarding header without being a trusted proxy.
+const UNTRUSTED_PROXY_HINT: &str = "the request carries a forwarding header, but its peer is \
+     not in network.trusted_proxies, so the peer's own address was checked: list the proxy \
+     there if it is yours";
+/// A refused model-training call.
+const MODEL_TRAINING_ADDRESS_HINT: &str =
+    "add the address to model_training.allowlist if it is Labelbox's";
+
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
-        let mut response =
-            (self.status(), Json(json!({ "error": self.to_string() }))).into_response();
+        let body = match self.sender_hint() {
+            Some(hint) => json!({ "error": self.to_string(), "hint": hint }),
+            None => json!({ "error": self.to_string() }),
+        };
+        let mut response = (self.status(), Json(body)).into_response();
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -269,6 +332,27 @@ impl IngressState {
     }
 }
 
+impl IngressState {
+    /// The refusal of a client address `allowlist` does not list, with the hint that fits how
+    /// it arrived: a forwarding header from a peer that is not a trusted proxy means the
+    /// proxy's own address was checked (the usual mistake behind an ingress).
+    fn address_refused(&self, peer: SocketAddr, headers: &HeaderMap) -> IngressError {
+        let forwarded =
+            headers.contains_key("x-forwarded-for") || headers.contains_key("forwarded");
+        let trusted = self
+            .0
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        let hint = if forwarded && !trusted {
+            UNTRUSTED_PROXY_HINT
+        } else {
+            ADDRESS_NOT_LISTED_HINT
+        };
+        IngressError::AddressNotAllowed { hint }
+    }
+}
+
 /// `POST /webhooks/{endpoint}`
 pub async fn receive_delivery(
     State(state): State<IngressState>,
@@ -279,7 +363,7 @@ pub async fn receive_delivery(
 ) -> Response {
     let topic = header_text(&headers, "x-labelbox-event");
     let outcome = match state.allowed_client(peer, &headers, &state.0.allowlist) {
-        Err(client) => Err((client, IngressError::AddressNotAllowed)),
+        Err(client) => Err((client, state.address_refused(peer, &headers))),
         Ok(client) => match state.0.endpoints.get(&endpoint) {
             None => Err((client, IngressError::UnknownEndpoint)),
             Some(auth) => {
@@ -318,7 +402,12 @@ pub async fn receive_model_run(
     let outcome = match &state.0.model_training {
         None => Err((peer.ip(), IngressError::UnknownEndpoint)),
         Some(mt) => match model_training_client(&state, mt, peer, &headers) {
-            Err(client) => Err((client, IngressError::AddressNotAllowed)),
+            Err(client) => Err((
+                client,
+                IngressError::AddressNotAllowed {
+                    hint: MODEL_TRAINING_ADDRESS_HINT,
+                },
+            )),
             Ok(client) => {
                 let source = Source {
                     endpoint: MODEL_TRAINING_ENDPOINT,
@@ -365,7 +454,10 @@ pub async fn list_models(
         return IngressError::UnknownEndpoint.into_response();
     };
     if model_training_client(&state, mt, peer, &headers).is_err() {
-        return IngressError::AddressNotAllowed.into_response();
+        return IngressError::AddressNotAllowed {
+            hint: MODEL_TRAINING_ADDRESS_HINT,
+        }
+        .into_response();
     }
     match claimed_signature(&headers, mt.auth.accept_sha1) {
         Err(SignatureError::Missing) => {}
@@ -538,10 +630,11 @@ fn respond(
         }
         Err((client, e)) => {
             let status = e.status();
+            let hint = e.operator_hint();
             if status.is_server_error() {
-                tracing::warn!(topic, %client, endpoint, outcome = e.outcome(), "delivery refused");
+                tracing::warn!(topic, %client, endpoint, outcome = e.outcome(), hint, "delivery refused");
             } else {
-                tracing::info!(topic, %client, endpoint, outcome = e.outcome(), "delivery refused");
+                tracing::info!(topic, %client, endpoint, outcome = e.outcome(), hint, "delivery refused");
             }
             (e.outcome(), e.into_response())
         }
@@ -632,6 +725,34 @@ fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_of_a_configured_endpoint_is_an_outcome_published_at_start() {
+        let refusals = [
+            IngressError::AddressNotAllowed { hint: "" },
+            IngressError::ContentEncoding,
+            IngressError::ContentType,
+            IngressError::TooLarge,
+            IngressError::Signature(SignatureError::Missing),
+            IngressError::Signature(SignatureError::Malformed),
+            IngressError::Signature(SignatureError::Mismatch),
+            IngressError::BadDeliveryId,
+            IngressError::BodyTimeout,
+            IngressError::BodyTooSlow,
+            IngressError::Overloaded,
+            IngressError::BodyRead,
+            IngressError::StoreUnavailable,
+            IngressError::QueueFull,
+        ];
+        let mut outcomes: Vec<&str> = refusals.iter().map(IngressError::outcome).collect();
+        outcomes.extend(["accepted", "duplicate"]);
+        outcomes.sort_unstable();
+        // Both content refusals are `unsupported_media`.
+        outcomes.dedup();
+        let mut published = OUTCOMES.to_vec();
+        published.sort_unstable();
+        assert_eq!(outcomes, published);
+    }
 
     #[test]
     fn client_sent_values_reach_logs_bounded_and_printable() {

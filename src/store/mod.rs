@@ -71,6 +71,10 @@ pub enum StoreError {
     /// Another process serves this database.
     #[error("{0}")]
     Locked(String),
+    /// The PostgreSQL server says the database `store.url` names does not exist: a mistake
+    /// in the configuration, not an outage (see `postgres::require_database`).
+    #[error("{0}")]
+    MissingDatabase(String),
 }
 
 impl From<io::Error> for StoreError {
@@ -320,7 +324,10 @@ pub async fn open_for_serving(
         Backend::Sqlite(path) => Arc::new(
             sqlite::SqliteStore::open_for_serving(path, settings, queue_capacity, clock).await?,
         ),
-        Backend::Postgres(url) => postgres::PgStore::open(&url, password, settings, clock, true)?,
+        Backend::Postgres(url) => {
+            postgres::require_database(&url, password).await?;
+            postgres::PgStore::open(&url, password, settings, clock, true)?
+        }
     })
 }
 
@@ -333,7 +340,10 @@ pub async fn open_for_inspection(
 ) -> Result<Arc<dyn Operations>, StoreError> {
     Ok(match Backend::from_url(&settings.url)? {
         Backend::Sqlite(path) => Arc::new(sqlite::SqliteInspector::open(path, clock)?),
-        Backend::Postgres(url) => postgres::PgStore::open(&url, password, settings, clock, false)?,
+        Backend::Postgres(url) => {
+            postgres::require_database(&url, password).await?;
+            postgres::PgStore::open(&url, password, settings, clock, false)?
+        }
     })
 }
 

@@ -1,7 +1,10 @@
 //! The console in a real browser: headless Chromium driven through chromedriver (WebDriver) by
 //! fantoccini. Opens the overview, filters the deliveries to the dead letters, replays one
-//! through the confirmation and watches its status change; takes a screenshot of every page
-//! into `docs/console/`, so the README's pictures are of real data from this run.
+//! through the confirmation and watches its status change; takes a screenshot of every page.
+//!
+//! The screenshots go into the test's temporary directory, so that `cargo test` leaves the
+//! checkout as it was. `LABELHOOK_UPDATE_SCREENSHOTS=1` (see the README's Console section)
+//! writes them to `docs/console/` instead: the README's pictures, of real data from that run.
 
 use std::net::TcpListener;
 use std::panic::AssertUnwindSafe;
@@ -80,17 +83,25 @@ impl Drop for Driver {
     }
 }
 
-/// Where the screenshots go: `docs/console/` in the repository.
-fn screenshots_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/console");
-    std::fs::create_dir_all(&dir).expect("create docs/console");
+/// Set to `1` to refresh the README's pictures in `docs/console/`.
+const UPDATE_SCREENSHOTS: &str = "LABELHOOK_UPDATE_SCREENSHOTS";
+
+/// Where the screenshots go: `docs/console/` in the repository when [`UPDATE_SCREENSHOTS`] asks
+/// for it, else `screenshots/` in the test's own directory (a test run changes no tracked file).
+fn screenshots_dir(test_dir: &Path) -> PathBuf {
+    let dir = if std::env::var(UPDATE_SCREENSHOTS).is_ok_and(|v| v == "1") {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/console")
+    } else {
+        test_dir.join("screenshots")
+    };
+    std::fs::create_dir_all(&dir).expect("create the screenshots' directory");
     dir
 }
 
-async fn screenshot(client: &Client, name: &str) {
+async fn screenshot(client: &Client, dir: &Path, name: &str) {
     let png = client.screenshot().await.expect("screenshot");
     assert!(png.starts_with(b"\x89PNG"), "{name}: not a PNG");
-    std::fs::write(screenshots_dir().join(format!("{name}.png")), png).expect("write png");
+    std::fs::write(dir.join(format!("{name}.png")), png).expect("write png");
 }
 
 /// The text of the page's `<h1>`.
@@ -188,6 +199,7 @@ fn the_console_in_a_browser_replays_a_dead_letter() {
 
 /// The walk through the console; the session is closed by the caller whatever happens.
 async fn drive(client: &Client, s: &crate::console::Seeded) {
+    let shots = screenshots_dir(s.server.dir.path());
     client
         .set_window_size(WINDOW.0, WINDOW.1)
         .await
@@ -202,7 +214,7 @@ async fn drive(client: &Client, s: &crate::console::Seeded) {
         .await
         .expect("text");
     assert_eq!(dead_card, "6", "six dead letters kept");
-    screenshot(client, "overview").await;
+    screenshot(client, &shots, "overview").await;
 
     // The deliveries, filtered to the dead letters with the page's own form.
     client
@@ -213,7 +225,7 @@ async fn drive(client: &Client, s: &crate::console::Seeded) {
         .await
         .expect("click");
     wait_for_heading(client, "Deliveries").await;
-    screenshot(client, "deliveries").await;
+    screenshot(client, &shots, "deliveries").await;
     client
         .find(Locator::Css(r#"select[name="status"]"#))
         .await
@@ -257,7 +269,7 @@ async fn drive(client: &Client, s: &crate::console::Seeded) {
         .await
         .expect("click");
     wait_for_heading(client, "Dead letters").await;
-    screenshot(client, "dead-letters").await;
+    screenshot(client, &shots, "dead-letters").await;
     // Select the newest version (queued again) and an older one (superseded), to show both.
     for id in ["c-newest", "c-old"] {
         client
@@ -284,7 +296,7 @@ async fn drive(client: &Client, s: &crate::console::Seeded) {
         "{page}"
     );
     assert!(page.contains("comes back stale and is withheld"), "{page}");
-    screenshot(client, "replay-confirmation").await;
+    screenshot(client, &shots, "replay-confirmation").await;
     assert_eq!(s.server.status_of("c-newest").as_deref(), Some("dead"));
 
     // The handler works again; replay.
@@ -326,7 +338,7 @@ async fn drive(client: &Client, s: &crate::console::Seeded) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         client.refresh().await.expect("reload");
     }
-    screenshot(client, "delivery").await;
+    screenshot(client, &shots, "delivery").await;
 
     // Its entity: every version in order, the replayed older one now stale.
     client
@@ -350,5 +362,5 @@ async fn drive(client: &Client, s: &crate::console::Seeded) {
         client.refresh().await.expect("reload");
     }
     assert!(heading(client).await.starts_with("Entity label:"));
-    screenshot(client, "entity").await;
+    screenshot(client, &shots, "entity").await;
 }

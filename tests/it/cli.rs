@@ -481,6 +481,51 @@ fn serve_says_which_keys_the_environment_overrides() {
     );
 }
 
+#[test]
+fn a_labelhook_variable_that_sets_nothing_is_warned_about_with_the_form_it_meant() {
+    let dir = tempfile::tempdir().expect("temp");
+    let config = dir.path().join("labelhook.toml");
+    // The admin token from a LABELHOOK_ variable: read, so never reported.
+    let text = base_config("[admin]\ntoken = { env = \"LABELHOOK_ADMIN_TOKEN\" }\n")
+        .replace("STORE_DIR", &dir.path().display().to_string());
+    std::fs::write(&config, text).expect("write");
+    let with_env = |command: &mut Command| {
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("LH_TEST_SECRET", SECRET)
+            .env("LABELHOOK_SERVER_LISTEN", "127.0.0.1:1")
+            .env("LABELHOOK_ADMIN_TOKEN", "a-token-for-the-test")
+            .env("RUST_LOG", "info")
+            .env_remove("LABELHOOK_CONFIG");
+    };
+    let said = "LABELHOOK_SERVER_LISTEN is set but sets nothing; did you mean \
+                LABELHOOK__SERVER__LISTEN? (an override has two underscores between its parts)";
+
+    let mut command = Command::new(bin());
+    command.arg("check-config");
+    with_env(&mut command);
+    let out = command.output().expect("run");
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("warning: {said}\n")
+    );
+
+    let mut command = Command::new(bin());
+    command.arg("serve");
+    with_env(&mut command);
+    let server = Listening::start(command, &dir.path().join("stderr.log"));
+    server.wait_for_log("LABELHOOK_SERVER_LISTEN");
+    let logs = server.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("LABELHOOK_SERVER_LISTEN"))
+        .unwrap_or_default();
+    assert!(line.contains("WARN") && line.contains(said), "{line}");
+    assert!(!logs.contains("LABELHOOK_ADMIN_TOKEN"), "{logs}");
+}
+
 /// Runs as root (which writes anywhere) through `setpriv` as the user "nobody", otherwise as
 /// this user with the directory made read-only: the store's directory is not writable either
 /// way, as a root-owned bind mount is for the image's uid 65532.

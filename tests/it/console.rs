@@ -503,13 +503,16 @@ fn events_replay_says_what_it_does_to_each_and_names_an_unknown_id() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let out = s.server.cli(&["events", "replay", "c-unknown-id"]);
-    let (stdout, stderr) = text(&out);
-    assert!(!out.status.success(), "{stdout}");
-    assert!(
-        stderr.contains("error: no delivery with id \"c-unknown-id\" is stored"),
-        "{stderr}"
-    );
+    // An unknown id: the same error line from `show` and `replay`, exit status 1.
+    for command in ["show", "replay"] {
+        let out = s.server.cli(&["events", command, "c-unknown-id"]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stdout}");
+        assert_eq!(
+            stderr, "error: no delivery with id \"c-unknown-id\" is stored\n",
+            "{command}"
+        );
+    }
 
     // Superseded: back as stale, withheld (no route delivers stale events).
     let out = s.server.cli(&["events", "replay", "c-old"]);
@@ -531,12 +534,14 @@ fn events_replay_says_what_it_does_to_each_and_names_an_unknown_id() {
         "c-new seq=2 dead: queued again: gated again, then flaky\nreplayed 1 deliveries"
     );
     s.server.wait_for_status("c-new", "delivered");
-    // Done: replay runs nothing again, and says so.
+    // Done: replay runs nothing again, and its count says the same as its line.
     let out = s.server.cli(&["events", "replay", "c-new"]);
-    let (stdout, _) = text(&out);
-    assert!(
-        stdout.starts_with("c-new seq=2 delivered: already done"),
-        "{stdout}"
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "c-new seq=2 delivered: already done: every handler it was routed to has it; nothing \
+         runs again\nreplayed 0 deliveries\nnothing to run for 1: already done"
     );
     // Both copies stored under one id are replayed, each said.
     let out = s.server.cli(&["events", "replay", "c-twin"]);

@@ -566,6 +566,27 @@ impl Drop for Listening {
 }
 
 /// The combined stdout and stderr of a finished command, for messages.
+/// Runs `command` to its end, which must come within `limit` (the process is killed and the
+/// test fails otherwise): for a command expected to exit, such as a `serve` that must refuse
+/// to start.
+pub fn output_within(mut command: Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("still running after {limit:?}:\n{}", output_text(&out));
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 pub fn output_text(out: &Output) -> String {
     format!(
         "{}{}",

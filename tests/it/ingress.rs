@@ -178,12 +178,31 @@ fn missing_malformed_or_wrong_signatures_get_401_and_store_nothing() {
     for (headers, body, message) in &cases {
         let answer = post(&server, headers, body);
         assert_eq!(answer.status, 401, "{headers:?}: {}", answer.body);
-        assert_eq!(answer.body, format!(r#"{{"error":"{message}"}}"#));
+        // A mismatch says its two usual causes, and nothing of the configuration.
+        let expected = if *message == "signature mismatch" {
+            format!(
+                r#"{{"error":"{message}","hint":"signed with another secret, or the body changed after signing (send the exact bytes: curl --data-binary @file, not -d)"}}"#
+            )
+        } else {
+            format!(r#"{{"error":"{message}"}}"#)
+        };
+        assert_eq!(answer.body, expected);
         // Nothing secret or signature-like comes back.
         assert!(!answer.body.contains(&good_sha1[5..]));
         assert!(!answer.body.contains(SECRET));
     }
     assert!(stored_ids(&server).is_empty());
+    // The operator's log line says where to look: the endpoint's secrets, or the body's way.
+    let mismatches: Vec<serde_json::Value> = refusals(&server)
+        .into_iter()
+        .filter(|line| line["outcome"] == "signature_mismatch")
+        .collect();
+    assert_eq!(mismatches.len(), 3);
+    for line in &mismatches {
+        let hint = line["hint"].as_str().unwrap_or_default();
+        assert!(hint.contains("this endpoint's secrets"), "{line}");
+        assert!(hint.contains("--data-binary"), "{line}");
+    }
     let logs = server.logs();
     assert!(!logs.contains(SECRET) && !logs.contains(ROTATED_SECRET));
     assert!(
@@ -227,7 +246,39 @@ fn source_address_outside_the_allowlist_gets_403() {
         ],
     );
     assert_eq!(answer.status, 403, "{}", answer.body);
+    assert_eq!(answer.body, r#"{"error":"source address not allowed"}"#);
     assert!(stored_ids(&server).is_empty());
+
+    // The answer names no configuration key (whoever is refused cannot change it); the log
+    // line, the operator's, names the address and the key to change: the allowlist, or, for a
+    // request that came with a forwarding header from a peer that is not a trusted proxy,
+    // trusted_proxies.
+    let hints: Vec<(String, String)> = refusals(&server)
+        .into_iter()
+        .map(|line| (line["client"].to_string(), line["hint"].to_string()))
+        .collect();
+    assert_eq!(hints.len(), 2, "{hints:?}");
+    assert_eq!(hints[0].0, "\"127.0.0.1\"");
+    assert!(
+        hints[0].1.contains("add the address to network.allowlist"),
+        "{hints:?}"
+    );
+    assert!(
+        hints[1]
+            .1
+            .contains("its peer is not in network.trusted_proxies"),
+        "{hints:?}"
+    );
+}
+
+/// The `delivery refused` log lines, parsed, in order.
+fn refusals(server: &TestServer) -> Vec<serde_json::Value> {
+    server
+        .logs()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "delivery refused")
+        .collect()
 }
 
 #[test]
@@ -717,11 +768,12 @@ fn a_refused_request_writes_a_bounded_line_to_the_log_whatever_it_sends() {
         );
         assert_eq!(answer.status, 401);
     }
-    // Every refusal is logged, each in a few hundred bytes, not 100 KB.
+    // Every refusal is logged, each in about a kilobyte (two lines, with their spans' fields
+    // and the operator's hint for a mismatch), not 100 KB.
     let written = server.logs().len() - before;
     assert!(written > 20 * 64, "refusals not logged? {written} bytes");
     assert!(
-        written < 20 * 1024,
+        written < 20 * 1536,
         "{written} bytes of log for 20 refusals"
     );
 }

@@ -118,7 +118,11 @@ fn families(metrics: &str) -> BTreeSet<String> {
 
 /// Every `labelhook_...` name in a file, with a histogram's `_bucket`/`_sum`/`_count` cut off.
 fn names_in(path: &Path) -> BTreeSet<String> {
-    let text = std::fs::read_to_string(path).expect("read deploy file");
+    names_in_text(&std::fs::read_to_string(path).expect("read deploy file"))
+}
+
+/// [`names_in`] of a text.
+fn names_in_text(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for (at, _) in text.match_indices("labelhook_") {
         let name: String = text[at..]
@@ -223,8 +227,7 @@ handlers = ["picky"]
                     m,
                     "labelhook_stale_events_total",
                     &["topic=\"LABEL_UPDATED\""],
-                )
-                .is_some()
+                ) == Some(1.0)
                 && sample(m, "labelhook_dead_letters_total", &["handler=\"picky\""]) == Some(1.0)
                 && sample(m, "labelhook_oldest_pending_delivery_age_seconds", &[])
                     .is_some_and(|age| age >= 0.5)
@@ -250,7 +253,7 @@ handlers = ["picky"]
         sample(
             &busy,
             "labelhook_deliveries_total",
-            &["outcome=\"signature_mismatch\""]
+            &["outcome=\"signature_mismatch\"", "topic=\"LABEL_UPDATED\""]
         ),
         Some(1.0)
     );
@@ -302,6 +305,113 @@ handlers = ["picky"]
     }
 }
 
+/// Label events routed to a `log` handler named `logged`.
+const LOGGED_LABELS: &str = r#"
+[[handler]]
+name = "logged"
+kind = "log"
+
+[[route]]
+topics = ["LABEL_*"]
+handlers = ["logged"]
+"#;
+
+/// The families README.md's list of metrics names.
+fn readme_families() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(repo_file("README.md")).expect("read README.md");
+    let list = readme
+        .split("- **Metrics**")
+        .nth(1)
+        .and_then(|rest| rest.split("\n- **").next())
+        .expect("README.md's Metrics list");
+    names_in_text(list)
+}
+
+#[test]
+fn every_family_the_readme_lists_is_on_metrics_from_the_start() {
+    let server = TestServer::with_base(&format!(
+        "[model_training]\npath = \"/model-training\"\nsecrets = [{{ env = \"LH_TEST_SECRET\" }}]\n\
+         {LOGGED_LABELS}"
+    ));
+    let listed = readme_families();
+    assert!(listed.len() >= 20, "{listed:?}");
+    // The very first scrape, before any delivery.
+    let first = curl(&server.admin("/metrics"), &[]);
+    assert_eq!(first.status, 200, "{first:?}");
+    // Gauges are set by their first reading, made at start: still without any delivery.
+    let later = poll_metrics(
+        &server.admin("/metrics"),
+        "every gauge's first reading",
+        |m| listed.is_subset(&families(m)),
+    );
+    let gauges: BTreeSet<String> = later
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" gauge"))
+        .map(str::to_owned)
+        .collect();
+    // Counters and histograms are there from the first scrape, every counter at 0: a
+    // counter that appeared only when it first moved would hide that first increase.
+    let at_first = families(&first.body);
+    for family in listed.difference(&gauges) {
+        assert!(
+            at_first.contains(family),
+            "{family} is not in the first scrape:\n{}",
+            first.body
+        );
+    }
+    for line in first
+        .body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').expect("a sample");
+        if series
+            .split('{')
+            .next()
+            .is_some_and(|n| n.ends_with("_total"))
+        {
+            assert_eq!(value, "0", "{line}");
+        }
+    }
+    // For the label values the configuration tells: each endpoint's outcomes, each
+    // handler's, what retention may delete.
+    for (family, labels) in [
+        (
+            "labelhook_deliveries_total",
+            &["endpoint=\"labelbox\"", "outcome=\"signature_mismatch\""][..],
+        ),
+        (
+            "labelhook_deliveries_total",
+            &["endpoint=\"model_training\"", "outcome=\"accepted\""],
+        ),
+        (
+            "labelhook_handler_attempts_total",
+            &["handler=\"logged\"", "outcome=\"dead\""],
+        ),
+        ("labelhook_dead_letters_total", &["handler=\"logged\""]),
+        ("labelhook_pruned_deliveries_total", &["status=\"dead\""]),
+        ("labelhook_stale_events_total", &["topic=\"LABEL_UPDATED\""]),
+        (
+            "labelhook_handler_attempt_duration_seconds_count",
+            &["handler=\"logged\""],
+        ),
+        (
+            "labelhook_store_commit_duration_seconds_count",
+            &["backend=\"sqlite\""],
+        ),
+    ] {
+        assert!(
+            sample(&first.body, family, labels).is_some(),
+            "{family} {labels:?} missing:\n{}",
+            first.body
+        );
+    }
+    if let Some(promtool) = promtool("every_family_the_readme_lists_is_on_metrics_from_the_start") {
+        run_promtool(promtool, &["check", "metrics"], &first.body);
+    }
+}
+
 /// A model-less delivery signed with `secret` (refused unless it is the endpoint's).
 fn post_signed_with_secret(server: &TestServer, secret: &str) -> Answer {
     let body = label_body("clabelrefused");
@@ -328,18 +438,7 @@ fn a_postgres_store_reports_its_commits_and_its_metrics_pass_promtool() {
     let Some(db) = TestDb::create_blocking(test) else {
         return;
     };
-    let server = TestServer::start(&pg_config(
-        &db.url,
-        r#"
-[[handler]]
-name = "logged"
-kind = "log"
-
-[[route]]
-topics = ["LABEL_*"]
-handlers = ["logged"]
-"#,
-    ));
+    let server = TestServer::start(&pg_config(&db.url, LOGGED_LABELS));
     let answer = deliver(
         &server,
         "cmetricspg",

@@ -6,10 +6,12 @@
 //! without Docker.
 //!
 //! The only changes made to the README's commands: `./target/release/labelhook` is the binary
-//! under test, and the servers listen on free ports instead of 8080 and 8081 (their URLs are
-//! swapped in the commands, and back in the outputs). Outputs are compared line by line with
-//! runs of spaces collapsed, times and random 25-character ids (`c...`) masked, and a README
-//! line `...` standing for any number of lines.
+//! under test, and the servers listen on free ports instead of 8080, 8081 and 9090 (their URLs
+//! are swapped in the commands, and back in the outputs). Outputs are compared line by line
+//! with runs of spaces collapsed, times and random 25-character ids (`c...`) masked, and a
+//! README line `...` standing for any number of lines. The sections a reader may come to in a
+//! new terminal ([`NEW_TERMINAL`]) run without the variables earlier sections exported, so
+//! that a command there that needs one says so itself.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -33,6 +35,8 @@ const RUN_HERE: [&str; 5] = [
 ];
 /// The section deploy/smoke.sh runs, with Docker.
 const RUN_BY_SMOKE_SH: &str = "Docker image";
+/// Sections run as in a terminal of their own: only `PATH` and `HOME` are exported.
+const NEW_TERMINAL: [&str; 1] = ["Configuration"];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -232,15 +236,18 @@ fn time_at(chars: &[char]) -> Option<usize> {
     (chars.get(len) == Some(&'Z')).then_some(len + 1)
 }
 
-/// Copies a configuration of the repository into `dir`, its listeners on free ports.
-fn copy_config(dir: &Path, path: &str, readme_addr: &str) {
+/// Copies a configuration of the repository into `dir`, its listeners on free ports; the
+/// admin address it had, when it has one.
+fn copy_config(dir: &Path, path: &str, readme_addr: &str) -> Option<String> {
     let text = read(path);
     let listen = format!("listen = \"{readme_addr}\"");
     assert!(text.contains(&listen), "{path} has no {listen}");
+    let mut admin = None;
     let text: Vec<String> = text
         .lines()
         .map(|line| {
-            if line.starts_with("admin_listen = ") {
+            if let Some(value) = line.strip_prefix("admin_listen = \"") {
+                admin = value.split('"').next().map(str::to_owned);
                 "admin_listen = \"127.0.0.1:0\"".to_owned()
             } else {
                 line.replace(&listen, "listen = \"127.0.0.1:0\"")
@@ -250,6 +257,16 @@ fn copy_config(dir: &Path, path: &str, readme_addr: &str) {
     let target = dir.join(path);
     std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
     std::fs::write(target, text.join("\n") + "\n").expect("write");
+    admin
+}
+
+/// `script` in a subshell without the variables exported so far, but `PATH` and `HOME`: as
+/// a reader would run it in a new terminal.
+fn in_new_terminal(script: &str) -> String {
+    format!(
+        "(\nfor name in $(env | sed -n 's/^\\([A-Za-z_][A-Za-z0-9_]*\\)=.*/\\1/p'); do\n  \
+         case $name in PATH|HOME|PWD) ;; *) unset \"$name\" ;; esac\ndone\n{script}\n)"
+    )
 }
 
 /// The environment variables a README command sets before `cargo`
@@ -277,7 +294,7 @@ enum Started {
     Skipped,
 }
 
-fn start_server(dir: &Path, command: &str) -> (Started, Option<(String, String)>) {
+fn start_server(dir: &Path, command: &str) -> (Started, Vec<(String, String)>) {
     let (program, args, config, readme_addr): (PathBuf, &[&str], &str, &str) =
         if command.contains("--example custom_handler") {
             let Some(example) = example_binary() else {
@@ -291,7 +308,7 @@ fn start_server(dir: &Path, command: &str) -> (Started, Option<(String, String)>
                     "skipped the custom handler example: not built (`cargo test --test it` \
                      does not build examples; `cargo test` does)"
                 );
-                return (Started::Skipped, None);
+                return (Started::Skipped, Vec::new());
             };
             (
                 example,
@@ -309,7 +326,7 @@ fn start_server(dir: &Path, command: &str) -> (Started, Option<(String, String)>
         } else {
             panic!("a `cargo run` block this test does not know: {command}")
         };
-    copy_config(dir, config, readme_addr);
+    let readme_admin = copy_config(dir, config, readme_addr);
     let mut cmd = Command::new(program);
     cmd.args(args)
         .current_dir(dir)
@@ -318,8 +335,20 @@ fn start_server(dir: &Path, command: &str) -> (Started, Option<(String, String)>
         .envs(assignments(command));
     let log = dir.join(format!("{}.log", config.replace('/', "_")));
     let server = Listening::start(cmd, &log);
-    let swap = (format!("http://{readme_addr}"), server.url.clone());
-    (Started::Server(server), Some(swap))
+    let mut swaps = vec![(format!("http://{readme_addr}"), server.url.clone())];
+    if let (Some(readme), Some(actual)) = (readme_admin, &server.admin_url) {
+        swaps.push((format!("http://{readme}"), actual.clone()));
+    }
+    (Started::Server(server), swaps)
+}
+
+/// What a server printed at start: its `listening on` line and, when it has one, its
+/// `admin listening on` line.
+fn start_lines(server: &Listening) -> String {
+    match &server.admin_url {
+        Some(admin) => format!("{}\nadmin listening on {admin}\n", server.line),
+        None => format!("{}\n", server.line),
+    }
 }
 
 #[test]
@@ -382,7 +411,7 @@ fn the_readme_runs_as_written_from_a_clean_directory() {
                 match started {
                     Started::Server(server) => {
                         swaps.extend(swap);
-                        unchecked = Some(unswap(format!("{}\n", server.line), &swaps));
+                        unchecked = Some(unswap(start_lines(&server), &swaps));
                         if block.text.contains("--example") {
                             example = Some(servers.len());
                         }
@@ -396,6 +425,9 @@ fn the_readme_runs_as_written_from_a_clean_directory() {
                 let mut script = block.text.replace("./target/release/labelhook", binary);
                 for (readme, actual) in &swaps {
                     script = script.replace(readme, actual);
+                }
+                if NEW_TERMINAL.contains(&block.section.as_str()) {
+                    script = in_new_terminal(&script);
                 }
                 let (output, status) = shell.run(&script);
                 ran += 1;
@@ -439,11 +471,21 @@ fn the_readme_runs_as_written_from_a_clean_directory() {
 }
 
 #[test]
-fn every_sh_block_of_the_readme_is_run_here_or_by_deploy_smoke_sh() {
-    for block in readme_blocks().iter().filter(|b| b.lang == "sh") {
+fn every_sh_block_and_every_output_of_the_readme_is_run_here_or_by_deploy_smoke_sh() {
+    // An output is a block without a language (anything else says what it is: `text`,
+    // `toml`...), and is compared with what the command before it printed.
+    for block in readme_blocks()
+        .iter()
+        .filter(|b| b.lang == "sh" || b.lang.is_empty())
+    {
         assert!(
             RUN_HERE.contains(&block.section.as_str()) || block.section == RUN_BY_SMOKE_SH,
-            "a sh block under \"{}\" that no test runs:\n{}",
+            "a {} block under \"{}\" that no test runs:\n{}",
+            if block.lang.is_empty() {
+                "output"
+            } else {
+                "sh"
+            },
             block.section,
             block.text
         );
@@ -582,6 +624,21 @@ fn the_workflow_runs_current_actions_and_the_oldest_rust() {
         assert!(workflow.contains(&format!("\n  {job}\n")), "no {job} job");
     }
     assert!(workflow.contains("LABELHOOK_REQUIRE_SERVICES: \"1\""));
+    // After the README's test command, the checkout is as it was: the tests write only into
+    // temporary directories (see tests/it/browser.rs for the screenshots).
+    for (file, text) in [
+        (".github/workflows/ci.yml", &workflow),
+        (".ci/run", &read(".ci/run")),
+    ] {
+        let after = text
+            .split("cargo test --locked")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{file} does not run the README's test command"));
+        assert!(
+            after.contains("git status --porcelain --untracked-files=all"),
+            "{file} does not check the checkout after the tests"
+        );
+    }
     assert!(workflow.contains("rust-version"));
     assert!(workflow.contains("rhysd/actionlint"));
 }

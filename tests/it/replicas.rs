@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -815,6 +816,74 @@ fn store_ready_until(server: &TestServer, value: u8, line: &str) {
         curl(&server.admin("/metrics"), &[]).body,
         server.logs()
     );
+}
+
+#[test]
+fn a_database_that_does_not_exist_stops_the_start_with_the_command_that_creates_it() {
+    // The server is there (this test's own database shows it); the database named is not.
+    let Some(db) = TestDb::create_blocking(
+        "a_database_that_does_not_exist_stops_the_start_with_the_command_that_creates_it",
+    ) else {
+        return;
+    };
+    let missing = format!("{}_missing", db.name);
+    let (_, user) = Forwarder::postgres();
+    // The server as the URL names it: what the message names.
+    let server = server_url();
+    let (host, port) = server
+        .rsplit_once('@')
+        .map_or(server.as_str(), |(_, at)| at)
+        .rsplit_once(':')
+        .expect("host:port");
+    let dir = tempfile::tempdir().expect("temp");
+    let config = dir.path().join("labelhook.toml");
+    std::fs::write(&config, pg_config(&format!("{server}/{missing}"), "")).expect("write");
+    let run = |args: &[&str]| {
+        let mut command = Command::new(bin());
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("LH_TEST_SECRET", SECRET)
+            .env_remove("LABELHOOK_CONFIG");
+        output_within(command, Duration::from_secs(30))
+    };
+    let expected = format!(
+        "error: store.url names the database \"{missing}\" on {host}:{port}, which does not \
+         exist. labelhook creates its tables but not the database; create it, owned by \
+         \"{user}\", as a role that may create databases, then start again: createdb -h {host} \
+         -p {port} -O {user} {missing}"
+    );
+    // `serve` exits 1 at once with that one error, before listening; so do the CLI's commands.
+    for args in [&["serve"][..], &["events", "list"]] {
+        let out = run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            output_text(&out)
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: {}", output_text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors, [expected.as_str()], "{args:?}:\n{stderr}");
+    }
+    // Nothing was created on the way.
+    let exists = runtime().block_on(async {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("connect");
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_database WHERE datname = $1")
+            .bind(&missing)
+            .fetch_one(&mut admin)
+            .await
+            .expect("query")
+    });
+    assert_eq!(exists, 0, "{missing} was created");
 }
 
 #[test]

@@ -21,6 +21,7 @@
 //!   service starts with the database down, answers 503 meanwhile, and recovers by itself.
 
 mod bodies;
+mod database;
 mod inspect;
 mod intake;
 mod prune;
@@ -35,6 +36,8 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor};
 use tokio::sync::Notify;
+
+pub use database::require_database;
 
 use super::{Store, StoreError};
 use crate::config::StoreSettings;
