@@ -112,6 +112,29 @@ impl Harness {
         panic!("the stores never started listening");
     }
 
+    /// The store as a restarted server opens it: for SQLite the same database after this
+    /// handle is closed (one server per file); for PostgreSQL a new handle beside the others.
+    /// What the old handle had in memory is gone; what it stored is all there is.
+    pub async fn reopened(&self) -> Arc<dyn Store> {
+        match &self.db {
+            Some(db) => {
+                store::open_for_serving(&settings(db.url.clone()), None, 1024, self.clock.clone())
+                    .await
+                    .expect("open postgres again")
+            }
+            None => {
+                self.store.close().await;
+                let url = format!(
+                    "sqlite://{}",
+                    self.sqlite_file().expect("a SQLite harness").display()
+                );
+                store::open_for_serving(&settings(url), None, 1024, self.clock.clone())
+                    .await
+                    .expect("open sqlite again")
+            }
+        }
+    }
+
     pub async fn close(self) {
         self.store.close().await;
         if let Some(other) = &self.other {

@@ -54,6 +54,7 @@ conformance!(
     a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cannot_record,
     a_retry_is_due_only_at_its_time_and_its_attempts_are_kept,
     a_dead_letter_frees_its_lane_and_replay_sends_it_through_the_gate_again,
+    work_left_when_the_store_is_reopened_is_taken_up,
     a_replica_is_woken_when_another_accepts,
     queue_depth_counts_what_is_not_finished,
     oldest_unfinished_is_the_oldest_delivery_with_work_left,

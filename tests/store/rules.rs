@@ -804,6 +804,70 @@ pub async fn a_dead_letter_frees_its_lane_and_replay_sends_it_through_the_gate_a
     assert_eq!(h.store.queue_depth().await.expect("depth"), 0);
 }
 
+/// A server that stops (or dies) with work left finds all of it when it starts again: what
+/// waited for the gate, a retry at its time, and a delivery waiting in its lane behind it.
+pub async fn work_left_when_the_store_is_reopened_is_taken_up(h: &Harness) {
+    let a1 = h.accept("a1", "LABEL_UPDATED", &body(1)).await.seq;
+    let a2 = h.accept("a2", "LABEL_UPDATED", &body(2)).await.seq;
+    h.gate_all(|seq| {
+        let version = if seq == a1 {
+            "2024-05-02T08:00:01Z"
+        } else {
+            "2024-05-02T08:00:02Z"
+        };
+        label_gate(seq, "label:A", version, Change::Updated, FRESH_TO)
+    })
+    .await;
+    let b1 = h.accept("b1", "LABEL_UPDATED", &body(3)).await.seq;
+    assert_eq!(seqs_of(&claim(h, "w").await), [a1]);
+    let now = h.clock.now();
+    let retry = AttemptOutcome::Retry {
+        next_at: now + 10_000,
+        error: "503 from downstream".to_owned(),
+    };
+    h.store
+        .record_attempts(
+            a1,
+            &LeaseOwner::named("w"),
+            &[result("archive", 1, now, retry)],
+        )
+        .await
+        .expect("record");
+
+    let store = h.reopened().await;
+    let owner = LeaseOwner::named("after");
+    assert_eq!(store.queue_depth().await.expect("depth"), 3);
+    let ungated = store.take_ungated(&owner, LEASE, 10).await.expect("take");
+    assert_eq!(ungated.iter().map(|u| u.seq).collect::<Vec<_>>(), [b1]);
+    assert_eq!(
+        ungated[0].body.read_all().await.expect("body"),
+        Bytes::from(body(3)),
+        "its body comes with it"
+    );
+    assert!(
+        store
+            .claim(&owner, LEASE, 10, 0)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "a1 waits for its retry, a2 behind it"
+    );
+    h.clock.advance(Duration::from_secs(10));
+    let retried = store.claim(&owner, LEASE, 10, 0).await.expect("claim");
+    assert_eq!(seqs_of(&retried), [a1]);
+    assert_eq!(retried[0].runs[0].attempts, 1, "the earlier attempt counts");
+    let now = h.clock.now();
+    store
+        .record_attempts(a1, &owner, &[ok("archive", 2, now)])
+        .await
+        .expect("record");
+    assert_eq!(
+        seqs_of(&store.claim(&owner, LEASE, 10, 0).await.expect("claim")),
+        [a2]
+    );
+    store.close().await;
+}
+
 pub async fn a_replica_is_woken_when_another_accepts(h: &Harness) {
     h.wait_until_listening().await;
     let other = h.other();

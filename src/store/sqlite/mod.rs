@@ -27,6 +27,9 @@ mod reads;
 mod recover;
 mod writer;
 
+#[cfg(test)]
+mod carried_over;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -38,7 +38,7 @@ use super::queue::MemQueue;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: [&str; 6] = [
+pub(super) const MIGRATIONS: [&str; 6] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_event.sql"),
     include_str!("migrations/0003_body_pruned.sql"),
@@ -110,8 +110,13 @@ impl Writer {
         mut rx: mpsc::Receiver<WriteRequest>,
         ready: oneshot::Sender<Result<bool, StoreError>>,
     ) {
-        let opened = match self.connection() {
-            Ok(_) => true,
+        // The dispatch state is read before anyone is told the store is open.
+        let opened = match self
+            .connection()
+            .map(|_| ())
+            .and_then(|()| self.rebuild_once())
+        {
+            Ok(()) => true,
             Err(e @ StoreError::Locked(_)) => {
                 let _ = ready.send(Err(e));
                 return;

@@ -179,15 +179,15 @@ SELECT d.seq, d.delivery_id, d.body_sha256, d.id_conflict, d.endpoint, d.topic, 
        COALESCE(r.round, 0) AS round,
        CASE WHEN v.round = COALESCE(r.round, 0) THEN v.fresh END AS fresh,
        CASE WHEN v.round = COALESCE(r.round, 0) THEN v.id END AS lane_pos,
-       v.round = COALESCE(r.round, 0) AS gated,
+       COALESCE(v.round = COALESCE(r.round, 0), 0) AS gated,
        CASE WHEN c.status IS NOT NULL THEN c.status
             WHEN v.round = COALESCE(r.round, 0) THEN v.status
             WHEN r.status IS NOT NULL THEN r.status
             ELSE d.accepted_as END AS status,
        -- Nothing left to do: closed, or gated with no handler to run (a gate that leaves runs
        -- but none to run now, all done in an earlier round, closes the delivery itself).
-       (c.status IS NOT NULL OR (v.round = COALESCE(r.round, 0) AND v.handlers = '[]'))
-           AS finished,
+       COALESCE(c.status IS NOT NULL
+                OR (v.round = COALESCE(r.round, 0) AND v.handlers = '[]'), 0) AS finished,
        EXISTS (SELECT 1 FROM pruned_bodies p WHERE p.seq = d.seq) AS body_pruned
 FROM deliveries d
 LEFT JOIN replays r ON r.id = (SELECT MAX(id) FROM replays WHERE seq = d.seq)
