@@ -42,6 +42,7 @@ pub fn publish<'a>(settings: &Settings, handlers: impl Iterator<Item = &'a str>)
             Backend::Postgres(_) => "postgres",
         };
         let _ = metrics::histogram!(telemetry::STORE_COMMIT_SECONDS, "backend" => backend);
+        metrics::counter!(telemetry::STORE_REFUSALS_TOTAL, "backend" => backend).increment(0);
         let _ = metrics::histogram!(telemetry::STORE_COMMIT_BATCH_SIZE, "backend" => backend);
     }
     for status in Status::ALL.into_iter().filter(|s| *s != Status::Pending) {

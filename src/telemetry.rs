@@ -48,6 +48,7 @@ pub const STORE_COMMIT_SECONDS: &str = "labelhook_store_commit_duration_seconds"
 pub const STORE_COMMIT_BATCH_SIZE: &str = "labelhook_store_commit_batch_size";
 /// Gauge: 1 while the store takes commits, 0 when its last probe failed.
 pub const STORE_READY: &str = "labelhook_store_ready";
+pub const STORE_REFUSALS_TOTAL: &str = "labelhook_store_refusals_total";
 /// Gauge: age of the oldest delivery with work left.
 pub const OLDEST_PENDING_AGE_SECONDS: &str = "labelhook_oldest_pending_delivery_age_seconds";
 /// Gauge: deliveries dead-lettered now.
@@ -122,6 +123,12 @@ const FAMILIES: &[Family] = &[
         kind: Kind::Gauge,
         unit: None,
         help: "1 when the store's last probe commit succeeded (what /readyz checks), 0 when it failed.",
+    },
+    Family {
+        name: STORE_REFUSALS_TOTAL,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Writes the store refused because it was unavailable (deliveries, the dispatcher's records, probes), by back-end.",
     },
     Family {
         name: STORE_COMMIT_SECONDS,

@@ -31,6 +31,7 @@ use crate::events::{self, Event, Topic};
 use crate::handlers::{HandlerError, HandlerEvent, Registry};
 use crate::ingress::webhook::bounded_for_log;
 use crate::ordering::Change;
+use crate::store::outage::{Backoff, Outage};
 use crate::store::{
     AttemptOutcome, AttemptResult, ChainRecord, Claimed, DueRun, GateRequest, LeaseOwner, Queue,
     StoreError, Ungated,
@@ -50,8 +51,10 @@ const CHAIN_MAX: u32 = 256;
 /// Stored bodies up to this size are read into memory to be parsed; larger ones are parsed as
 /// they are read.
 const PARSE_IN_MEMORY_MAX: u64 = 4 * 1024 * 1024;
-/// Pause after a store error before trying again.
+/// Pause after a store error before trying again, doubling (with jitter) up to
+/// [`STORE_ERROR_PAUSE_MAX`] while the store stays unavailable.
 const STORE_ERROR_PAUSE: Duration = Duration::from_millis(500);
+const STORE_ERROR_PAUSE_MAX: Duration = Duration::from_secs(10);
 
 /// Everything the dispatch loop needs.
 pub struct Dispatcher {
@@ -137,17 +140,22 @@ impl Dispatcher {
         due: Arc<tokio::sync::Notify>,
         stop: CancellationToken,
     ) {
+        let mut outage = Outage::new("dispatcher (gate)", None);
+        let mut backoff = Backoff::new(STORE_ERROR_PAUSE, STORE_ERROR_PAUSE_MAX);
         while !stop.is_cancelled() {
             match self.gate_round().await {
-                Ok(true) => {
-                    due.notify_one();
-                    continue;
+                Ok(gated) => {
+                    outage.succeeded();
+                    backoff.reset();
+                    if gated {
+                        due.notify_one();
+                        continue;
+                    }
                 }
-                Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "gating failed; retrying");
+                    outage.failed(&e, 1);
                     tokio::select! {
-                        () = tokio::time::sleep(STORE_ERROR_PAUSE) => {}
+                        () = tokio::time::sleep(backoff.pause()) => {}
                         () = stop.cancelled() => {}
                     }
                     continue;
@@ -170,18 +178,25 @@ impl Dispatcher {
         let mut running: JoinSet<()> = JoinSet::new();
         // Claims are batched: wait for a quarter of the lanes to be free, unless all are.
         let claim_at = (self.concurrency / 4).max(1);
+        let mut outage = Outage::new("dispatcher (claims)", None);
+        let mut backoff = Backoff::new(STORE_ERROR_PAUSE, STORE_ERROR_PAUSE_MAX);
         while !stop.is_cancelled() {
             while running.try_join_next().is_some() {}
             let room = self.concurrency.saturating_sub(running.len());
             if room >= claim_at || running.is_empty() {
                 match self.claim_into(&mut running, room).await {
-                    // Everything asked for was due: there may be more.
-                    Ok(true) if running.len() < self.concurrency => continue,
-                    Ok(_) => {}
+                    Ok(all_due) => {
+                        outage.succeeded();
+                        backoff.reset();
+                        // Everything asked for was due: there may be more.
+                        if all_due && running.len() < self.concurrency {
+                            continue;
+                        }
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "claiming failed; retrying");
+                        outage.failed(&e, 1);
                         tokio::select! {
-                            () = tokio::time::sleep(STORE_ERROR_PAUSE) => {}
+                            () = tokio::time::sleep(backoff.pause()) => {}
                             () = stop.cancelled() => {}
                         }
                         continue;

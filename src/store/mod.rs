@@ -20,6 +20,7 @@
 
 mod gate;
 mod model;
+pub mod outage;
 pub mod postgres;
 pub mod retention;
 pub mod sqlite;
@@ -75,6 +76,17 @@ pub enum StoreError {
     /// in the configuration, not an outage (see `postgres::require_database`).
     #[error("{0}")]
     MissingDatabase(String),
+}
+
+impl StoreError {
+    /// This failure again, as another caller that met it is told: the store is unavailable,
+    /// for the reason this one gives.
+    pub fn again(&self) -> StoreError {
+        match self {
+            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl From<io::Error> for StoreError {

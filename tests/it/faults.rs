@@ -349,3 +349,151 @@ fn readyz_says_not_ready_while_a_full_disk_refuses_deliveries() {
         curl(&server.admin("/readyz"), &[]).status == 200
     });
 }
+
+/// A bind mount of a directory over itself, made read-only, for one test; back to writable
+/// with [`ReadOnlyMount::writable`], and unmounted when dropped. Needs root.
+struct ReadOnlyMount {
+    path: PathBuf,
+}
+
+impl ReadOnlyMount {
+    fn over(path: &Path, test: &str) -> Option<ReadOnlyMount> {
+        let mount = |args: &[&str]| {
+            std::process::Command::new("mount")
+                .args(args)
+                .arg(path)
+                .output()
+        };
+        let bound = mount(&["--bind", &path.display().to_string()]);
+        let made = match bound {
+            Ok(out) if out.status.success() => Some(ReadOnlyMount {
+                path: path.to_owned(),
+            }),
+            other => {
+                let reason = format!("cannot bind-mount here ({other:?})");
+                assert!(
+                    !services_required(),
+                    "{test}: {reason}; LABELHOOK_REQUIRE_SERVICES=1 makes this a failure"
+                );
+                eprintln!("skipped {test}: {reason}; run as root to include it");
+                None
+            }
+        }?;
+        made.remount("ro");
+        Some(made)
+    }
+
+    fn remount(&self, mode: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,bind,{mode}")])
+            .arg(&self.path)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "remount {mode}: {out:?}");
+    }
+
+    fn writable(&self) {
+        self.remount("rw");
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_store_on_a_read_only_disk_takes_deliveries_once_the_disk_is_writable_without_a_restart() {
+    let test =
+        "a_store_on_a_read_only_disk_takes_deliveries_once_the_disk_is_writable_without_a_restart";
+    let mut server = TestServer::start(&data_dir_config(""));
+    assert_eq!(
+        deliver(&server, "cro1", "LABEL_UPDATED", LABEL_UPDATED).status,
+        202
+    );
+    server.kill9();
+    let data = server.dir.path().join("data");
+    let Some(mount) = ReadOnlyMount::over(&data, test) else {
+        return;
+    };
+    // Started on a read-only disk: SQLite opens what it can read-only, and every connection of
+    // the process to that file shares that view until the last of them is closed.
+    server.restart();
+    let refused = deliver(&server, "cro2", "LABEL_UPDATED", LABEL_UPDATED);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+
+    mount.writable();
+    let started = Instant::now();
+    let mut answer = deliver(&server, "cro2", "LABEL_UPDATED", LABEL_UPDATED);
+    while answer.status != 202 && started.elapsed() < Duration::from_secs(10) {
+        std::thread::park_timeout(Duration::from_millis(200));
+        answer = deliver(&server, "cro2", "LABEL_UPDATED", LABEL_UPDATED);
+    }
+    assert_eq!(
+        answer.status,
+        202,
+        "still refused {:?} after the disk was made writable: {}\n{}",
+        started.elapsed(),
+        answer.body,
+        server.logs()
+    );
+    eventually("ready", || {
+        curl(&server.admin("/readyz"), &[]).status == 200
+    });
+}
+
+#[test]
+fn an_unavailable_store_is_logged_when_it_goes_and_when_it_comes_back_not_at_every_retry() {
+    // The database's directory would be below a plain file: it cannot be made.
+    let config = base_config("").replace(
+        "sqlite://STORE_DIR/labelhook.db",
+        "sqlite://STORE_DIR/blocker/data/labelhook.db",
+    );
+    let holder = tempfile::tempdir().expect("temp");
+    let blocker = holder.path().join("blocker");
+    std::fs::write(&blocker, b"not a directory").expect("blocker");
+    let server =
+        TestServer::start(&config.replace("STORE_DIR", &holder.path().display().to_string()));
+    eventually("the outage is told and the start is over", || {
+        let logs = server.logs();
+        logs.contains("store unavailable; retrying") && logs.contains("dispatcher started")
+    });
+    let told = server.logs().lines().count();
+    // Ten idle seconds with the store away: the writer, the dispatcher and the probes all keep
+    // trying, and none of it is a line of its own.
+    std::thread::sleep(Duration::from_secs(10));
+    let idle_lines: Vec<String> = server
+        .logs()
+        .lines()
+        .skip(told)
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        idle_lines.len() <= 2,
+        "{} lines in 10 idle seconds:\n{}",
+        idle_lines.len(),
+        idle_lines.join("\n")
+    );
+    let metrics = curl(&server.admin("/metrics"), &[]).body;
+    let refusals = metrics
+        .lines()
+        .find(|l| l.starts_with("labelhook_store_refusals_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refusals >= 5.0, "refusals counted: {refusals}\n{metrics}");
+
+    std::fs::remove_file(&blocker).expect("clear the fault");
+    eventually("stored again", || {
+        deliver(&server, "cback1", "LABEL_UPDATED", LABEL_UPDATED).status == 202
+    });
+    assert!(
+        server.logs().contains("store available again"),
+        "{}",
+        server.logs()
+    );
+}

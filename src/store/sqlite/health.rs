@@ -11,7 +11,7 @@
 //! writer, or another server holding the lock. Those are `fatal` until a restart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// A delivery refused for a store failure keeps the service not ready this long, unless a
@@ -32,7 +32,15 @@ pub struct Health {
     delivery_failed: AtomicU64,
     failure: Mutex<Option<String>>,
     fatal: Mutex<Option<String>>,
+    /// Bumped when the writer could not write: every connection of this process to the
+    /// database is then closed before it is used again (see [`Health::drop_connections`]).
+    generation: AtomicU64,
+    /// The idle connections of the readers, closed at once by [`Health::drop_connections`].
+    idle_pools: Mutex<Vec<Weak<IdlePool>>>,
 }
+
+/// Idle reader connections, with the generation each was opened at.
+pub type IdlePool = Mutex<Vec<(u64, rusqlite::Connection)>>;
 
 /// What `/readyz` should answer.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,6 +59,8 @@ impl Default for Health {
             delivery_failed: AtomicU64::new(0),
             failure: Mutex::new(None),
             fatal: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            idle_pools: Mutex::new(Vec::new()),
         }
     }
 }
@@ -88,6 +98,39 @@ impl Health {
 
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Asks every connection to the database in this process to be closed and opened again.
+    /// SQLite shares one view of the database's shared memory (`-shm`) among all connections of
+    /// a process to one file: opened while the disk was read-only, it stays read-only for the
+    /// writer's fresh connections too, until the last connection that holds it is closed.
+    pub fn drop_connections(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut pools) = self.idle_pools.lock() {
+            pools.retain(|pool| match pool.upgrade() {
+                Some(pool) => {
+                    if let Ok(mut idle) = pool.lock() {
+                        idle.clear();
+                    }
+                    true
+                }
+                None => false,
+            });
+        }
+    }
+
+    /// A pool of idle reader connections, to be emptied when connections must be closed.
+    pub fn idle_pool(&self) -> Arc<IdlePool> {
+        let pool = Arc::new(IdlePool::default());
+        if let Ok(mut pools) = self.idle_pools.lock() {
+            pools.push(Arc::downgrade(&pool));
+        }
+        pool
+    }
+
+    /// Connections opened at another generation are to be closed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     pub fn readiness(&self) -> Readiness {

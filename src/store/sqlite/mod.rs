@@ -147,7 +147,7 @@ impl SqliteStore {
             health: health.clone(),
             lock: None,
             files: None,
-            fatal_logged: None,
+            outage: crate::store::outage::Outage::new("store", Some("sqlite")),
             reached: false,
             queue: queue.clone(),
             rebuilt: false,
@@ -169,7 +169,10 @@ impl SqliteStore {
         let checkpoint_path = path.clone();
         std::thread::Builder::new()
             .name("lh-checkpoint".into())
-            .spawn(move || writer::run_checkpointer(checkpoint_path, checkpoint_stop))?;
+            .spawn({
+                let health = health.clone();
+                move || writer::run_checkpointer(checkpoint_path, &health, checkpoint_stop)
+            })?;
         let ticking = tokio_util::sync::CancellationToken::new();
         tokio::spawn(catch_up_every_second(
             tx.clone(),
@@ -177,8 +180,8 @@ impl SqliteStore {
             ticking.clone(),
         ));
         let store = Self {
-            readers: Readers::new(path.clone()),
-            inspector: SqliteInspector::open(path, clock.clone())?,
+            readers: Readers::new(path.clone(), health.clone()),
+            inspector: SqliteInspector::with_health(path, clock.clone(), health.clone()),
             clock,
             health,
             writer: tx,
@@ -585,12 +588,18 @@ pub struct SqliteInspector {
 
 impl SqliteInspector {
     pub fn open(path: PathBuf, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        Ok(Self {
-            readers: Readers::new(path.clone()),
-            blobs: blob_dir(&path, Arc::default()),
+        Ok(Self::with_health(path, clock, Arc::default()))
+    }
+
+    /// The read side of a serving store, sharing its health (and so closing its connections
+    /// when the writer asks).
+    fn with_health(path: PathBuf, clock: Arc<dyn Clock>, health: Arc<Health>) -> Self {
+        Self {
+            readers: Readers::new(path.clone(), health.clone()),
+            blobs: blob_dir(&path, health),
             path,
             clock,
-        })
+        }
     }
 }
 

@@ -111,7 +111,7 @@ pub fn settle<T>(
 ) -> Result<T, StoreError> {
     match committed {
         Ok(()) => result,
-        Err(failure) => Err(StoreError::Unavailable(failure.to_string())),
+        Err(failure) => Err(failure.again()),
     }
 }
 
@@ -140,7 +140,7 @@ impl Op {
 
     /// Answers the op with `failure` without running it.
     pub fn refuse(self, failure: &StoreError) {
-        let err = || StoreError::Unavailable(failure.to_string());
+        let err = || failure.again();
         match self {
             Op::Accept { reply, .. } => drop(reply.send(Err(err()))),
             Op::Probe { reply, .. } => drop(reply.send(Err(err()))),
@@ -201,7 +201,7 @@ fn accept(ctx: &Ctx<'_>, delivery: NewDelivery, reply: Reply<Accepted>) -> Done 
             Ok(queue) => queue,
             Err(failure) => {
                 // Its staged body, if any, is dropped (and removed) with the delivery.
-                let _ = reply.send(Err(StoreError::Unavailable(failure.to_string())));
+                let _ = reply.send(Err(failure.again()));
                 return Effects::default();
             }
         };

@@ -12,13 +12,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
 
 use super::blob::BlobDir;
+use super::health::{Health, IdlePool};
 use super::ops::body_of;
 use crate::delivery::Status;
 use crate::delivery::{format_millis, Payload, UnixMillis};
@@ -38,7 +39,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle reader connections kept for the next read.
 const IDLE_READERS: usize = 4;
 
-/// Read-only connections to one database, opened as needed and kept for reuse.
+/// Read-only connections to one database, opened as needed and kept for reuse (each with the
+/// [`Health`] generation it was opened at: an older one is closed instead of reused).
 #[derive(Debug, Clone)]
 pub struct Readers {
     inner: Arc<Inner>,
@@ -47,15 +49,17 @@ pub struct Readers {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    idle: Arc<IdlePool>,
+    health: Arc<Health>,
 }
 
 impl Readers {
-    pub fn new(path: PathBuf) -> Self {
+    pub fn new(path: PathBuf, health: Arc<Health>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 path,
-                idle: Mutex::new(Vec::new()),
+                idle: health.idle_pool(),
+                health,
             }),
         }
     }
@@ -68,17 +72,21 @@ impl Readers {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let idle = inner.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let generation = inner.health.generation();
+            let idle = inner.idle.lock().ok().and_then(|mut idle| {
+                idle.retain(|(opened, _)| *opened == generation);
+                idle.pop()
+            });
             let conn = match idle {
-                Some(conn) => conn,
+                Some((_, conn)) => conn,
                 None => open_reader(&inner.path)?,
             };
             let result = read(&conn);
             // A connection that failed may be broken (the file replaced): drop it.
-            if result.is_ok() {
+            if result.is_ok() && inner.health.generation() == generation {
                 if let Ok(mut idle) = inner.idle.lock() {
                     if idle.len() < IDLE_READERS {
-                        idle.push(conn);
+                        idle.push((generation, conn));
                     }
                 }
             }
@@ -92,7 +100,7 @@ impl Readers {
 fn open_reader(path: &std::path::Path) -> Result<Connection, StoreError> {
     if !path.exists() {
         return Err(StoreError::Unavailable(format!(
-            "no database at {} (has the server started with this configuration?)",
+            "no database at {}",
             path.display()
         )));
     }

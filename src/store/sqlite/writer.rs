@@ -35,6 +35,7 @@ use super::files::{FileId, ServingLock, StoreFiles};
 use super::health::Health;
 use super::ops::{Ctx, Done, Effects, Op};
 use super::queue::MemQueue;
+use crate::store::outage::Outage;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
@@ -50,8 +51,6 @@ pub(super) const MIGRATIONS: [&str; 6] = [
 /// which are short; or something outside that should not be there). The deliveries in that batch
 /// wait this long before their 503, so it is kept to a couple of seconds.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
-/// While the store is lost for good, its error is logged at most this often.
-const FATAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Prepared statements kept per connection; the writer uses about twenty.
 const STATEMENT_CACHE: usize = 64;
 /// SQLite's page cache for the writer, in KiB (negative `cache_size`): the dedup index and the
@@ -89,7 +88,9 @@ pub struct Writer {
     /// The files of the database this writer opened first: a later connection must find the
     /// same database file at the path.
     pub files: Option<StoreFiles>,
-    pub fatal_logged: Option<std::time::Instant>,
+    /// What the log says of failed writes: once when they start, a reminder now and then, once
+    /// when they end.
+    pub outage: Outage,
     /// Whether the last failed batch got as far as an open database. A batch refused because the store
     /// cannot be reached says nothing `/readyz`'s own probe will not find out; one refused by
     /// the database itself (a full disk, an I/O error) must hold readiness down.
@@ -274,6 +275,7 @@ impl Writer {
         match written {
             Ok(()) => {
                 crate::telemetry::record_commit("sqlite", started.elapsed(), ops);
+                self.outage.succeeded();
                 let queue = self.queue.clone();
                 let Ok(mut queue) = queue.lock() else {
                     return Err(StoreError::Corrupt("dispatch state poisoned".into()));
@@ -296,10 +298,7 @@ impl Writer {
                 self.reached = self.conn.is_some();
                 // Start from a fresh connection next time: the file may have come back.
                 self.conn = None;
-                let failure = match e {
-                    StoreError::Unavailable(_) => e,
-                    other => StoreError::Unavailable(other.to_string()),
-                };
+                let failure = e.again();
                 self.log_refusal(ops, &failure);
                 if self.reached && accepts {
                     self.health.delivery_failed(&failure.to_string());
@@ -326,19 +325,12 @@ impl Writer {
         }
     }
 
-    /// Logs a refusal (while the store is lost for good, once in a while rather than once per
-    /// batch).
+    /// Tells of a refusal (see [`Outage`]), and has every connection of this process to the
+    /// database closed before its next use: the fault may clear, and a connection opened during
+    /// it can keep it alive (a read-only disk made writable again).
     fn log_refusal(&mut self, refused: usize, failure: &StoreError) {
-        let quiet = self.health.fatal().is_some()
-            && self
-                .fatal_logged
-                .is_some_and(|at| at.elapsed() < FATAL_LOG_INTERVAL);
-        if !quiet {
-            tracing::error!(error = %failure, refused, "store write failed");
-            if self.health.fatal().is_some() {
-                self.fatal_logged = Some(std::time::Instant::now());
-            }
-        }
+        self.outage.failed(failure, refused);
+        self.health.drop_connections();
     }
 
     /// Runs every op of the batch in one transaction and commits it. Every op becomes a
@@ -499,16 +491,26 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
 }
 
 /// The checkpointer thread: every `CHECKPOINT_INTERVAL`, a passive checkpoint (it never blocks
-/// the writer) on a connection of its own, until `stop` says so or is dropped.
-pub fn run_checkpointer(path: PathBuf, stop: std::sync::mpsc::Receiver<()>) {
-    let mut conn: Option<Connection> = None;
+/// the writer) on a connection of its own, until `stop` says so or is dropped. Its connection
+/// is closed and opened again when the writer asks for it ([`Health::drop_connections`]).
+pub fn run_checkpointer(path: PathBuf, health: &Health, stop: std::sync::mpsc::Receiver<()>) {
+    let mut conn: Option<(u64, Connection)> = None;
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
         stop.recv_timeout(CHECKPOINT_INTERVAL)
     {
-        if conn.is_none() && path.exists() {
-            conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE).ok();
+        let generation = health.generation();
+        if conn
+            .as_ref()
+            .is_some_and(|(opened, _)| *opened != generation)
+        {
+            conn = None;
         }
-        let Some(c) = &conn else { continue };
+        if conn.is_none() && path.exists() {
+            conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .ok()
+                .map(|c| (generation, c));
+        }
+        let Some((_, c)) = &conn else { continue };
         if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "checkpoint failed; reopening");
             conn = None;
