@@ -758,7 +758,8 @@ fn model_training_calls_have_their_own_allowlist_and_a_refused_address_is_logged
 fn a_refused_request_writes_a_bounded_line_to_the_log_whatever_it_sends() {
     let server = TestServer::with_base("");
     let before = server.logs().len();
-    let topic = format!("X-Labelbox-Event: {}", "T".repeat(100_000));
+    // As large as a request head may be (16 KiB in all).
+    let topic = format!("X-Labelbox-Event: {}", "T".repeat(12_000));
     let bad_sig = "X-Hub-Signature: sha1=0000000000000000000000000000000000000000";
     for _ in 0..20 {
         let answer = curl(
@@ -776,11 +777,20 @@ fn a_refused_request_writes_a_bounded_line_to_the_log_whatever_it_sends() {
         );
         assert_eq!(answer.status, 401);
     }
-    // Every refusal is logged, each in a few hundred bytes, not 100 KB.
+    // Every refusal is logged, each in a few hundred bytes, not 12 KB.
     let written = server.logs().len() - before;
     assert!(written > 20 * 64, "refusals not logged? {written} bytes");
     assert!(
         written < 20 * 1024,
         "{written} bytes of log for 20 refusals"
     );
+    // A larger head is refused before it reaches the service (431), and logs nothing of it.
+    let before = server.logs().len();
+    let topic = format!("X-Labelbox-Event: {}", "T".repeat(100_000));
+    let answer = curl(
+        &server.url("/webhooks/labelbox"),
+        &["-H", &topic, "-H", bad_sig, "--data-binary", "{}"],
+    );
+    assert_eq!(answer.status, 431);
+    assert!(server.logs().len() - before < 1024);
 }
