@@ -403,7 +403,7 @@ impl InMemory {
             _ => {
                 let first = self.blocks.is_empty();
                 let size = if first {
-                    more.max(FIRST_BUFFER_BYTES).min(BLOCK_BYTES)
+                    more.clamp(FIRST_BUFFER_BYTES, BLOCK_BYTES)
                 } else {
                     BLOCK_BYTES
                 }
