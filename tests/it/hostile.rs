@@ -103,7 +103,7 @@ fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
 }
 
 /// A genuine label body of about `len` bytes (the fixture with a long field added).
-fn large_label(len: usize) -> Vec<u8> {
+pub(crate) fn large_label(len: usize) -> Vec<u8> {
     let mut value: serde_json::Value = serde_json::from_slice(LABEL_UPDATED).expect("fixture");
     value["padding"] = serde_json::Value::String("p".repeat(len));
     serde_json::to_vec(&value).expect("json")
@@ -568,7 +568,7 @@ fn stalled_uploads_hold_little_more_than_their_body_and_the_memory_is_reused() {
 }
 
 /// A file handler on `path` for every topic, and bodies above 1 KiB kept as blob files.
-fn archive_config(path: &str, extra_handler_keys: &str) -> String {
+pub(crate) fn archive_config(path: &str, extra_handler_keys: &str) -> String {
     base_config(&format!(
         r#"
 [[handler]]
