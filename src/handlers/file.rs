@@ -276,8 +276,8 @@ const TAIL_READ_BYTES: u64 = 64 * 1024;
 ///
 /// Every acknowledged line ends with a newline that was fsync'd with it, so bytes after the
 /// last newline are a write cut short by a crash (a process killed while it streamed a large
-/// body leaves up to the chunks already written): nobody was told they were written, and the
-/// delivery is still pending, so it is written again after them. Left there, they would glue
+/// body leaves the chunks already written): nobody was told they were written, and the
+/// delivery is still pending, so its line is written again whole. Left there, they would glue
 /// the next line onto the torn one and make both unreadable. The cut is synced before anything
 /// is appended, so a crash right after it cannot bring the torn bytes back under a new line.
 fn cut_torn_tail(file: &std::fs::File) -> std::io::Result<u64> {
