@@ -5,19 +5,48 @@
 # commands: its size, no LABELHOOK__ variable in it (a mounted file is what configures it),
 # and an unwritable /data making it unhealthy with an error that says what to do.
 #
-#   deploy/smoke.sh            (from anywhere; needs Docker and a reachable registry)
+#   deploy/smoke.sh                  (from anywhere; needs Docker and a reachable registry)
+#   deploy/smoke.sh --host-network   (where containers share the host's network)
 #
 # With SMOKE_SKIP_BUILD=1 the README's `docker build` is left out and the image already
 # tagged `labelhook` is tried (one built by another step, or from another Dockerfile).
+# DOCKER names the client to use (e.g. /usr/bin/docker); DOCKER_BUILDKIT=0 makes the build
+# use the legacy builder.
+#
+# --host-network is for a machine whose Docker has no bridge (dockerd --bridge=none), where
+# `-p` cannot publish a port: each container then runs with `--network host`, and what `-p`
+# did is done with the variables the README names: `-p 127.0.0.1:8090:8080` becomes
+# LABELHOOK__SERVER__LISTEN=127.0.0.1:8090 (and the admin listener 1000 above it, 9090 in the
+# container otherwise clashing on the host). The README's container lets in Docker's bridge
+# networks, where a published port's requests come from; on the host's network they come from
+# 127.0.0.1, so that one container (not the one that must refuse this machine) also lets in
+# 127.0.0.1/32. The build runs on the host's network too (cargo fetches crates there). No
+# base image has to be pulled when deploy/offline-base-images.sh made stand-ins.
 #
 # It uses the README's names (container "labelhook", volume "labelhook-data", port 8090) and
 # refuses to start when they are taken; it removes what it created when it ends. The README's
 # files (try-container/, body.json) are made in a temporary directory, not in the clone.
 set -euo pipefail
 
+host_network=0
+case "${1:-}" in
+  --host-network) host_network=1 ;;
+  "") ;;
+  *)
+    echo "usage: $0 [--host-network]" >&2
+    exit 2
+    ;;
+esac
+
 repo=$(cd "$(dirname "$0")/.." && pwd)
 readme="$repo/README.md"
 work=$(mktemp -d)
+# The client named by DOCKER, for this script and for the README's `sh -c` lines alike.
+if [ -n "${DOCKER:-}" ]; then
+  mkdir -p "$work/bin"
+  ln -s "$(command -v "$DOCKER")" "$work/bin/docker"
+  PATH="$work/bin:$PATH"
+fi
 image=labelhook
 containers=(labelhook labelhook-baked labelhook-unwritable)
 # Bounds for what the README says; the image is about 35 MB today.
@@ -54,6 +83,61 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+
+# The README's docker commands, as written, or adapted to the host's network (see the top).
+# The README's blocks are sourced in this shell, so their `docker` is this function.
+next_host_port=8092
+docker() {
+  if [ "$host_network" = 0 ]; then
+    command docker "$@"
+    return
+  fi
+  case "${1:-}" in
+    build)
+      shift
+      command docker build --network host "$@"
+      ;;
+    run)
+      shift
+      host_network_run "$@"
+      ;;
+    *) command docker "$@" ;;
+  esac
+}
+
+host_network_run() {
+  local args=() listen="" name="" detached=0 hp
+  while [ "$#" -gt 0 ]; do
+    case "$1" in
+      -p | --publish)
+        # [address:]host_port:container_port -> the address and host port to listen on.
+        hp=${2%:*}
+        case "$hp" in *:*) listen=$hp ;; *) listen="0.0.0.0:$hp" ;; esac
+        shift 2
+        continue
+        ;;
+      --name) name=$2 ;;
+      -d | --detach) detached=1 ;;
+    esac
+    args+=("$1")
+    shift
+  done
+  # A detached container serves: give it ports of its own on the host.
+  if [ -z "$listen" ] && [ "$detached" = 1 ]; then
+    listen="127.0.0.1:$next_host_port"
+    next_host_port=$((next_host_port + 1))
+  fi
+  local extra=(--network host)
+  if [ -n "$listen" ]; then
+    extra+=(-e "LABELHOOK__SERVER__LISTEN=$listen"
+      -e "LABELHOOK__SERVER__ADMIN_LISTEN=${listen%:*}:$((${listen##*:} + 1000))")
+  fi
+  if [ "$name" = labelhook ]; then
+    extra+=(-e "LABELHOOK__NETWORK__ALLOWLIST=35.223.142.181/32,34.135.127.45/32,35.224.108.6/32,34.10.80.254/32,127.0.0.1/32")
+  fi
+  echo "(host network: docker run ${extra[*]} ...)" >&2
+  command docker run "${extra[@]}" "${args[@]}"
+}
 
 # The lines of the README section whose heading is exactly $1, up to the next heading of the
 # same or a higher level (headings inside code blocks do not count).
@@ -100,7 +184,8 @@ run_blocks() {
       if [ "${SMOKE_SKIP_BUILD:-}" = 1 ]; then
         echo "(skipped: SMOKE_SKIP_BUILD=1)"
       else
-        (cd "$repo" && bash -euo pipefail "$block")
+        # shellcheck source=/dev/null
+        (cd "$repo" && source "$block")
       fi
       continue
     fi
@@ -180,9 +265,10 @@ if [ "$(id -u)" = 65532 ]; then
 else
   mkdir "$work/unwritable-data"
   chmod 755 "$work/unwritable-data"
+  # 1ms, not 0s: 0 means "the image's own start period" (30 s) to Docker.
   docker run -d --name labelhook-unwritable -v "$work/unwritable-data:/data" \
     -e LABELBOX_WEBHOOK_SECRET=smoke \
-    --health-start-period 0s --health-interval 1s --health-retries 2 "$image" >/dev/null
+    --health-start-period 1ms --health-interval 1s --health-retries 2 "$image" >/dev/null
   wait_health labelhook-unwritable unhealthy
   logs=$(docker logs labelhook-unwritable 2>&1)
   grep '"level":"ERROR"' <<<"$logs" | grep 'not writable' | grep 'chown' ||

@@ -67,9 +67,24 @@ impl Visitor<'_> for DurationVisitor {
 }
 
 /// A list of CIDRs (`network.allowlist` and the like); a bad entry is named with its value.
+/// IPv4-mapped IPv6 entries are taken as the IPv4 networks they stand for ([`unmapped`]).
 pub fn cidrs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
     let list = Vec::<Cidr>::deserialize(deserializer)?;
-    Ok(list.into_iter().map(|c| c.0).collect())
+    Ok(list.into_iter().map(|c| unmapped(c.0)).collect())
+}
+
+/// `::ffff:192.0.2.7/128` as `192.0.2.7/32`, `::ffff:10.0.0.0/104` as `10.0.0.0/8`.
+///
+/// A dual-stack listener sees an IPv4 client as `::ffff:a.b.c.d`, and the ingress turns that
+/// into the IPv4 address before any check (`ingress::client_ip`), so an entry written in the
+/// mapped form would never match anyone. Networks of less than /96 are left as written: they
+/// are not the mapped form of one IPv4 network.
+fn unmapped(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else { return net };
+    match (v6.addr().to_ipv4_mapped(), v6.prefix_len().checked_sub(96)) {
+        (Some(v4), Some(len)) => ipnet::Ipv4Net::new(v4, len).map_or(net, IpNet::V4),
+        _ => net,
+    }
 }
 
 struct Cidr(IpNet);
@@ -123,5 +138,30 @@ impl Visitor<'_> for SocketAddrVisitor {
                 "expected an IP address and port like \"0.0.0.0:8080\" or \"[::1]:8080\", got {v:?}"
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(text: &str) -> IpNet {
+        text.parse().expect("cidr")
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_become_the_ipv4_networks_they_stand_for() {
+        for (written, taken) in [
+            ("::ffff:127.0.0.1/128", "127.0.0.1/32"),
+            ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+            ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+            // Not the mapped form of an IPv4 network: as written.
+            ("::ffff:0.0.0.0/95", "::ffff:0.0.0.0/95"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("::1/128", "::1/128"),
+            ("192.0.2.0/24", "192.0.2.0/24"),
+        ] {
+            assert_eq!(unmapped(net(written)), net(taken), "{written}");
+        }
     }
 }

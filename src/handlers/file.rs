@@ -8,7 +8,10 @@
 //! all, under one fsync, which is how a single busy entity gets past the disk's sync rate. Inline bodies are rendered by
 //! the caller; stored bodies are streamed by the writer itself in chunks, each in a batch of
 //! its own, so no body is ever held whole in memory. A failed batch is cut off the file again,
-//! so a half-written line never corrupts the lines after it.
+//! so a half-written line never corrupts the lines after it; and a line torn by a crash (the
+//! process killed while it wrote) is cut off when the file is opened, before anything is
+//! appended. Every line in the file is therefore whole; a delivery may be in it twice, when
+//! the process died after its line was synced but before the store heard of it.
 //!
 //! A failure names what failed: the output file (`path: error`), or the event's stored body
 //! when that is what could not be read, which is no fault of the file.
@@ -237,15 +240,66 @@ async fn write_lines(file: &mut File, jobs: &[Job]) -> std::io::Result<()> {
     file.sync_data().await
 }
 
+/// Opens the file for appending, first cutting off a torn last line (see [`cut_torn_tail`]).
 async fn open(path: &Path) -> std::io::Result<File> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(parent).await?;
     }
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .open(path)
-        .await
+        .await?
+        .into_std()
+        .await;
+    let (file, cut) =
+        tokio::task::spawn_blocking(move || cut_torn_tail(&file).map(|cut| (file, cut)))
+            .await
+            .map_err(std::io::Error::other)??;
+    if cut > 0 {
+        tracing::warn!(
+            path = %path.display(),
+            bytes = cut,
+            "cut {cut} bytes off the end of the file handler's output: a last line without its \
+             newline is a write that was never acknowledged (a crash in the middle of it), and \
+             its delivery is written again whole"
+        );
+    }
+    Ok(File::from_std(file))
+}
+
+/// How far back [`cut_torn_tail`] reads at a time.
+const TAIL_READ_BYTES: u64 = 64 * 1024;
+
+/// Cuts the file back to just after its last newline and returns how many bytes went.
+///
+/// Every acknowledged line ends with a newline that was fsync'd with it, so bytes after the
+/// last newline are a write cut short by a crash (a process killed while it streamed a large
+/// body leaves the chunks already written): nobody was told they were written, and the
+/// delivery is still pending, so its line is written again whole. Left there, they would glue
+/// the next line onto the torn one and make both unreadable. The cut is synced before anything
+/// is appended, so a crash right after it cannot bring the torn bytes back under a new line.
+fn cut_torn_tail(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; TAIL_READ_BYTES as usize];
+    while end > 0 {
+        let start = end.saturating_sub(TAIL_READ_BYTES);
+        let piece = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(piece, start)?;
+        if let Some(at) = piece.iter().rposition(|b| *b == b'\n') {
+            end = start + at as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        file.set_len(end)?;
+        file.sync_data()?;
+    }
+    Ok(len - end)
 }
 
 #[cfg(test)]
@@ -380,6 +434,52 @@ mod tests {
             assert_eq!(result.is_err(), seq == 50, "{seq}: {result:?}");
         }
         assert_eq!(read_lines(&path).len(), 99);
+    }
+
+    /// A file as a crash leaves it: whole lines, then a line cut short (of `torn` bytes).
+    fn torn_file(path: &Path, torn: usize) -> Vec<u8> {
+        let mut text = b"{\"seq\":1}\n{\"seq\":2}\n".to_vec();
+        let whole = text.len();
+        text.extend(std::iter::repeat_n(b'x', torn));
+        std::fs::write(path, &text).unwrap();
+        text.truncate(whole);
+        text
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_off_before_the_first_append() {
+        // Shorter than one read back, and longer than several (the torn part of a large
+        // streamed body).
+        for torn in [1, 200, 3 * TAIL_READ_BYTES as usize + 17] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("events.jsonl");
+            let whole = torn_file(&path, torn);
+            let handler = FileHandler::new(&path);
+            handler.handle(&inline(3, b"{}", true)).await.unwrap();
+            let text = std::fs::read(&path).unwrap();
+            assert!(text.starts_with(&whole), "{torn}: the whole lines are kept");
+            let lines = read_lines(&path);
+            let seqs: Vec<_> = lines.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+            assert_eq!(seqs, [1, 2, 3], "{torn}");
+        }
+    }
+
+    #[test]
+    fn cutting_the_tail_keeps_whole_lines_and_drops_a_file_of_one_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let whole = torn_file(&path, 0);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(cut_torn_tail(&file).unwrap(), 0);
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        std::fs::write(&path, vec![b'{'; 100_000]).unwrap();
+        assert_eq!(cut_torn_tail(&file).unwrap(), 100_000);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert_eq!(cut_torn_tail(&file).unwrap(), 0);
     }
 
     #[tokio::test]

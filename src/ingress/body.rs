@@ -38,6 +38,8 @@ pub const DEFAULT_MIN_BODY_BYTES_PER_SECOND: u64 = 64 * 1024;
 pub const DEFAULT_BODY_RATE_GRACE: Duration = Duration::from_secs(10);
 /// The smallest allocation an in-memory body starts with: most bodies are a few KiB.
 const FIRST_BUFFER_BYTES: usize = 4096;
+/// The largest block of an in-memory body; a larger body is kept in several.
+const BLOCK_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -246,7 +248,7 @@ struct SpillSlot {
 
 enum Buffer {
     /// The bytes so far, and the budget they hold.
-    Memory(Vec<u8>, Reserved),
+    Memory(InMemory),
     /// Holds a spill slot until the whole body has arrived.
     Store(Box<dyn BodyWriter>, SpillSlot),
 }
@@ -282,7 +284,7 @@ pub async fn receive(
     let mut stream = body.into_data_stream();
     let mut total: u64 = 0;
     let mut credit = Credit::new(limits.pace);
-    let mut buffer = Buffer::Memory(Vec::new(), limits.memory.reservation());
+    let mut buffer = Buffer::Memory(InMemory::new(limits.memory.reservation()));
     loop {
         let waiting = Instant::now();
         let next = futures_util::StreamExt::next(&mut stream);
@@ -303,20 +305,20 @@ pub async fn receive(
         }
         verifier.update(&chunk);
         buffer = match buffer {
-            Buffer::Memory(mut bytes, mut reserved) if total <= limits.inline_max => {
-                grow_within(&mut bytes, &mut reserved, chunk.len(), limits.inline_max)?;
-                bytes.extend_from_slice(&chunk);
-                Buffer::Memory(bytes, reserved)
+            Buffer::Memory(mut body) if total <= limits.inline_max => {
+                body.push(&chunk, limits.inline_max)?;
+                Buffer::Memory(body)
             }
-            Buffer::Memory(bytes, reserved) => {
+            Buffer::Memory(body) => {
                 // Waiting here leaves the rest of the body in the socket: backpressure, not
                 // disk, for senders beyond the limit.
                 let slot = limits.spill_slots.acquire(limits.client).await?;
                 let mut writer = limits.bodies.create().await?;
-                if !bytes.is_empty() {
-                    writer.write(Bytes::from(bytes)).await?;
+                for block in body.blocks {
+                    if !block.is_empty() {
+                        writer.write(Bytes::from(block)).await?;
+                    }
                 }
-                drop(reserved);
                 writer.write(chunk).await?;
                 Buffer::Store(writer, slot)
             }
@@ -327,10 +329,13 @@ pub async fn receive(
         };
     }
     Ok(match buffer {
-        Buffer::Memory(bytes, reserved) => Received {
-            body: IncomingBody::Inline(Bytes::from(bytes)),
-            memory: Some(reserved),
-        },
+        Buffer::Memory(body) => {
+            let (bytes, reserved) = body.into_bytes();
+            Received {
+                body: IncomingBody::Inline(bytes),
+                memory: Some(reserved),
+            }
+        }
         Buffer::Store(writer, _slot) => Received {
             body: IncomingBody::Staged(writer.finish().await?),
             memory: None,
@@ -338,30 +343,86 @@ pub async fn receive(
     })
 }
 
-/// Makes room in `bytes` for `more`, taking what the allocation grows by from the budget
-/// first. Growth doubles (up to `inline_max`) so a body in many small chunks is not copied
-/// over and over, and starts small so that a body declaring a large length but sending little
-/// takes little.
-fn grow_within(
-    bytes: &mut Vec<u8>,
-    reserved: &mut Reserved,
-    more: usize,
-    inline_max: u64,
-) -> Result<(), BodyError> {
-    let needed = bytes.len() + more;
-    if needed <= bytes.capacity() {
-        return Ok(());
+/// A body kept in memory, and the budget it holds.
+///
+/// It is kept in blocks: the first starts at [`FIRST_BUFFER_BYTES`] and doubles up to
+/// [`BLOCK_BYTES`], so a body declaring a large length but sending little takes little, and
+/// a larger body gets further blocks of [`BLOCK_BYTES`] rather than one allocation doubled
+/// again and again. Each doubling copied the body into a new allocation and freed the old
+/// one; with many bodies arriving at once the freed buffers became holes the allocator could
+/// not give to the next, larger allocation, and a stalled 64 KiB upload held about 17 KiB of
+/// them besides its body (issue 22). Blocks of one size fit each other's holes.
+struct InMemory {
+    blocks: Vec<Vec<u8>>,
+    reserved: Reserved,
+}
+
+impl InMemory {
+    fn new(reserved: Reserved) -> Self {
+        Self {
+            blocks: Vec::new(),
+            reserved,
+        }
     }
-    let ceiling = usize::try_from(inline_max)
-        .unwrap_or(usize::MAX)
-        .max(needed);
-    let target = needed
-        .max(bytes.capacity().saturating_mul(2))
-        .max(FIRST_BUFFER_BYTES)
-        .min(ceiling);
-    reserved.grow(target - bytes.capacity())?;
-    bytes.reserve_exact(target - bytes.len());
-    Ok(())
+
+    /// Appends `chunk`, taking what the allocations grow by from the budget first. The caller
+    /// keeps the body within `inline_max`, and so are the allocations.
+    fn push(&mut self, mut chunk: &[u8], inline_max: u64) -> Result<(), BodyError> {
+        while !chunk.is_empty() {
+            let room = self.blocks.last().map_or(0, |b| b.capacity() - b.len());
+            if room == 0 {
+                self.make_room(chunk.len(), inline_max)?;
+                continue;
+            }
+            let (now, rest) = chunk.split_at(room.min(chunk.len()));
+            if let Some(block) = self.blocks.last_mut() {
+                block.extend_from_slice(now);
+            }
+            chunk = rest;
+        }
+        Ok(())
+    }
+
+    /// Grows the first block (doubling, up to [`BLOCK_BYTES`]) or adds a block, for `more`
+    /// bytes to come.
+    fn make_room(&mut self, more: usize, inline_max: u64) -> Result<(), BodyError> {
+        let held: usize = self.blocks.iter().map(Vec::capacity).sum();
+        let left = usize::try_from(inline_max)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(held)
+            .max(1);
+        match self.blocks.as_mut_slice() {
+            [first] if first.capacity() < BLOCK_BYTES => {
+                let target = (first.len() + more)
+                    .max(first.capacity().saturating_mul(2))
+                    .min(BLOCK_BYTES)
+                    .min(first.capacity() + left);
+                self.reserved.grow(target - first.capacity())?;
+                first.reserve_exact(target - first.len());
+            }
+            _ => {
+                let first = self.blocks.is_empty();
+                let size = if first {
+                    more.clamp(FIRST_BUFFER_BYTES, BLOCK_BYTES)
+                } else {
+                    BLOCK_BYTES
+                }
+                .min(left);
+                self.reserved.grow(size)?;
+                self.blocks.push(Vec::with_capacity(size));
+            }
+        }
+        Ok(())
+    }
+
+    /// The body in one piece (copied once when it took several blocks), and its budget.
+    fn into_bytes(self) -> (Bytes, Reserved) {
+        let bytes = match <[Vec<u8>; 1]>::try_from(self.blocks) {
+            Ok([one]) => Bytes::from(one),
+            Err(blocks) => Bytes::from(blocks.concat()),
+        };
+        (bytes, self.reserved)
+    }
 }
 
 #[cfg(test)]
@@ -427,21 +488,39 @@ mod tests {
     }
 
     #[test]
-    fn growth_starts_small_doubles_and_stops_at_the_inline_limit() {
+    fn growth_starts_small_doubles_then_adds_blocks_up_to_the_inline_limit() {
         let budget = MemoryBudget::new(1 << 20);
-        let mut reserved = budget.reservation();
-        let mut bytes = Vec::new();
-        let mut push = |bytes: &mut Vec<u8>, n: usize| {
-            grow_within(bytes, &mut reserved, n, 65_536).unwrap();
-            bytes.extend(std::iter::repeat_n(b'x', n));
-            bytes.capacity()
+        let mut body = InMemory::new(budget.reservation());
+        let mut sent = Vec::new();
+        let mut push = |body: &mut InMemory, n: usize| {
+            let chunk: Vec<u8> = (0..n).map(|i| (sent.len() + i) as u8).collect();
+            body.push(&chunk, 65_536).unwrap();
+            sent.extend_from_slice(&chunk);
+            body.blocks.iter().map(Vec::capacity).collect::<Vec<_>>()
         };
-        assert_eq!(push(&mut bytes, 1), FIRST_BUFFER_BYTES);
-        assert_eq!(push(&mut bytes, FIRST_BUFFER_BYTES - 1), FIRST_BUFFER_BYTES);
-        assert_eq!(push(&mut bytes, 1), 2 * FIRST_BUFFER_BYTES);
-        assert_eq!(push(&mut bytes, 40_000), 44_097);
-        assert_eq!(push(&mut bytes, 17_000), 65_536);
+        assert_eq!(push(&mut body, 1), [FIRST_BUFFER_BYTES]);
+        assert_eq!(
+            push(&mut body, FIRST_BUFFER_BYTES - 1),
+            [FIRST_BUFFER_BYTES]
+        );
+        assert_eq!(push(&mut body, 1), [2 * FIRST_BUFFER_BYTES]);
+        assert_eq!(push(&mut body, 10_000), [BLOCK_BYTES]);
+        assert_eq!(push(&mut body, 39_999), [BLOCK_BYTES; 4]);
         assert_eq!(budget.available(), (1 << 20) - 65_536);
+        let (bytes, reserved) = body.into_bytes();
+        assert_eq!(bytes, sent);
+        drop(reserved);
+        assert_eq!(budget.available(), 1 << 20);
+    }
+
+    #[test]
+    fn a_small_inline_limit_bounds_the_allocation() {
+        let budget = MemoryBudget::new(1 << 20);
+        let mut body = InMemory::new(budget.reservation());
+        body.push(&[b'x'; 1000], 1024).unwrap();
+        body.push(&[b'y'; 24], 1024).unwrap();
+        assert_eq!(budget.available(), (1 << 20) - 1024);
+        assert_eq!(body.into_bytes().0.len(), 1024);
     }
 
     #[tokio::test]

@@ -496,6 +496,22 @@ enum Answer {
     },
 }
 
+/// True when `Content-Encoding` names any coding but `identity` (which means none, so the body
+/// is the bytes that were signed).
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|line| {
+            line.to_str().map_or(true, |codings| {
+                codings
+                    .split(',')
+                    .map(str::trim)
+                    .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
+            })
+        })
+}
+
 /// The checks after the client address, the body, and the store.
 async fn accept(
     state: &IngressState,
@@ -505,7 +521,7 @@ async fn accept(
     source: Source<'_>,
 ) -> Result<Answer, IngressError> {
     let received_at = state.0.clock.now();
-    if headers.contains_key(header::CONTENT_ENCODING) {
+    if is_encoded(headers) {
         return Err(IngressError::ContentEncoding);
     }
     let content_type_ok = match headers.get(header::CONTENT_TYPE) {

@@ -399,7 +399,8 @@ pub fn deliver_to(url: &str, dir: &Path, id: &str, topic: &str, body: &[u8]) -> 
     post_signed_to(url, dir, id, topic, body, &[])
 }
 
-fn post_signed_to(
+/// [`post_signed`] to any webhook URL, with the body written to a file in `dir` first.
+pub fn post_signed_to(
     url: &str,
     dir: &Path,
     id: &str,

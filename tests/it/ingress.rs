@@ -323,6 +323,54 @@ fn behind_a_trusted_proxy_the_rightmost_untrusted_forwarded_address_is_the_clien
     assert!(String::from_utf8_lossy(&shown.stdout).contains("client_ip:   35.223.142.181"));
 }
 
+/// Issue 22, fault 4: on a dual-stack listener an IPv4 client's address is `::ffff:a.b.c.d`,
+/// which the ingress turns into `a.b.c.d` before checking it. An allowlist or trusted-proxy
+/// entry written in the mapped form was compared as it was written and never matched (403,
+/// while `check-config` said ok); such entries are now the IPv4 networks they stand for.
+#[test]
+fn ipv4_mapped_allowlist_and_proxy_entries_match_their_ipv4_clients_on_a_dual_stack_listener() {
+    let dual_stack = |network: &str| {
+        base_config("")
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"[::]:0\"")
+            .replace(r#"allowlist = ["127.0.0.1/32"]"#, network)
+    };
+    let send = |server: &TestServer, id: &str, extra: &[&str]| {
+        // To 127.0.0.1 (not the [::] of the listening line): an IPv4 client.
+        let port = server.base_url.rsplit(':').next().expect("a port");
+        let url = format!("http://127.0.0.1:{port}/webhooks/labelbox");
+        post_signed_to(
+            &url,
+            server.dir.path(),
+            id,
+            "LABEL_UPDATED",
+            LABEL_UPDATED,
+            extra,
+        )
+    };
+    let server = TestServer::start(&dual_stack(r#"allowlist = ["::ffff:127.0.0.1/128"]"#));
+    let answer = send(&server, "cmapped1", &[]);
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let check = server.cli(&["check-config"]);
+    assert!(check.status.success(), "{}", output_text(&check));
+
+    let server = TestServer::start(&dual_stack(
+        "allowlist = [\"35.223.142.181/32\"]\ntrusted_proxies = [\"::ffff:127.0.0.0/104\"]",
+    ));
+    let forwarded = send(
+        &server,
+        "cmapped2",
+        &["-H", "X-Forwarded-For: 35.223.142.181"],
+    );
+    assert_eq!(forwarded.status, 202, "{forwarded:?}");
+    let outside = send(
+        &server,
+        "cmapped3",
+        &["-H", "X-Forwarded-For: 198.51.100.7"],
+    );
+    assert_eq!(outside.status, 403, "{outside:?}");
+    assert_eq!(stored_ids(&server), vec!["cmapped2"]);
+}
+
 #[test]
 fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
     let server = TestServer::start(&base_config("").replace(
@@ -360,7 +408,18 @@ fn content_encoding_or_a_non_json_type_gets_415() {
     let mut charset = signed_headers("cenc3", "X-Hub-Signature", &sig);
     charset[0] = "Content-Type: application/json; charset=utf-8".to_owned();
     assert_eq!(post(&server, &charset, LABEL_UPDATED).status, 202);
-    assert_eq!(stored_ids(&server), vec!["cenc3"]);
+    // `identity` is no encoding at all (issue 22): the body is what was signed.
+    let mut identity = signed_headers("cenc4", "X-Hub-Signature", &sig);
+    identity.push("Content-Encoding: Identity".to_owned());
+    let answer = post(&server, &identity, LABEL_UPDATED);
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    // ...but not when another coding comes with it.
+    let mut both = signed_headers("cenc5", "X-Hub-Signature", &sig);
+    both.push("Content-Encoding: identity, gzip".to_owned());
+    assert_eq!(post(&server, &both, LABEL_UPDATED).status, 415);
+    let mut ids = stored_ids(&server);
+    ids.sort();
+    assert_eq!(ids, vec!["cenc3", "cenc4"]);
 }
 
 #[test]
@@ -750,7 +809,8 @@ fn model_training_calls_have_their_own_allowlist_and_a_refused_address_is_logged
 fn a_refused_request_writes_a_bounded_line_to_the_log_whatever_it_sends() {
     let server = TestServer::with_base("");
     let before = server.logs().len();
-    let topic = format!("X-Labelbox-Event: {}", "T".repeat(100_000));
+    // As large as a request head may be (16 KiB in all).
+    let topic = format!("X-Labelbox-Event: {}", "T".repeat(12_000));
     let bad_sig = "X-Hub-Signature: sha1=0000000000000000000000000000000000000000";
     for _ in 0..20 {
         let answer = curl(
@@ -769,11 +829,20 @@ fn a_refused_request_writes_a_bounded_line_to_the_log_whatever_it_sends() {
         assert_eq!(answer.status, 401);
     }
     // Every refusal is logged, each in about a kilobyte (two lines, with their spans' fields
-    // and the operator's hint for a mismatch), not 100 KB.
+    // and the operator's hint for a mismatch), not the 12 KB it was sent.
     let written = server.logs().len() - before;
     assert!(written > 20 * 64, "refusals not logged? {written} bytes");
     assert!(
         written < 20 * 1536,
         "{written} bytes of log for 20 refusals"
     );
+    // A larger head is refused before it reaches the service (431), and logs nothing of it.
+    let before = server.logs().len();
+    let topic = format!("X-Labelbox-Event: {}", "T".repeat(100_000));
+    let answer = curl(
+        &server.url("/webhooks/labelbox"),
+        &["-H", &topic, "-H", bad_sig, "--data-binary", "{}"],
+    );
+    assert_eq!(answer.status, 431);
+    assert!(server.logs().len() - before < 1024);
 }

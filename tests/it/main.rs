@@ -12,6 +12,7 @@ mod console;
 mod dispatch;
 mod durability;
 mod faults;
+mod file_output;
 mod hostile;
 mod ingress;
 mod metrics;

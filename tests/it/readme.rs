@@ -601,8 +601,23 @@ fn the_container_section_and_the_image_agree() {
         healthcheck.contains(r#"CMD ["/usr/local/bin/labelhook", "healthcheck", "--ready"]"#),
         "{healthcheck}"
     );
-    // Stripped, with a profile of its own.
-    assert!(dockerfile.contains("cargo build --profile docker --locked"));
+    // Stripped, with a profile of its own, and the crate versions embedded for scanners.
+    assert!(dockerfile.contains("cargo auditable build --profile docker --locked"));
+    // Only what every engine the README names knows (issue 22): Engine 20.10's legacy builder
+    // refuses HEALTHCHECK --start-interval, and RUN --mount; a `# syntax=` line makes
+    // BuildKit fetch a frontend from a registry.
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    for newer in ["--start-interval", "RUN --mount"] {
+        assert!(
+            !instructions.iter().any(|l| l.contains(newer)),
+            "the Dockerfile uses {newer}"
+        );
+    }
+    let first = dockerfile.lines().next().unwrap_or_default();
+    assert!(!first.replace(' ', "").starts_with("#syntax="), "{first}");
     let cargo = read("Cargo.toml");
     let profile = cargo
         .split("[profile.docker]")
