@@ -88,6 +88,9 @@ pub enum Command {
     /// Inspect and replay stored deliveries.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Measure this machine and store: signed deliveries over loopback through the real
+    /// service, durable answers and all, to a handler that does nothing.
+    Bench(crate::bench::BenchArgs),
     /// Exit 0 when /healthz (or, with --ready, /readyz) answers 200: for images without curl.
     Healthcheck {
         /// Base URL, or a full /healthz or /readyz URL [default: the configured admin
@@ -296,6 +299,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Events(command) => events(&cli.config, &env, command).await,
         Command::Healthcheck { url, ready } => healthcheck(&cli.config, &env, url, ready).await,
+        Command::Bench(args) => crate::bench::run(args)
+            .await
+            .map_err(|e| CliError::Failed(with_causes(&e))),
     }
 }
 

@@ -6,6 +6,7 @@
 //! needs) → [`store`] (durable commit, then the 2xx) → [`dispatch`] (claim, [`events`] parse,
 //! [`ordering`] gate, route) → [`handlers`]. [`delivery`] sits below ingress and store and says
 //! what a delivery is. [`cli`] holds the commands; nothing in the library depends on it.
+//! [`bench`] (`labelhook bench`) runs the whole service in process under a load of its own.
 //! `console` serves the operations pages on the admin listener, reading through the store's
 //! inspection trait.
 
@@ -14,6 +15,7 @@
 //! [`Application`], plug in a [`Handler`] and match on the typed [`Event`] it is given. The
 //! store's traits are public too, for the conformance suite that every back-end must pass.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 mod console;

@@ -22,6 +22,22 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_labelhook")
 }
 
+/// The lines `child` writes to its piped stdout, as they come (read on a thread of their own,
+/// so a test can wait for one with a timeout).
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// The config used unless a test gives its own: loopback allowed, one endpoint, two secrets,
 /// the admin listener (console, /metrics, /healthz, /readyz) on a port of its own.
 pub fn base_config(extra: &str) -> String {
@@ -135,16 +151,7 @@ impl TestServer {
             .stderr(stderr)
             .spawn()
             .expect("spawn labelhook");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child);
         self.child = Some(child);
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
@@ -497,16 +504,7 @@ impl Listening {
             .stderr(stderr)
             .spawn()
             .expect("spawn");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -6,6 +6,7 @@ mod nats_stream;
 #[path = "../common/postgres.rs"]
 mod postgres;
 
+mod bench;
 mod browser;
 mod cli;
 mod console;
