@@ -358,6 +358,7 @@ impl Dispatcher {
                     parse_error: None,
                     recognized,
                     topic_label,
+                    origin: delivery.origin,
                 }
             }
             Err(error) => GateRequest {
@@ -375,6 +376,7 @@ impl Dispatcher {
                 parse_error: Some(error),
                 recognized: false,
                 topic_label,
+                origin: delivery.origin,
             },
         };
         Ok(request)

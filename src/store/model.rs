@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::delivery::{Payload, Status, UnixMillis};
+use crate::delivery::{Origin, Payload, Status, UnixMillis};
 use crate::ordering::{Change, Version};
 
 /// What became of an accepted delivery.
@@ -88,6 +88,8 @@ pub struct DeliverySummary {
     pub id_conflict: bool,
     /// The project the gate found in the event (`None` before gating, or when it has none).
     pub project_id: Option<String>,
+    /// A webhook, or a backfill.
+    pub origin: Origin,
 }
 
 /// Where one handler stands with one delivery.
@@ -208,6 +210,8 @@ pub struct Ungated {
     pub request_id: Option<String>,
     pub topic: Option<String>,
     pub body: Payload,
+    /// For the gate: a backfilled delivery is judged by rule 7 of [`crate::ordering`].
+    pub origin: Origin,
 }
 
 /// What the dispatcher learned from parsing one delivery, and which handlers its routes want.
@@ -232,6 +236,9 @@ pub struct GateRequest {
     pub topic_label: &'static str,
     /// The typed event, as JSON, kept for the handlers.
     pub event: String,
+    /// The delivery's origin ([`Ungated::origin`]): a backfilled one is judged by rule 7 of
+    /// [`crate::ordering`].
+    pub origin: Origin,
 }
 
 impl GateRequest {
@@ -284,6 +291,8 @@ pub struct Claimed {
     /// records them with [`crate::store::Queue::record_chain`]. Empty when the claim asked for
     /// no chains or nothing qualifies; never nested.
     pub chain: Vec<Claimed>,
+    /// A webhook, or a backfill: handlers are told.
+    pub origin: Origin,
 }
 
 /// What was done with one delivery of a claimed chain, for [`crate::store::Queue::record_chain`].
@@ -564,4 +573,50 @@ pub struct ReplayItem {
     pub effect: ReplayEffect,
     /// Its handler runs before the replay: done ones are not run again.
     pub handlers: Vec<HandlerRun>,
+}
+
+/// A label the store knows on one data row of one project, for `labelhook labelbox backfill`:
+/// one an export no longer lists was deleted while the receiver was down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownLabel {
+    pub data_row_id: String,
+    pub label_id: String,
+    /// The newest version the store applied for it: a v1 label's own entity, or the export-shaped
+    /// snapshot of its data row that listed it.
+    pub version: Option<Version>,
+}
+
+/// The labels a gated label delivery says a data row has, read back from the typed event the
+/// gate recorded (the same for every back-end): a v1 label entity (`label:<id>`) that is not
+/// deleted names its label; an export-shaped snapshot (`labels:<project>:<row>`) names every
+/// label it lists. `rows` are (data row id, entity, version, the typed event as JSON, whether
+/// the entity is deleted), the newest delivery first per entity; only the newest counts.
+pub(crate) fn known_labels_of(
+    rows: Vec<(String, String, Option<i64>, String, bool)>,
+) -> Vec<KnownLabel> {
+    let mut seen = std::collections::HashSet::new();
+    let mut known = Vec::new();
+    for (data_row_id, entity, version, event, deleted) in rows {
+        if !seen.insert(entity.clone()) || deleted {
+            continue;
+        }
+        let Ok(event) = serde_json::from_str::<crate::events::Event>(&event) else {
+            continue;
+        };
+        let Some(label) = event.label() else { continue };
+        let version = version.map(Version::from_nanos);
+        let ids: Vec<String> = if entity.starts_with("labels:") {
+            label.label_ids.clone()
+        } else if matches!(event, crate::events::Event::LabelDeleted(_)) {
+            Vec::new()
+        } else {
+            label.label_id.iter().cloned().collect()
+        };
+        known.extend(ids.into_iter().map(|label_id| KnownLabel {
+            data_row_id: data_row_id.clone(),
+            label_id,
+            version,
+        }));
+    }
+    known
 }

@@ -19,7 +19,7 @@ use crate::store::{
 
 /// The columns a claim returns, in the order [`claimed_row`] reads them.
 const CLAIM_COLUMNS: &str = "seq, delivery_id, topic, entity, version, project_id, fresh, \
-    parse_error, received_at, blob_name, body_len, event, request_id";
+    parse_error, received_at, blob_name, body_len, event, request_id, origin";
 
 pub fn claim(
     conn: &Connection,
@@ -86,6 +86,7 @@ fn claimed_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimedRow> {
         runs: Vec::new(),
         request_id: row.get(12)?,
         chain: Vec::new(),
+        origin: super::reads::origin_at(row, 13)?,
     };
     Ok((claimed, body_location))
 }

@@ -12,6 +12,7 @@
 //! reads read-only and writes (replay) in short transactions of its own, never taking the
 //! serving lock.
 
+mod backfill;
 mod blob;
 mod files;
 mod health;

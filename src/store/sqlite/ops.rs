@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::blob::BlobDir;
 use super::{lanes, prune};
 use crate::delivery::{IncomingBody, NewDelivery, Payload, Status, UnixMillis};
-use crate::ordering::{Verdict, Version};
+use crate::ordering::{Applied, Verdict, Version};
 use crate::store::gate::{applied, decide_in_lane};
 use crate::store::retention::{Cutoffs, PruneReport};
 use crate::store::{
@@ -179,9 +179,9 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
     let inserted = conn
         .prepare_cached(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, blob_name, body_len, received_at, status, request_id) \
+                 client_ip, headers, blob_name, body_len, received_at, status, request_id, origin) \
              SELECT ?1, ?2, EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = ?1 AND body_sha256 <> ?2), \
-                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 WHERE true \
+                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 WHERE true \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
              RETURNING seq, id_conflict",
         )?
@@ -198,6 +198,7 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
                 d.received_at,
                 d.status.as_str(),
                 d.request_id,
+                d.origin.as_str(),
             ],
             |row| Ok((row.get::<_, i64>(0)?, row.get::<_, bool>(1)?)),
         )
@@ -306,6 +307,37 @@ fn record_gates(
     Ok(verdicts)
 }
 
+/// An entity's last applied state, the lane position its next delivery takes, and its lane's
+/// head (nothing applied, position 0 and no head for an entity never seen).
+fn entity_state(
+    conn: &Connection,
+    entity: &str,
+) -> Result<(Option<Applied>, i64, Option<i64>), StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT version, change, lane_next, active_pos, backfilled FROM entities \
+             WHERE entity = ?1",
+        )?
+        .query_row([entity], |row| {
+            Ok((
+                row.get::<_, Option<i64>>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, Option<i64>>(3)?,
+                row.get::<_, bool>(4)?,
+            ))
+        })
+        .optional()?;
+    Ok(match row {
+        None => (None, 0, None),
+        Some((version, change, lane_next, active_pos, backfilled)) => (
+            Some(applied(version, &change, backfilled)?),
+            lane_next,
+            active_pos,
+        ),
+    })
+}
+
 /// The gate: decide against the entity's last applied state and record everything at once.
 /// `None` when the delivery was gated already.
 fn record_gate(
@@ -323,32 +355,16 @@ fn record_gate(
     let (verdict, lane_pos, lane_busy) = match &gate.entity {
         None => (Verdict::Fresh, None, false),
         Some(entity) => {
-            let last = conn
-                .prepare_cached(
-                    "SELECT version, change, lane_next, active_pos FROM entities WHERE entity = ?1",
-                )?
-                .query_row([entity], |row| {
-                    Ok((
-                        row.get::<_, Option<i64>>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, Option<i64>>(3)?,
-                    ))
-                })
-                .optional()?;
-            let (last, lane_pos, active_pos) = match last {
-                None => (None, 0_i64, None),
-                Some((version, change, lane_next, active_pos)) => {
-                    (Some(applied(version, &change)?), lane_next, active_pos)
-                }
-            };
+            let (last, lane_pos, active_pos) = entity_state(conn, entity)?;
             let decision = decide_in_lane(last, lane_pos, active_pos, gate);
             conn.prepare_cached(
-                "INSERT INTO entities (entity, version, change, lane_next, active_pos, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                "INSERT INTO entities (entity, version, change, lane_next, active_pos, updated_at, \
+                     backfilled) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
                  ON CONFLICT (entity) DO UPDATE SET version = excluded.version, \
                  change = excluded.change, lane_next = excluded.lane_next, \
-                 active_pos = excluded.active_pos, updated_at = excluded.updated_at",
+                 active_pos = excluded.active_pos, updated_at = excluded.updated_at, \
+                 backfilled = excluded.backfilled",
             )?
             .execute(params![
                 entity,
@@ -356,7 +372,8 @@ fn record_gate(
                 decision.state.change.as_str(),
                 lane_pos + 1,
                 decision.active_pos,
-                now
+                now,
+                decision.state.backfilled,
             ])?;
             (decision.verdict, Some(lane_pos), active_pos.is_some())
         }

@@ -14,7 +14,7 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 use super::blob::BlobDir;
 use super::ops::body_of;
 use crate::delivery::Status;
-use crate::delivery::{format_millis, Payload, UnixMillis};
+use crate::delivery::{format_millis, Origin, Payload, UnixMillis};
 use crate::ordering::Change;
 use crate::ordering::Version;
 use crate::store::gate::{applied, replay_effect};
@@ -96,9 +96,21 @@ fn open_reader(path: &std::path::Path) -> Result<Connection, StoreError> {
 }
 
 const SUMMARY_COLUMNS: &str = "d.seq, d.delivery_id, d.endpoint, d.topic, d.entity, d.version, \
-    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id";
+    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id, d.origin";
 /// How many columns [`SUMMARY_COLUMNS`] has: a query's own columns follow them.
-const SUMMARY_WIDTH: usize = 11;
+const SUMMARY_WIDTH: usize = 12;
+
+/// A delivery's `origin` column.
+pub(super) fn origin_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Origin> {
+    let text: String = row.get(index)?;
+    Origin::parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("origin {text:?}").into(),
+        )
+    })
+}
 
 fn summary(row: &Row<'_>) -> rusqlite::Result<DeliverySummary> {
     let status: String = row.get(6)?;
@@ -118,6 +130,7 @@ fn summary(row: &Row<'_>) -> rusqlite::Result<DeliverySummary> {
         body_len: row.get::<_, i64>(8)?.max(0) as u64,
         id_conflict: row.get(9)?,
         project_id: row.get(10)?,
+        origin: origin_at(row, 11)?,
     })
 }
 
@@ -180,15 +193,16 @@ pub fn show(
     let rows = conn
         .prepare_cached(&sql)?
         .query_map([delivery_id], |row| {
+            let at = SUMMARY_WIDTH;
             Ok((
                 summary(row)?,
-                row.get::<_, String>(11)?,
-                row.get::<_, String>(12)?,
-                row.get::<_, Option<String>>(13)?,
-                row.get::<_, Option<bool>>(14)?,
-                row.get::<_, Option<String>>(15)?,
-                row.get::<_, bool>(16)?,
-                row.get::<_, Option<String>>(17)?,
+                row.get::<_, String>(at)?,
+                row.get::<_, String>(at + 1)?,
+                row.get::<_, Option<String>>(at + 2)?,
+                row.get::<_, Option<bool>>(at + 3)?,
+                row.get::<_, Option<String>>(at + 4)?,
+                row.get::<_, bool>(at + 5)?,
+                row.get::<_, Option<String>>(at + 6)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -283,7 +297,7 @@ fn attempts(conn: &Connection, seq: i64) -> Result<Vec<AttemptRecord>, StoreErro
 pub fn ungated(conn: &Connection, blobs: &BlobDir, limit: u32) -> Result<Vec<Ungated>, StoreError> {
     let rows = conn
         .prepare_cached(
-            "SELECT d.seq, topic, blob_name, body_len, b.body, delivery_id, request_id \
+            "SELECT d.seq, topic, blob_name, body_len, b.body, delivery_id, request_id, origin \
              FROM deliveries d \
              LEFT JOIN bodies b ON b.seq = d.seq WHERE gated = 0 ORDER BY d.seq LIMIT ?1",
         )?
@@ -296,12 +310,13 @@ pub fn ungated(conn: &Connection, blobs: &BlobDir, limit: u32) -> Result<Vec<Ung
                 row.get::<_, Option<Vec<u8>>>(4)?,
                 row.get::<_, String>(5)?,
                 row.get::<_, Option<String>>(6)?,
+                origin_at(row, 7)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     rows.into_iter()
         .map(
-            |(seq, topic, blob_name, len, inline, delivery_id, request_id)| {
+            |(seq, topic, blob_name, len, inline, delivery_id, request_id, origin)| {
                 let body = match (blob_name, inline) {
                     (Some(name), _) => Payload::stored(len.max(0) as u64, blobs.source(&name)),
                     (None, Some(bytes)) => Payload::inline(bytes.into()),
@@ -315,6 +330,7 @@ pub fn ungated(conn: &Connection, blobs: &BlobDir, limit: u32) -> Result<Vec<Ung
                     request_id,
                     topic,
                     body,
+                    origin,
                 })
             },
         )
@@ -375,7 +391,7 @@ pub fn replay_plan(
     let (condition, value) = target_condition(target);
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS}, COALESCE(d.lease_until > ?2, 0), d.change, e.version, \
-         e.change FROM deliveries d LEFT JOIN entities e ON e.entity = d.entity \
+         e.change, e.backfilled FROM deliveries d LEFT JOIN entities e ON e.entity = d.entity \
          WHERE {condition} ORDER BY d.seq"
     );
     let rows = conn
@@ -389,21 +405,33 @@ pub fn replay_plan(
                 row.get::<_, Option<String>>(at + 1)?,
                 row.get::<_, Option<i64>>(at + 2)?,
                 row.get::<_, Option<String>>(at + 3)?,
+                row.get::<_, Option<bool>>(at + 4)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut items = Vec::with_capacity(rows.len());
-    for (summary, version, running, change, entity_version, entity_change) in rows {
+    for (summary, version, running, change, entity_version, entity_change, backfilled) in rows {
         let own = match (&summary.entity, change.as_deref().and_then(Change::parse)) {
             (Some(_), Some(change)) => Some((version.map(Version::from_nanos), change)),
             _ => None,
         };
         let last = match entity_change {
-            Some(change) => Some(applied(entity_version, &change)?),
+            Some(change) => Some(applied(
+                entity_version,
+                &change,
+                backfilled.unwrap_or(false),
+            )?),
             None => None,
         };
         let handlers = handler_runs(conn, summary.seq)?;
-        let effect = replay_effect(running, summary.status, own, last, &handlers);
+        let effect = replay_effect(
+            running,
+            summary.status,
+            own,
+            summary.origin,
+            last,
+            &handlers,
+        );
         items.push(ReplayItem {
             summary,
             effect,

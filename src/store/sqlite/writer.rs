@@ -36,12 +36,13 @@ use crate::delivery::IncomingBody;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_event.sql"),
     include_str!("migrations/0003_body_pruned.sql"),
     include_str!("migrations/0004_request_id.sql"),
     include_str!("migrations/0005_unpruned_bodies.sql"),
+    include_str!("migrations/0006_origin.sql"),
 ];
 /// How long a batch waits for SQLite's lock held by another process (the CLI's replay or prune,
 /// which are short; or something outside that should not be there). The deliveries in that batch
