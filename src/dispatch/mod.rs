@@ -617,6 +617,7 @@ fn handler_event(claimed: &Claimed, typed: Event) -> HandlerEvent {
         received_at: format_millis(claimed.received_at),
         body_is_json: claimed.body_is_json,
         body: claimed.body.clone(),
+        origin: claimed.origin,
     }
 }
 
