@@ -303,6 +303,45 @@ type EntityRow = (Option<i64>, Option<String>, i64, Option<i64>, bool);
 /// Whether the delivery is gated, and its entity's state.
 type GatedAndEntity = (bool, Option<i64>, Option<String>, i64, Option<i64>, bool);
 
+/// Locks the delivery and its entity (creating the entity's row when missing) and reads whether
+/// the delivery is gated and the entity's state: a replica gating the same entity now waits on
+/// the entity's row until this transaction is committed, and then reads its verdict.
+async fn lock_for_gate(
+    conn: &mut PgConnection,
+    gate: &GateRequest,
+    now: UnixMillis,
+) -> Result<(Option<bool>, Option<EntityRow>), StoreError> {
+    let Some(entity) = &gate.entity else {
+        let gated = sqlx::query_scalar("SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE")
+            .bind(gate.seq)
+            .fetch_optional(&mut *conn)
+            .await?;
+        return Ok((gated, None));
+    };
+    let row: Option<GatedAndEntity> = sqlx::query_as(
+        "WITH d AS (SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE), \
+             e AS (INSERT INTO entities (entity, lane_next, updated_at) VALUES ($2, 0, $3) \
+                   ON CONFLICT (entity) DO UPDATE SET entity = excluded.entity \
+                   RETURNING version, change, lane_next, active_pos, backfilled) \
+             SELECT d.gated, e.version, e.change, e.lane_next, e.active_pos, \
+                 e.backfilled FROM d, e",
+    )
+    .bind(gate.seq)
+    .bind(entity)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map_or(
+        (None, None),
+        |(gated, version, change, next, active, backfilled)| {
+            (
+                Some(gated),
+                Some((version, change, next, active, backfilled)),
+            )
+        },
+    ))
+}
+
 /// The gate for one delivery, with its entity's row locked, in two round trips: one locks the
 /// delivery and the entity (creating its row when missing) and reads the entity's state, one
 /// writes the verdict. `None` when the delivery was gated already (by another replica, or
@@ -312,36 +351,7 @@ async fn record_gate(
     gate: &GateRequest,
     now: UnixMillis,
 ) -> Result<Option<Verdict>, StoreError> {
-    let (gated, state): (Option<bool>, Option<EntityRow>) = match &gate.entity {
-        None => {
-            let gated =
-                sqlx::query_scalar("SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE")
-                    .bind(gate.seq)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            (gated, None)
-        }
-        Some(entity) => {
-            // A replica gating the same entity now waits on the entity's row until this
-            // transaction is committed, and then reads its verdict.
-            let row: Option<GatedAndEntity> = sqlx::query_as(
-                "WITH d AS (SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE), \
-                     e AS (INSERT INTO entities (entity, lane_next, updated_at) VALUES ($2, 0, $3) \
-                           ON CONFLICT (entity) DO UPDATE SET entity = excluded.entity \
-                           RETURNING version, change, lane_next, active_pos, backfilled) \
-                     SELECT d.gated, e.version, e.change, e.lane_next, e.active_pos, \
-                         e.backfilled FROM d, e",
-            )
-            .bind(gate.seq)
-            .bind(entity)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-            row.map_or((None, None), |(gated, version, change, next, active, backfilled)| {
-                (Some(gated), Some((version, change, next, active, backfilled)))
-            })
-        }
-    };
+    let (gated, state) = lock_for_gate(conn, gate, now).await?;
     if gated != Some(false) {
         return Ok(None);
     }
