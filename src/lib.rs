@@ -22,6 +22,7 @@ mod dispatch;
 pub mod events;
 pub mod handlers;
 mod ingress;
+pub mod labelbox;
 pub mod ordering;
 mod server;
 pub mod store;
