@@ -111,6 +111,9 @@ fn one_delivery(
                 dt { "project" } dd.mono { (s.project_id.as_deref().unwrap_or("-")) }
                 dt { "client address" } dd.mono { (d.client_ip) }
                 dt { "request id" } dd.mono { (d.request_id.as_deref().unwrap_or("-")) }
+                @if !s.origin.is_webhook() {
+                    dt { "origin" } dd { span.badge.backfill { "backfill" } " rebuilt from Labelbox's export by " code { "labelhook labelbox backfill" } }
+                }
                 @if s.id_conflict {
                     dt { "id conflict" } dd { "the same id came before with another body" }
                 }

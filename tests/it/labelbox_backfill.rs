@@ -221,6 +221,23 @@ fn a_backfill_hands_each_missed_event_on_once_marked_as_a_backfill_across_chunk_
         listed.iter().all(|e| e["origin"] == "backfill"),
         "{listed:?}"
     );
+    // So does the console, in its list and on the delivery's page.
+    let list = curl(&server.admin("/ui/deliveries"), &[]).body;
+    assert_eq!(
+        list.matches(r#"class="badge backfill""#).count(),
+        4,
+        "{list}"
+    );
+    let one = curl(
+        &server.admin("/ui/delivery?id=backfill:label:clab2@2024-05-02T08:00:00Z"),
+        &[],
+    )
+    .body;
+    assert!(
+        one.contains("rebuilt from Labelbox&#39;s export")
+            || one.contains("rebuilt from Labelbox's export"),
+        "{one}"
+    );
     let text = stdout(&server.cli(&["events", "list"]));
     assert!(
         text.lines().next().unwrap_or_default().ends_with("ORIGIN"),
