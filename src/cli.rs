@@ -267,13 +267,7 @@ async fn labelbox(
             }
         }
         LabelboxCommand::Backfill(args) => {
-            let password = settings.store_password(env)?;
-            let store = crate::store::open_for_inspection(
-                &settings.store,
-                password.as_ref(),
-                std::sync::Arc::new(SystemClock),
-            )
-            .await?;
+            let store = open_store(&settings, env).await?;
             let request = labelbox::BackfillRequest {
                 project: args.project,
                 since: args.since.unwrap_or(labelbox::Since::LastSeen),
@@ -628,14 +622,22 @@ async fn events(
 ) -> Result<ExitCode, CliError> {
     // Secrets are not needed to read the store: load the settings only.
     let settings = Settings::load(path, env, true)?;
+    let store = open_store(&settings, env).await?;
+    events_with(store.as_ref(), &settings, command).await
+}
+
+/// The store as the CLI opens it beside a running server, with only its own password read.
+async fn open_store(
+    settings: &Settings,
+    env: &HashMap<String, String>,
+) -> Result<std::sync::Arc<dyn crate::store::Operations>, CliError> {
     let password = settings.store_password(env)?;
-    let store = crate::store::open_for_inspection(
+    Ok(crate::store::open_for_inspection(
         &settings.store,
         password.as_ref(),
         std::sync::Arc::new(SystemClock),
     )
-    .await?;
-    events_with(store.as_ref(), &settings, command).await
+    .await?)
 }
 
 /// `events prune`: what retention allows now, or what it would remove.

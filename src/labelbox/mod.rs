@@ -124,6 +124,32 @@ pub fn api(
     Api::new(&self::settings(settings), key, remarks)
 }
 
+/// What the configuration wants, what Labelbox has, and the plan between them.
+struct Current {
+    ours: webhooks::Ours,
+    wanted: Vec<webhooks::Wanted>,
+    existing: Vec<webhooks::Webhook>,
+    steps: Vec<webhooks::Step>,
+}
+
+async fn current(
+    settings: &Settings,
+    secrets: &EndpointSecrets,
+    api: &Api,
+) -> Result<Current, LabelboxError> {
+    let lb = self::settings(settings);
+    let ours = webhooks::Ours::new(settings, secrets);
+    let wanted = webhooks::wanted(&lb, secrets)?;
+    let existing = webhooks::fetch(api, &lb, &ours).await?;
+    let steps = webhooks::plan(&wanted, &existing, &ours);
+    Ok(Current {
+        ours,
+        wanted,
+        existing,
+        steps,
+    })
+}
+
 /// `labelhook labelbox webhooks list`.
 pub async fn list_webhooks(
     settings: &Settings,
@@ -131,12 +157,8 @@ pub async fn list_webhooks(
     api: &Api,
     out: &mut dyn std::io::Write,
 ) -> Result<Outcome, LabelboxError> {
-    let lb = self::settings(settings);
-    let ours = webhooks::Ours::new(settings, secrets);
-    let wanted = webhooks::wanted(&lb, secrets)?;
-    let existing = webhooks::fetch(api, &lb, &ours).await?;
-    let steps = webhooks::plan(&wanted, &existing, &ours);
-    webhooks::render_list(out, &existing, &steps, &ours)?;
+    let now = current(settings, secrets, api).await?;
+    webhooks::render_list(out, &now.existing, &now.steps, &now.ours)?;
     Ok(Outcome::Done)
 }
 
@@ -149,22 +171,18 @@ pub async fn apply_webhooks(
     out: &mut dyn std::io::Write,
     dry_run: bool,
 ) -> Result<Outcome, LabelboxError> {
-    let lb = self::settings(settings);
-    let ours = webhooks::Ours::new(settings, secrets);
-    let wanted = webhooks::wanted(&lb, secrets)?;
-    let existing = webhooks::fetch(api, &lb, &ours).await?;
-    let steps = webhooks::plan(&wanted, &existing, &ours);
-    if steps.is_empty() {
+    let now = current(settings, secrets, api).await?;
+    if now.steps.is_empty() {
         writeln!(
             out,
             "Labelbox webhooks: nothing to do, they match the configuration"
         )?;
         return Ok(Outcome::NothingToDo);
     }
-    webhooks::render_plan(out, &steps, &wanted, &existing)?;
+    webhooks::render_plan(out, &now.steps, &now.wanted, &now.existing)?;
     if dry_run {
         writeln!(out, "dry run: nothing was changed")?;
         return Ok(Outcome::Done);
     }
-    webhooks::carry_out(api, out, &steps, &wanted).await
+    webhooks::carry_out(api, out, &now.steps, &now.wanted).await
 }
