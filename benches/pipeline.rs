@@ -65,6 +65,7 @@ fn gate(c: &mut Criterion) {
     let last = Applied {
         version: Version::parse_rfc3339("2026-11-20T10:00:00Z"),
         change: Change::Updated,
+        backfilled: false,
     };
     let newer = Version::parse_rfc3339("2026-11-20T10:00:01Z");
     c.bench_function("gate_decide", |b| {

@@ -1,5 +1,5 @@
 //! The command line: `serve` and the tools around it (`check-config`, `sign`, `send`, `events`,
-//! `healthcheck`). Every command takes `--config` and talks to the store the config names, so
+//! `labelbox`, `healthcheck`). Every command takes `--config` and talks to the store the config names, so
 //! the tools work while the server runs.
 //!
 //! Rules of thumb: every option has a help text (a test walks them all); every failure is
@@ -91,6 +91,9 @@ pub enum Command {
     /// Measure this machine and store: signed deliveries over loopback through the real
     /// service, durable answers and all, to a handler that does nothing.
     Bench(crate::bench::BenchArgs),
+    /// Labelbox's side, through its API: the webhooks, and a backfill after an outage.
+    #[command(subcommand)]
+    Labelbox(LabelboxCommand),
     /// Exit 0 when /healthz (or, with --ready, /readyz) answers 200: for images without curl.
     Healthcheck {
         /// Base URL, or a full /healthz or /readyz URL [default: the configured admin
@@ -191,6 +194,97 @@ pub enum EventsCommand {
     },
 }
 
+// ---- labelhook labelbox ... -------------------------------------------------------------------
+
+/// Exit code of a `labelbox` command that found nothing to do (0: done; 1: failed).
+pub const EXIT_NOTHING_TO_DO: u8 = 3;
+
+#[derive(Debug, Subcommand)]
+pub enum LabelboxCommand {
+    /// Labelbox's webhooks, held against the [[labelbox.webhook]] entries.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+    /// Store what the webhooks would have sent since a time, from Labelbox's export; handlers
+    /// get only what is newer than what they have. Exit 3 when nothing was missed.
+    Backfill(BackfillArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Every webhook of the organization and of the configured projects: status, scope,
+    /// whether it points at labelhook and whether the configuration wants it.
+    List,
+    /// Make Labelbox match the configuration: the plan first, then create, update, and set
+    /// INACTIVE what the configuration no longer wants (only webhooks that point at
+    /// labelhook). Exit 3 when nothing is to be done.
+    Apply {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("start").required(true).args(["since", "since_last_seen"])))]
+pub struct BackfillArgs {
+    /// The project to recover.
+    #[arg(long)]
+    pub project: String,
+    /// From when: 2024-05-01T12:00:00Z, `2024-05-01 12:00:00` (UTC), 2024-05-01, or a
+    /// duration before now such as 6h.
+    #[arg(long)]
+    pub since: Option<crate::labelbox::Since>,
+    /// From the newest delivery of the project received by webhook, less
+    /// labelbox.since_last_seen_margin.
+    #[arg(long)]
+    pub since_last_seen: bool,
+    /// Store the deliveries under this [[endpoint]] [default: the one the project's
+    /// [[labelbox.webhook]] names, else the first].
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+/// `labelhook labelbox ...`: Labelbox's API with `labelbox.api_key`. Reads only the secrets it
+/// needs (the key, the endpoints' secrets for webhooks, the store's password for a backfill).
+async fn labelbox(
+    path: &Path,
+    env: &HashMap<String, String>,
+    command: LabelboxCommand,
+) -> Result<ExitCode, CliError> {
+    use crate::labelbox::{self, Outcome, Remarks};
+    let settings = Settings::load(path, env, true)?;
+    let key = settings.labelbox_api_key(env)?;
+    let remarks = std::sync::Arc::new(Remarks::stderr());
+    let api = labelbox::api(&settings, key, remarks.clone())?;
+    let mut out = std::io::stdout();
+    let outcome = match command {
+        LabelboxCommand::Webhooks(command) => {
+            let secrets = settings.endpoint_secrets(env)?;
+            match command {
+                WebhooksCommand::List => {
+                    labelbox::list_webhooks(&settings, &secrets, &api, &mut out).await?
+                }
+                WebhooksCommand::Apply { dry_run } => {
+                    labelbox::apply_webhooks(&settings, &secrets, &api, &mut out, dry_run).await?
+                }
+            }
+        }
+        LabelboxCommand::Backfill(args) => {
+            let store = open_store(&settings, env).await?;
+            let request = labelbox::BackfillRequest {
+                project: args.project,
+                since: args.since.unwrap_or(labelbox::Since::LastSeen),
+                endpoint: args.endpoint,
+            };
+            labelbox::backfill(&settings, &api, store.as_ref(), &request, remarks, &mut out).await?
+        }
+    };
+    Ok(match outcome {
+        Outcome::Done => ExitCode::SUCCESS,
+        Outcome::NothingToDo => ExitCode::from(EXIT_NOTHING_TO_DO),
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("{0}")]
@@ -212,6 +306,8 @@ pub enum CliError {
     Http(#[from] reqwest::Error),
     #[error("{0}")]
     Failed(String),
+    #[error(transparent)]
+    Labelbox(#[from] crate::labelbox::LabelboxError),
 }
 
 /// Runs a command; what `main` returns.
@@ -298,6 +394,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             send(args, &secret).await
         }
         Command::Events(command) => events(&cli.config, &env, command).await,
+        Command::Labelbox(command) => labelbox(&cli.config, &env, command).await,
         Command::Healthcheck { url, ready } => healthcheck(&cli.config, &env, url, ready).await,
         Command::Bench(args) => crate::bench::run(args)
             .await
@@ -541,14 +638,22 @@ async fn events(
 ) -> Result<ExitCode, CliError> {
     // Secrets are not needed to read the store: load the settings only.
     let settings = Settings::load(path, env, true)?;
+    let store = open_store(&settings, env).await?;
+    events_with(store.as_ref(), &settings, command).await
+}
+
+/// The store as the CLI opens it beside a running server, with only its own password read.
+async fn open_store(
+    settings: &Settings,
+    env: &HashMap<String, String>,
+) -> Result<std::sync::Arc<dyn crate::store::Operations>, CliError> {
     let password = settings.store_password(env)?;
-    let store = crate::store::open_for_inspection(
+    Ok(crate::store::open_for_inspection(
         &settings.store,
         password.as_ref(),
         std::sync::Arc::new(SystemClock),
     )
-    .await?;
-    events_with(store.as_ref(), &settings, command).await
+    .await?)
 }
 
 /// `events prune`: what retention allows now, or what it would remove.
@@ -627,33 +732,7 @@ async fn events_with(
                     writeln!(out, "{line}")?;
                 }
             } else {
-                // Each column as wide as its widest value: a delivery id can be a 64-digit
-                // body hash, a topic anything a sender chose.
-                let width = |least: usize, values: &mut dyn Iterator<Item = usize>| {
-                    values.fold(least, usize::max)
-                };
-                let time = width(24, &mut rows.iter().map(|r| r.received_at.len()));
-                let id = width(28, &mut rows.iter().map(|r| r.delivery_id.len()));
-                let topic = width(
-                    16,
-                    &mut rows.iter().map(|r| r.topic.as_deref().map_or(1, str::len)),
-                );
-                writeln!(
-                    out,
-                    "{:<time$}  {:<id$}  {:<topic$}  {:<12}  ENTITY",
-                    "RECEIVED_AT", "DELIVERY_ID", "TOPIC", "STATUS"
-                )?;
-                for row in &rows {
-                    writeln!(
-                        out,
-                        "{:<time$}  {:<id$}  {:<topic$}  {:<12}  {}",
-                        row.received_at,
-                        row.delivery_id,
-                        row.topic.as_deref().unwrap_or("-"),
-                        row.status,
-                        row.entity.as_deref().unwrap_or("-")
-                    )?;
-                }
+                write_list(&mut out, &rows)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -674,6 +753,9 @@ async fn events_with(
                 let fresh = d.fresh.map_or("-", |f| if f { "yes" } else { "no" });
                 writeln!(out, "fresh:       {fresh}")?;
                 writeln!(out, "received_at: {}", s.received_at)?;
+                if !s.origin.is_webhook() {
+                    writeln!(out, "origin:      {}", s.origin)?;
+                }
                 writeln!(out, "client_ip:   {}", d.client_ip)?;
                 writeln!(out, "id_conflict: {}", s.id_conflict)?;
                 if let Some(error) = &d.parse_error {
@@ -733,6 +815,55 @@ async fn events_with(
             replay(store, settings, id, status).await
         }
     }
+}
+
+/// `events list` as a table.
+fn write_list(out: &mut impl Write, rows: &[crate::store::DeliverySummary]) -> std::io::Result<()> {
+    // Each column as wide as its widest value: a delivery id can be a 64-digit
+    // body hash, a topic anything a sender chose.
+    let width =
+        |least: usize, values: &mut dyn Iterator<Item = usize>| values.fold(least, usize::max);
+    let time = width(24, &mut rows.iter().map(|r| r.received_at.len()));
+    let id = width(28, &mut rows.iter().map(|r| r.delivery_id.len()));
+    let topic = width(
+        16,
+        &mut rows.iter().map(|r| r.topic.as_deref().map_or(1, str::len)),
+    );
+    // ORIGIN only when a backfill brought some of them.
+    let origins = rows.iter().any(|r| !r.origin.is_webhook());
+    let entity = width(
+        6,
+        &mut rows
+            .iter()
+            .map(|r| r.entity.as_ref().map_or(1, String::len)),
+    );
+    let (entity, origin) = if origins {
+        (entity, "  ORIGIN")
+    } else {
+        (0, "")
+    };
+    writeln!(
+        out,
+        "{:<time$}  {:<id$}  {:<topic$}  {:<12}  {:<entity$}{origin}",
+        "RECEIVED_AT", "DELIVERY_ID", "TOPIC", "STATUS", "ENTITY"
+    )?;
+    for row in rows {
+        let origin = if origins {
+            format!("  {}", row.origin)
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "{:<time$}  {:<id$}  {:<topic$}  {:<12}  {:<entity$}{origin}",
+            row.received_at,
+            row.delivery_id,
+            row.topic.as_deref().unwrap_or("-"),
+            row.status,
+            row.entity.as_deref().unwrap_or("-")
+        )?;
+    }
+    Ok(())
 }
 
 /// `events replay`: says per delivery what was done (as the console's replay page does); an

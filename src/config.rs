@@ -23,9 +23,14 @@ use serde::Deserialize;
 pub(crate) mod de;
 mod environment;
 mod keys;
+mod labelbox;
 mod load;
 
 pub use environment::{unused_variables, Meant, UnusedVariable};
+pub use labelbox::{
+    BackfillPayload, LabelboxSettings, LabelboxWebhook, LABELBOX_API_URL, MIN_POLL_INTERVAL,
+    SECRET_ID_PARAM, WEBHOOK_TOPICS,
+};
 pub use load::EnvOverride;
 
 /// Where the config file is looked for when neither `--config` nor `LABELHOOK_CONFIG` says.
@@ -57,6 +62,8 @@ pub struct Settings {
     pub handler: Vec<HandlerSettings>,
     pub route: Vec<RouteSettings>,
     pub admin: AdminSettings,
+    /// `[labelbox]`: for the `labelhook labelbox` commands only.
+    pub labelbox: Option<LabelboxSettings>,
     /// The keys set by `LABELHOOK__` variables, which win over the file: `serve` logs them
     /// and `check-config` prints them, so that a file's value silently ignored is visible.
     pub from_environment: Vec<EnvOverride>,
@@ -586,6 +593,7 @@ impl load::Draft {
     fn check(&mut self) {
         let mut found = Vec::new();
         self.settings.validate(&mut found, &self.unread_handlers);
+        self.settings.validate_labelbox(&mut found);
         self.add_checked(found);
     }
 }

@@ -25,6 +25,7 @@ pub mod events;
 pub mod handlers;
 mod ingress;
 mod known_series;
+pub mod labelbox;
 pub mod ordering;
 mod server;
 pub mod store;

@@ -21,6 +21,12 @@
 //!    `Deleted` still marks the entity deleted.
 //! 6. A stored state without a version (only versionless events so far) is older than any
 //!    versioned event.
+//! 7. A backfilled event (rebuilt from Labelbox's export after an outage) is applied only when
+//!    it is strictly newer than a state applied from a webhook: at the same version the
+//!    handlers have it already, whatever the kinds, and a versionless one has nothing to show
+//!    it is new. Against nothing applied, or a state a backfill applied (itself, replayed), rules
+//!    1 to 6 hold. So a backfill never hands on twice what a webhook brought
+//!    ([`decide_backfilled`]).
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -138,6 +144,8 @@ pub struct Applied {
     /// Kind of the last applied event that set the version, or `Deleted` once the entity is
     /// deleted.
     pub change: Change,
+    /// The last applied event was a backfilled one (rule 7).
+    pub backfilled: bool,
 }
 
 /// Outcome of the gate for one event.
@@ -166,18 +174,74 @@ pub fn decide(
     version: Option<Version>,
     change: Change,
 ) -> (Verdict, Option<Applied>) {
-    let fresh = |state: Applied| (Verdict::Fresh, Some(state));
+    let (verdict, state) = by_rules(last, version, change);
+    (
+        verdict,
+        state.map(|s| Applied {
+            backfilled: false,
+            ..s
+        }),
+    )
+}
+
+/// [`decide`] for a backfilled event (rule 7): against a state a webhook applied, only a
+/// strictly newer version is fresh.
+pub fn decide_backfilled(
+    last: Option<&Applied>,
+    version: Option<Version>,
+    change: Change,
+) -> (Verdict, Option<Applied>) {
+    if let Some(last) = last.filter(|l| !l.backfilled) {
+        let newer = match (version, last.version) {
+            (Some(version), Some(last_version)) => version > last_version,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !newer {
+            return (Verdict::Stale, None);
+        }
+    }
+    let (verdict, state) = by_rules(last, version, change);
+    (
+        verdict,
+        state.map(|s| Applied {
+            backfilled: true,
+            ..s
+        }),
+    )
+}
+
+/// Rules 1 to 6.
+fn by_rules(
+    last: Option<&Applied>,
+    version: Option<Version>,
+    change: Change,
+) -> (Verdict, Option<Applied>) {
+    let fresh = |version, change| {
+        (
+            Verdict::Fresh,
+            Some(Applied {
+                version,
+                change,
+                backfilled: false,
+            }),
+        )
+    };
     let stale = (Verdict::Stale, None);
 
     let Some(last) = last else {
-        return fresh(Applied { version, change });
+        return fresh(version, change);
     };
 
     if last.change == Change::Deleted {
         // Terminal: only the same delete again is applied.
         let same_delete =
             change == Change::Deleted && (version.is_none() || version == last.version);
-        return if same_delete { fresh(*last) } else { stale };
+        return if same_delete {
+            fresh(last.version, last.change)
+        } else {
+            stale
+        };
     }
 
     let Some(version) = version else {
@@ -187,28 +251,16 @@ pub fn decide(
         } else {
             last.change
         };
-        return fresh(Applied {
-            version: last.version,
-            change,
-        });
+        return fresh(last.version, change);
     };
 
     let Some(last_version) = last.version else {
-        return fresh(Applied {
-            version: Some(version),
-            change,
-        });
+        return fresh(Some(version), change);
     };
 
     match version.cmp(&last_version) {
-        Ordering::Greater => fresh(Applied {
-            version: Some(version),
-            change,
-        }),
-        Ordering::Equal if change >= last.change => fresh(Applied {
-            version: Some(version),
-            change,
-        }),
+        Ordering::Greater => fresh(Some(version), change),
+        Ordering::Equal if change >= last.change => fresh(Some(version), change),
         Ordering::Equal | Ordering::Less => stale,
     }
 }
@@ -227,6 +279,14 @@ mod tests {
         Applied {
             version: v(nanos),
             change,
+            backfilled: false,
+        }
+    }
+
+    fn backfilled(nanos: i64, change: Change) -> Applied {
+        Applied {
+            backfilled: true,
+            ..applied(nanos, change)
         }
     }
 
@@ -328,7 +388,8 @@ mod tests {
                 Verdict::Fresh,
                 Some(Applied {
                     version: None,
-                    change: Change::Created
+                    change: Change::Created,
+                    backfilled: false,
                 })
             )
         );
@@ -369,10 +430,80 @@ mod tests {
         let last = Applied {
             version: None,
             change: Change::Updated,
+            backfilled: false,
         };
         assert_eq!(
             decide(Some(&last), v(5), Change::Created),
             (Verdict::Fresh, Some(applied(5, Change::Created)))
+        );
+    }
+
+    #[test]
+    fn rule_7_a_backfill_at_the_version_a_webhook_applied_is_stale_whatever_its_kind() {
+        for before in [Change::Created, Change::Updated] {
+            let last = applied(10, before);
+            for change in [Change::Created, Change::Updated, Change::Deleted] {
+                assert_eq!(
+                    decide_backfilled(Some(&last), v(10), change),
+                    (Verdict::Stale, None),
+                    "{before} then a backfilled {change}"
+                );
+                assert_eq!(
+                    decide_backfilled(Some(&last), v(9), change),
+                    (Verdict::Stale, None)
+                );
+            }
+        }
+        let deleted = applied(10, Change::Deleted);
+        assert_eq!(
+            decide_backfilled(Some(&deleted), v(10), Change::Deleted),
+            (Verdict::Stale, None)
+        );
+    }
+
+    #[test]
+    fn rule_7_a_newer_backfill_is_applied_and_marks_the_state() {
+        let last = applied(10, Change::Updated);
+        assert_eq!(
+            decide_backfilled(Some(&last), v(11), Change::Deleted),
+            (Verdict::Fresh, Some(backfilled(11, Change::Deleted)))
+        );
+        assert_eq!(
+            decide_backfilled(None, v(3), Change::Created),
+            (Verdict::Fresh, Some(backfilled(3, Change::Created)))
+        );
+        // A delete stays terminal for backfills too.
+        let deleted = applied(10, Change::Deleted);
+        assert_eq!(
+            decide_backfilled(Some(&deleted), v(11), Change::Updated),
+            (Verdict::Stale, None)
+        );
+        // And a webhook after it is judged by rules 1 to 6, the mark gone.
+        let state = backfilled(11, Change::Updated);
+        assert_eq!(
+            decide(Some(&state), v(12), Change::Updated),
+            (Verdict::Fresh, Some(applied(12, Change::Updated)))
+        );
+    }
+
+    #[test]
+    fn rule_7_a_versionless_backfill_is_applied_only_to_an_unknown_entity() {
+        let last = applied(10, Change::Updated);
+        assert_eq!(
+            decide_backfilled(Some(&last), None, Change::Updated),
+            (Verdict::Stale, None)
+        );
+        let (verdict, _) = decide_backfilled(None, None, Change::Updated);
+        assert_eq!(verdict, Verdict::Fresh);
+    }
+
+    #[test]
+    fn rule_7_a_backfill_applied_before_is_applied_again_when_replayed() {
+        // The state is the backfill's own: replaying it (after a dead letter) hands it on again.
+        let state = backfilled(10, Change::Updated);
+        assert_eq!(
+            decide_backfilled(Some(&state), v(10), Change::Updated),
+            (Verdict::Fresh, Some(state))
         );
     }
 

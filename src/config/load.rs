@@ -5,7 +5,7 @@
 //! Every problem is reported in one run: a key whose value is wrong is reported, set aside
 //! (so that its default applies) and the rest of its section tried again; checks that would
 //! only repeat a problem already reported about the same key are dropped. A value is shown in
-//! its message, except under `secrets`, `password`, `token` and `credentials`.
+//! its message, except under `secrets`, `password`, `token`, `credentials` and `api_key`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -16,7 +16,8 @@ use serde_json::Value;
 use super::{keys, ConfigError, Problem, Settings};
 
 /// Keys under which a value is a secret, or holds one: their values are never shown.
-pub(super) const SECRET_KEYS: [&str; 4] = ["secrets", "password", "token", "credentials"];
+pub(super) const SECRET_KEYS: [&str; 5] =
+    ["secrets", "password", "token", "credentials", "api_key"];
 
 /// Keys a `LABELHOOK__` variable gives as a comma-separated list.
 const LIST_KEYS: [&str; 4] = [
@@ -27,7 +28,7 @@ const LIST_KEYS: [&str; 4] = [
 ];
 
 /// The top-level keys, in the order they are checked.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "server",
     "network",
     "store",
@@ -38,6 +39,7 @@ const SECTIONS: [&str; 10] = [
     "model_training",
     "handler",
     "route",
+    "labelbox",
 ];
 
 /// Most problems reported for one section or element (each pass sets one value aside).
@@ -250,6 +252,7 @@ impl Draft {
                     }
                 }
                 "route" => self.settings.route = self.elements(value, "route"),
+                "labelbox" => self.settings.labelbox = self.part(value, vec![Seg::key(&key)]),
                 _ => {
                     let sections = SECTIONS.map(str::to_owned);
                     let unknown = keys::unknown(&key, &sections, None, None);

@@ -13,7 +13,7 @@ use super::pages::render;
 use super::views::{cut, delivery_link, entity_link, status_badge, url, when, Section};
 use super::{Console, ConsoleError};
 use crate::delivery::{format_millis, Payload, UnixMillis};
-use crate::store::{DeliveryDetail, EntityEntry, EntityState, VerdictBasis};
+use crate::store::{DeliveryDetail, DeliverySummary, EntityEntry, EntityState, VerdictBasis};
 
 /// The most of a body the delivery page shows.
 const PREVIEW_MAX_BYTES: usize = 64 * 1024;
@@ -86,6 +86,19 @@ pub async fn delivery(
     ))
 }
 
+/// What only some deliveries have to say: that a backfill brought it, that its id came before
+/// with another body.
+fn unusual_facts(s: &DeliverySummary) -> Markup {
+    html! {
+        @if !s.origin.is_webhook() {
+            dt { "origin" } dd { span.badge.backfill { "backfill" } " rebuilt from Labelbox's export by " code { "labelhook labelbox backfill" } }
+        }
+        @if s.id_conflict {
+            dt { "id conflict" } dd { "the same id came before with another body" }
+        }
+    }
+}
+
 fn one_delivery(
     d: &DeliveryDetail,
     basis: Option<&VerdictBasis>,
@@ -111,9 +124,7 @@ fn one_delivery(
                 dt { "project" } dd.mono { (s.project_id.as_deref().unwrap_or("-")) }
                 dt { "client address" } dd.mono { (d.client_ip) }
                 dt { "request id" } dd.mono { (d.request_id.as_deref().unwrap_or("-")) }
-                @if s.id_conflict {
-                    dt { "id conflict" } dd { "the same id came before with another body" }
-                }
+                (unusual_facts(s))
             }
             h3 { "Gate" }
             (verdict(d, basis))

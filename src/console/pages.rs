@@ -411,6 +411,7 @@ pub(super) fn summary_table(rows: &[DeliverySummary], select: Option<&str>) -> M
                             td {
                                 (delivery_link(&r.delivery_id))
                                 @if r.id_conflict { " " span.badge.conflict title="the same id came before with another body" { "same id, other body" } }
+                                @if !r.origin.is_webhook() { " " span.badge.backfill title="rebuilt from Labelbox's export by `labelhook labelbox backfill`" { "backfill" } }
                             }
                             td.mono { (r.topic.as_deref().map(|t| cut(t, 40)).unwrap_or_else(|| "-".to_owned())) }
                             td { (status_badge(r.status)) }

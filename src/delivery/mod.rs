@@ -83,6 +83,51 @@ impl serde::Serialize for Status {
     }
 }
 
+/// Where a stored delivery came from: shown by `events list`, the console and every handler, so
+/// that what a backfill recovered is never mistaken for what Labelbox sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Origin {
+    /// Sent by Labelbox to a webhook endpoint, its signature checked.
+    #[default]
+    Webhook,
+    /// Rebuilt from Labelbox's export by `labelhook labelbox backfill`.
+    Backfill,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Webhook => "webhook",
+            Origin::Backfill => "backfill",
+        }
+    }
+
+    /// The stored text back; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Origin> {
+        match s {
+            "webhook" => Some(Origin::Webhook),
+            "backfill" => Some(Origin::Backfill),
+            _ => None,
+        }
+    }
+
+    pub fn is_webhook(&self) -> bool {
+        *self == Origin::Webhook
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl serde::Serialize for Origin {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 /// A delivery's body as the store receives it: small ones in memory, large ones already
 /// written to the store's body storage while they streamed in.
 #[derive(Debug)]
@@ -147,16 +192,19 @@ pub struct NewDelivery {
     pub body: IncomingBody,
     pub received_at: UnixMillis,
     pub request_id: Option<String>,
+    /// From the proof: a webhook, or a backfill.
+    pub origin: Origin,
 }
 
-/// A delivery whose signature was checked against its endpoint's secrets.
+/// A delivery proven authentic: its signature checked against its endpoint's secrets, or
+/// fetched from Labelbox's API with our key (see [`Verified`]).
 #[derive(Debug)]
 pub struct VerifiedDelivery {
     inner: NewDelivery,
 }
 
 impl VerifiedDelivery {
-    /// Consumes the verifier's proof: there is no other way to make one.
+    /// Consumes the proof: there is no other way to make one.
     pub fn new(proof: Verified, envelope: Envelope, body: IncomingBody) -> Self {
         debug_assert_eq!(
             proof.body_len(),
@@ -190,6 +238,7 @@ impl VerifiedDelivery {
                 body,
                 received_at: envelope.received_at,
                 request_id: envelope.request_id,
+                origin: proof.origin(),
             },
         }
     }

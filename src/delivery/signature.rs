@@ -99,16 +99,36 @@ impl ClaimedSignature {
     }
 }
 
-/// Proof that a body's signature matched one of its endpoint's secrets, with what the
-/// verifier saw: the SHA-256 and length of exactly those bytes. Only [`BodyVerifier::verify`]
-/// makes one (its field is private to this module).
+/// Proof that a body is authentic, with the SHA-256 and length of exactly those bytes. Two
+/// things make one (its fields are private to this module): [`BodyVerifier::verify`], when a
+/// body's signature matched one of its endpoint's secrets, and [`Verified::fetched_with_our_key`],
+/// for a body labelhook fetched from Labelbox's API itself (a backfill).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verified {
     body_sha256: [u8; 32],
     body_len: u64,
+    origin: super::Origin,
 }
 
 impl Verified {
+    /// The proof for a body built from what labelhook fetched from Labelbox's API with our
+    /// key (`labelhook labelbox backfill`): no signature to check, since it did not come over
+    /// the webhook route, but no one else could have put it there either. For the `labelbox`
+    /// module only (the crate cannot narrow `pub(crate)` further from here): anything else that
+    /// made one would bypass the verifier.
+    pub(crate) fn fetched_with_our_key(body: &[u8]) -> Verified {
+        Verified {
+            body_sha256: Sha256::digest(body).into(),
+            body_len: body.len() as u64,
+            origin: super::Origin::Backfill,
+        }
+    }
+
+    /// How the body came: by webhook (verified) or fetched by a backfill.
+    pub fn origin(&self) -> super::Origin {
+        self.origin
+    }
+
     /// SHA-256 of the authenticated body: half of the dedup key.
     pub fn body_sha256(&self) -> [u8; 32] {
         self.body_sha256
@@ -181,6 +201,7 @@ impl BodyVerifier {
         Ok(Verified {
             body_sha256: self.sha256.finalize().into(),
             body_len: self.len,
+            origin: super::Origin::Webhook,
         })
     }
 }
@@ -279,6 +300,15 @@ mod tests {
         let proof = verifier.verify(&claimed).expect("verified");
         assert_eq!(proof.body_sha256(), <[u8; 32]>::from(Sha256::digest(BODY)));
         assert_eq!(proof.body_len(), BODY.len() as u64);
+        assert_eq!(proof.origin(), crate::delivery::Origin::Webhook);
+    }
+
+    #[test]
+    fn a_fetched_body_is_proven_as_a_backfill_with_the_same_hash() {
+        let proof = Verified::fetched_with_our_key(BODY);
+        assert_eq!(proof.body_sha256(), <[u8; 32]>::from(Sha256::digest(BODY)));
+        assert_eq!(proof.body_len(), BODY.len() as u64);
+        assert_eq!(proof.origin(), crate::delivery::Origin::Backfill);
     }
 
     #[test]

@@ -366,6 +366,8 @@ impl Dispatcher {
                     handlers_if_fresh: self.routes.select(&topic, recognized, project, true),
                     handlers_if_stale: self.routes.select(&topic, recognized, project, false),
                     event: event_json(&parsed.event),
+                    data_row_id: parsed.event.data_row_id().map(str::to_owned),
+                    labels: parsed.event.labels_named(),
                     entity: parsed.entity,
                     version: parsed.version,
                     change: parsed.change,
@@ -373,6 +375,7 @@ impl Dispatcher {
                     parse_error: None,
                     recognized,
                     topic_label,
+                    origin: delivery.origin,
                 }
             }
             Err(error) => GateRequest {
@@ -390,6 +393,9 @@ impl Dispatcher {
                 parse_error: Some(error),
                 recognized: false,
                 topic_label,
+                origin: delivery.origin,
+                data_row_id: None,
+                labels: None,
             },
         };
         Ok(request)
@@ -630,6 +636,7 @@ fn handler_event(claimed: &Claimed, typed: Event) -> HandlerEvent {
         received_at: format_millis(claimed.received_at),
         body_is_json: claimed.body_is_json,
         body: claimed.body.clone(),
+        origin: claimed.origin,
     }
 }
 

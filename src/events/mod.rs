@@ -238,6 +238,28 @@ impl Event {
             _ => None,
         }
     }
+
+    /// The data row the event is about, when it names one (label and workflow events).
+    pub fn data_row_id(&self) -> Option<&str> {
+        match self {
+            Event::LabelCreated(l) | Event::LabelUpdated(l) | Event::LabelDeleted(l) => {
+                l.data_row_id.as_deref()
+            }
+            Event::WorkflowAction(w) => w.data_row_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The labels a label event says its data row has: a v1 label its own (none once it is
+    /// deleted), an export-shaped snapshot every label it lists. `None` for other events.
+    pub fn labels_named(&self) -> Option<Vec<String>> {
+        let label = self.label()?;
+        Some(match (label.shape, self) {
+            (Shape::ExportV2, _) => label.label_ids.clone(),
+            (_, Event::LabelDeleted(_)) => Vec::new(),
+            _ => label.label_id.iter().cloned().collect(),
+        })
+    }
 }
 
 /// A parsed delivery as the ordering gate sees it: the typed event, which entity it concerns,

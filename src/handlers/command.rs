@@ -95,6 +95,7 @@ impl CommandHandler {
                 "LABELHOOK_FRESH",
                 if event.fresh { "true" } else { "false" },
             )
+            .env("LABELHOOK_ORIGIN", event.origin.as_str())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -197,6 +197,10 @@ impl Handler for HttpHandler {
             "x-labelbox-id",
             text_header(&event.delivery_id, "delivery id")?,
         );
+        headers.insert(
+            "x-labelhook-origin",
+            HeaderValue::from_static(event.origin.as_str()),
+        );
         if let Some(secret) = &self.secret {
             let (sha1, sha256) = self.signatures(secret, &event.body).await?;
             headers.insert("x-hub-signature", text_header(&sha1, "signature")?);

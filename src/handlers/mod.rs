@@ -61,8 +61,11 @@ pub struct HandlerEvent {
     pub received_at: String,
     /// `false` for authentic but unparseable bodies.
     pub body_is_json: bool,
-    /// The raw body, exactly as Labelbox sent it.
+    /// The raw body, exactly as Labelbox sent it (for a backfill: as labelhook rebuilt it
+    /// from Labelbox's export).
     pub body: Payload,
+    /// Sent by Labelbox to a webhook, or recovered by `labelhook labelbox backfill`.
+    pub origin: crate::delivery::Origin,
 }
 
 impl HandlerEvent {
@@ -256,6 +259,9 @@ struct EventHeader<'a> {
     fresh: bool,
     project_id: Option<&'a str>,
     received_at: &'a str,
+    /// Only on events a backfill recovered (`"backfill"`): a line without it came by webhook.
+    #[serde(skip_serializing_if = "crate::delivery::Origin::is_webhook")]
+    origin: crate::delivery::Origin,
     body_encoding: BodyEncoding,
 }
 
@@ -297,6 +303,7 @@ pub async fn write_event_json<W: AsyncWrite + Unpin>(
         fresh: event.fresh,
         project_id: event.project_id.as_deref(),
         received_at: &event.received_at,
+        origin: event.origin,
         body_encoding: encoding,
     };
     let mut head = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
@@ -620,6 +627,7 @@ pub(crate) fn test_event(seq: i64, body: Payload, body_is_json: bool) -> Handler
         received_at: "2024-05-02T08:30:13Z".to_owned(),
         body_is_json,
         body,
+        origin: crate::delivery::Origin::Webhook,
     }
 }
 

@@ -375,6 +375,7 @@ impl Handler for NatsHandler {
             headers.insert("Labelbox-Project-Id", project.as_str());
         }
         headers.insert("Labelbox-Fresh", if event.fresh { "true" } else { "false" });
+        headers.insert("Labelhook-Origin", event.origin.as_str());
         let max_payload = connection.client.server_info().max_payload;
         let fits = event.body.len() + HEADER_ROOM as u64 <= max_payload as u64;
         let payload = if fits {

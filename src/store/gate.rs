@@ -4,17 +4,35 @@
 //! that records it, with the entity's row locked. [`replay_effect`] says beforehand what the
 //! gate and the dispatcher will do with a delivery put back by replay.
 
-use crate::delivery::Status;
+use crate::delivery::{Origin, Status};
 use crate::ordering::{self, Applied, Change, Verdict, Version};
 use crate::store::{GateRequest, HandlerRun, ReplayEffect, RunState, StoreError};
 
 /// An entity's stored state, read back.
-pub fn applied(version: Option<i64>, change: &str) -> Result<Applied, StoreError> {
+pub fn applied(
+    version: Option<i64>,
+    change: &str,
+    backfilled: bool,
+) -> Result<Applied, StoreError> {
     Ok(Applied {
         version: version.map(Version::from_nanos),
         change: Change::parse(change)
             .ok_or_else(|| StoreError::Corrupt(format!("change {change:?}")))?,
+        backfilled,
     })
+}
+
+/// The gate's rules for a delivery of this origin: a backfilled one is judged by rule 7.
+pub fn decide(
+    origin: Origin,
+    last: Option<&Applied>,
+    version: Option<Version>,
+    change: Change,
+) -> (Verdict, Option<Applied>) {
+    match origin {
+        Origin::Webhook => ordering::decide(last, version, change),
+        Origin::Backfill => ordering::decide_backfilled(last, version, change),
+    }
 }
 
 /// What the gate decides for one delivery of an entity, the same for every back-end.
@@ -36,10 +54,11 @@ pub fn decide_in_lane(
     active_pos: Option<i64>,
     gate: &GateRequest,
 ) -> LaneDecision {
-    let (verdict, applied) = ordering::decide(last.as_ref(), gate.version, gate.change);
+    let (verdict, applied) = decide(gate.origin, last.as_ref(), gate.version, gate.change);
     let state = applied.or(last).unwrap_or(Applied {
         version: gate.version,
         change: gate.change,
+        backfilled: gate.origin == Origin::Backfill,
     });
     let becomes_head = !gate.handlers(verdict.is_fresh()).is_empty() && active_pos.is_none();
     LaneDecision {
@@ -57,11 +76,12 @@ pub fn decide_in_lane(
 /// done): a delivery being handled is left alone; one that the entity's applied state outranks
 /// now would come back stale; one whose handlers have all done it runs nothing again; anything
 /// else is queued again. `own` is the delivery's version and change when the gate has judged
-/// it, `last` its entity's applied state.
+/// it, `origin` where it came from, `last` its entity's applied state.
 pub fn replay_effect(
     running: bool,
     status: Status,
     own: Option<(Option<Version>, Change)>,
+    origin: Origin,
     last: Option<Applied>,
     runs: &[HandlerRun],
 ) -> ReplayEffect {
@@ -69,7 +89,7 @@ pub fn replay_effect(
         return ReplayEffect::Running;
     }
     if let (Some((version, change)), Some(last)) = (own, last) {
-        if !ordering::decide(Some(&last), version, change).0.is_fresh() {
+        if !decide(origin, Some(&last), version, change).0.is_fresh() {
             return ReplayEffect::Superseded {
                 version: last.version.map(|v| v.to_string()),
                 change: last.change,

@@ -6,7 +6,9 @@
 //! - [`Queue`] for the dispatcher: take deliveries to gate, record the gate's verdicts, claim
 //!   due work under a lease, renew it, record attempts;
 //! - [`Inspect`] for the CLI and the console: list, show, an entity's history, the gate's
-//!   reasons, handler activity, replay (with what it does to each delivery).
+//!   reasons, handler activity, replay (with what it does to each delivery);
+//! - [`Backfill`] for `labelhook labelbox backfill`: store what it rebuilt from Labelbox's
+//!   export, and the two questions it asks first.
 //!
 //! Two back-ends implement all of them ([`Store`]): [`sqlite`] (the embedded default, one
 //! process per database file) and [`postgres`] (several replicas on one database, no shared
@@ -43,9 +45,9 @@ pub use retention::{Cutoffs, PruneReport, RetentionSettings, StoreStats};
 pub use model::{
     status_after_runs, Accepted, AttemptKind, AttemptOutcome, AttemptRecord, AttemptResult,
     ChainRecord, Claimed, DeliveryDetail, DeliverySummary, DueRun, EntityEntry, EntityHistory,
-    EntityState, GateRequest, HandlerActivity, HandlerRun, LeaseOwner, ListQuery, Overview,
-    ReceivedBucket, ReplayEffect, ReplayItem, ReplayOutcome, ReplayTarget, RunState, Ungated,
-    VerdictBasis,
+    EntityState, GateRequest, HandlerActivity, HandlerRun, KnownLabel, LeaseOwner, ListQuery,
+    Overview, ReceivedBucket, ReplayEffect, ReplayItem, ReplayOutcome, ReplayTarget, RunState,
+    Ungated, VerdictBasis,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -268,10 +270,41 @@ pub trait Maintenance: Send + Sync {
     async fn stats(&self) -> Result<StoreStats, StoreError>;
 }
 
-/// What the CLI's `events` commands use.
-pub trait Operations: Inspect + Maintenance {}
+/// What `labelhook labelbox backfill` needs from the store, through the same handle as the
+/// `events` commands, so that it works whether or not a server runs: it writes in short
+/// transactions of its own (as `events replay` does), and the server's dispatcher finds the new
+/// deliveries as it finds any (SQLite: at its next poll; PostgreSQL: woken by NOTIFY).
+#[async_trait]
+pub trait Backfill: Send + Sync {
+    /// Stores deliveries fetched from Labelbox's API, in one transaction, durably. One whose
+    /// delivery id is stored already is skipped, whatever its body: a backfilled delivery's id
+    /// names what it describes (an entity at a version), while its body holds what the export
+    /// said that day (signed URLs that change at every export). So running a backfill again
+    /// stores nothing twice. Per delivery, in order: `Some(seq)` stored, `None` skipped.
+    async fn accept_fetched(
+        &self,
+        deliveries: Vec<VerifiedDelivery>,
+    ) -> Result<Vec<Option<i64>>, StoreError>;
 
-impl<T: Inspect + Maintenance> Operations for T {}
+    /// When the newest delivery that came by webhook for `project_id` was received (as far as
+    /// the gate has seen deliveries: the project is known once a delivery is gated); `None`
+    /// when there is none. Backfilled deliveries do not count: they are stored after the
+    /// export they come from was taken, so counting them could skip what changed meanwhile.
+    async fn newest_received(&self, project_id: &str) -> Result<Option<UnixMillis>, StoreError>;
+
+    /// The labels the store knows on these data rows of `project_id` (from gated label
+    /// deliveries the gate applied, not deleted since).
+    async fn known_labels(
+        &self,
+        project_id: &str,
+        data_row_ids: &[String],
+    ) -> Result<Vec<KnownLabel>, StoreError>;
+}
+
+/// What the CLI's `events` and `labelbox backfill` commands use.
+pub trait Operations: Inspect + Maintenance + Backfill {}
+
+impl<T: Inspect + Maintenance + Backfill> Operations for T {}
 
 /// A whole back-end, as `serve` uses it.
 #[async_trait]

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::delivery::{Payload, Status, UnixMillis};
+use crate::delivery::{Origin, Payload, Status, UnixMillis};
 use crate::ordering::{Change, Version};
 
 /// What became of an accepted delivery.
@@ -88,6 +88,8 @@ pub struct DeliverySummary {
     pub id_conflict: bool,
     /// The project the gate found in the event (`None` before gating, or when it has none).
     pub project_id: Option<String>,
+    /// A webhook, or a backfill.
+    pub origin: Origin,
 }
 
 /// Where one handler stands with one delivery.
@@ -219,6 +221,8 @@ pub struct Ungated {
     pub request_id: Option<String>,
     pub topic: Option<String>,
     pub body: Payload,
+    /// For the gate: a backfilled delivery is judged by rule 7 of [`crate::ordering`].
+    pub origin: Origin,
 }
 
 /// What the dispatcher learned from parsing one delivery, and which handlers its routes want.
@@ -243,6 +247,14 @@ pub struct GateRequest {
     pub topic_label: &'static str,
     /// The typed event, as JSON, kept for the handlers.
     pub event: String,
+    /// The delivery's origin ([`Ungated::origin`]): a backfilled one is judged by rule 7 of
+    /// [`crate::ordering`].
+    pub origin: Origin,
+    /// The data row the event is about ([`crate::events::Event::data_row_id`]).
+    pub data_row_id: Option<String>,
+    /// For a label event, the labels it says its data row has
+    /// ([`crate::events::Event::labels_named`]): what a backfill compares an export with.
+    pub labels: Option<Vec<String>>,
 }
 
 impl GateRequest {
@@ -295,6 +307,8 @@ pub struct Claimed {
     /// records them with [`crate::store::Queue::record_chain`]. Empty when the claim asked for
     /// no chains or nothing qualifies; never nested.
     pub chain: Vec<Claimed>,
+    /// A webhook, or a backfill: handlers are told.
+    pub origin: Origin,
 }
 
 /// What was done with one delivery of a claimed chain, for [`crate::store::Queue::record_chain`].
@@ -575,4 +589,47 @@ pub struct ReplayItem {
     pub effect: ReplayEffect,
     /// Its handler runs before the replay: done ones are not run again.
     pub handlers: Vec<HandlerRun>,
+}
+
+/// A label the store knows on one data row of one project, for `labelhook labelbox backfill`:
+/// one an export no longer lists was deleted while the receiver was down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownLabel {
+    pub data_row_id: String,
+    pub label_id: String,
+    /// The newest version the store applied for it: a v1 label's own entity, or the export-shaped
+    /// snapshot of its data row that listed it.
+    pub version: Option<Version>,
+}
+
+/// The labels gated label deliveries say their data rows have (the same for every back-end).
+/// `rows` are (data row id, entity, version, the labels its delivery named
+/// ([`crate::events::Event::labels_named`]), whether the entity is deleted), the newest
+/// delivery first per entity; only the newest counts, and a deleted entity names none.
+pub(crate) fn known_labels_of(
+    rows: Vec<(String, String, Option<i64>, Vec<String>, bool)>,
+) -> Vec<KnownLabel> {
+    let mut seen = std::collections::HashSet::new();
+    let mut known = Vec::new();
+    for (data_row_id, entity, version, labels, deleted) in rows {
+        if !seen.insert(entity) || deleted {
+            continue;
+        }
+        let version = version.map(Version::from_nanos);
+        known.extend(labels.into_iter().map(|label_id| KnownLabel {
+            data_row_id: data_row_id.clone(),
+            label_id,
+            version,
+        }));
+    }
+    known
+}
+
+/// The labels a typed event recorded as JSON names ([`crate::events::Event::labels_named`]):
+/// none when it is not a label event, or cannot be read back.
+pub(crate) fn labels_named_in(event: &str) -> Vec<String> {
+    serde_json::from_str::<crate::events::Event>(event)
+        .ok()
+        .and_then(|event| event.labels_named())
+        .unwrap_or_default()
 }

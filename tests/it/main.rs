@@ -1,6 +1,8 @@
 //! Tests against the real binary: started on port 0, driven with curl and its own CLI.
 
 mod helpers;
+#[path = "../common/labelbox_standin.rs"]
+mod labelbox_standin;
 #[path = "../common/nats.rs"]
 mod nats_stream;
 #[path = "../common/postgres.rs"]
@@ -16,6 +18,9 @@ mod faults;
 mod file_output;
 mod hostile;
 mod ingress;
+mod labelbox;
+mod labelbox_backfill;
+mod labelbox_webhooks;
 mod metrics;
 mod nats;
 mod ordering;

@@ -31,7 +31,7 @@ const RUN_HERE: [&str; 5] = [
     "Try it with curl",
     "Configuration",
     "Writing a handler in Rust",
-    "Point Labelbox at it",
+    "Pointing Labelbox at labelhook",
 ];
 /// The section deploy/smoke.sh runs, with Docker.
 const RUN_BY_SMOKE_SH: &str = "Docker image";

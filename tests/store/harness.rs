@@ -14,7 +14,7 @@ use labelhook::delivery::{
     VerifiedDelivery,
 };
 use labelhook::ordering::{Change, Version};
-use labelhook::store::{self, Accepted, GateRequest, LeaseOwner, Store};
+use labelhook::store::{self, Accepted, GateRequest, LeaseOwner, Operations, Store};
 use secrecy::SecretString;
 
 use crate::test_db::TestDb;
@@ -28,6 +28,8 @@ pub const LEASE: Duration = Duration::from_secs(30);
 pub struct Harness {
     pub store: Arc<dyn Store>,
     pub clock: Arc<ManualClock>,
+    /// What the CLI opens beside the server (`events`, `labelbox backfill`).
+    pub cli: Arc<dyn Operations>,
     other: Option<Arc<dyn Store>>,
     _dir: Option<tempfile::TempDir>,
     db: Option<TestDb>,
@@ -46,12 +48,16 @@ impl Harness {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}/labelhook.db", dir.path().display());
         let clock = Arc::new(ManualClock::new());
-        let store = store::open_for_serving(&settings(url), None, 1024, clock.clone())
+        let store = store::open_for_serving(&settings(url.clone()), None, 1024, clock.clone())
             .await
             .expect("open sqlite");
+        let cli = store::open_for_inspection(&settings(url), None, clock.clone())
+            .await
+            .expect("open sqlite for the CLI");
         Harness {
             store,
             clock,
+            cli,
             other: None,
             _dir: Some(dir),
             db: None,
@@ -69,9 +75,13 @@ impl Harness {
         let other = store::open_for_serving(&settings, None, 1024, clock.clone())
             .await
             .expect("open postgres again");
+        let cli = store::open_for_inspection(&settings, None, clock.clone())
+            .await
+            .expect("open postgres for the CLI");
         Some(Harness {
             store,
             clock,
+            cli,
             other: Some(other),
             _dir: None,
             db: Some(db),
@@ -233,6 +243,9 @@ pub fn label_gate(
         handlers_if_stale: Vec::new(),
         topic_label: "LABEL_UPDATED",
         event: "{}".to_owned(),
+        origin: labelhook::delivery::Origin::Webhook,
+        data_row_id: None,
+        labels: None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! the server `LABELHOOK_TEST_POSTGRES` names, skipped with a printed reason where there is none,
 //! and a failure instead when `LABELHOOK_REQUIRE_SERVICES=1`).
 
+mod backfill;
 mod harness;
 mod inspect;
 mod rules;
@@ -70,6 +71,10 @@ conformance!(
     the_verdict_basis_names_what_a_stale_delivery_was_held_against,
     handler_activity_tells_each_handlers_last_success_and_recent_failures,
     the_overview_counts_by_status_and_by_when_deliveries_came,
+    a_fetched_delivery_is_kept_with_its_origin_and_each_id_only_once,
+    a_backfill_is_applied_only_when_newer_than_what_a_webhook_applied,
+    the_newest_webhook_of_a_project_and_the_labels_known_on_its_data_rows_are_found,
+    a_snapshot_makes_every_label_it_lists_known,
 );
 
 /// SQLite gives the pages retention freed back to the file system, and deletes the files of

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{body, label_gate, verified, Harness, LEASE};
 
-// The console's reads and replay's report, kept in a file of their own.
+// The console's reads and replay's report, kept in a file of their own; so is what a backfill
+// needs.
+pub use crate::backfill::*;
 pub use crate::inspect::*;
 
 const FRESH_TO: &[&str] = &["archive"];

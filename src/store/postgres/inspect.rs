@@ -22,7 +22,7 @@ use crate::store::{
 
 /// Qualified, so that they can be read beside a join with `entities`.
 const SUMMARY_COLUMNS: &str = "d.seq, d.delivery_id, d.endpoint, d.topic, d.entity, d.version, \
-    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id";
+    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id, d.origin";
 /// A delivery with the gate's view of it: [`SUMMARY_COLUMNS`] followed by these.
 const ENTRY_COLUMNS: &str = "d.change, d.fresh, d.lane_pos";
 
@@ -42,6 +42,7 @@ fn summary(row: &PgRow) -> Result<DeliverySummary, StoreError> {
         body_len: row.try_get::<i64, _>("body_len")?.max(0) as u64,
         id_conflict: row.try_get("id_conflict")?,
         project_id: row.try_get("project_id")?,
+        origin: super::queue::origin_of(row)?,
     })
 }
 
@@ -373,7 +374,8 @@ async fn replay_plan(
     };
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS}, COALESCE(d.lease_until > $2, false) AS running, d.change, \
-         e.version AS entity_version, e.change AS entity_change \
+         e.version AS entity_version, e.change AS entity_change, \
+         e.backfilled AS entity_backfilled \
          FROM deliveries d LEFT JOIN entities e ON e.entity = d.entity \
          WHERE {condition} ORDER BY d.seq{}",
         if lock { " FOR UPDATE OF d" } else { "" }
@@ -399,7 +401,12 @@ async fn replay_plan(
             _ => None,
         };
         let last = match row.try_get::<Option<String>, _>("entity_change")? {
-            Some(change) => Some(applied(row.try_get("entity_version")?, &change)?),
+            Some(change) => Some(applied(
+                row.try_get("entity_version")?,
+                &change,
+                row.try_get::<Option<bool>, _>("entity_backfilled")?
+                    .unwrap_or(false),
+            )?),
             None => None,
         };
         let handlers = runs_of(&mut *conn, summary.seq).await?;
@@ -407,6 +414,7 @@ async fn replay_plan(
             row.try_get("running")?,
             summary.status,
             own,
+            summary.origin,
             last,
             &handlers,
         );

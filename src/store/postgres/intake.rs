@@ -25,10 +25,11 @@ impl Intake for PgStore {
         let mut tx = self.pool.begin().await?;
         let inserted: Option<(i64, bool)> = sqlx::query_as(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, body, blob_id, body_len, received_at, status, request_id) \
+                 client_ip, headers, body, blob_id, body_len, received_at, status, request_id, \
+                 origin) \
              SELECT $1, $2, EXISTS (SELECT 1 FROM deliveries \
                                     WHERE delivery_id = $1 AND body_sha256 <> $2), \
-                 $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
+                 $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
              RETURNING seq, id_conflict",
         )
@@ -44,6 +45,7 @@ impl Intake for PgStore {
         .bind(d.received_at)
         .bind(d.status.as_str())
         .bind(&d.request_id)
+        .bind(d.origin.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         let accepted = match inserted {

@@ -20,6 +20,7 @@
 //! - **outages**: the pool connects lazily and the schema is migrated on first contact, so the
 //!   service starts with the database down, answers 503 meanwhile, and recovers by itself.
 
+mod backfill;
 mod bodies;
 mod database;
 mod inspect;

@@ -17,7 +17,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
 use super::PgStore;
-use crate::delivery::{after, Payload, Status, UnixMillis};
+use crate::delivery::{after, Origin, Payload, Status, UnixMillis};
 use crate::ordering::{Verdict, Version};
 use crate::store::gate::{applied, decide_in_lane};
 use crate::store::{
@@ -59,7 +59,7 @@ impl Queue for PgStore {
                    ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) t \
              WHERE d.seq = t.seq \
              RETURNING d.seq, d.delivery_id, d.request_id, d.topic, d.body, d.blob_id, \
-                 d.body_len",
+                 d.body_len, d.origin",
         )
         .bind(owner.as_str())
         .bind(after(now, lease))
@@ -76,6 +76,7 @@ impl Queue for PgStore {
                     request_id: row.try_get("request_id")?,
                     topic: row.try_get("topic")?,
                     body: self.body_of(row)?,
+                    origin: origin_of(row)?,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -297,10 +298,49 @@ impl Queue for PgStore {
     }
 }
 
-/// The entity's state as the gate reads it: version, change, lane_next, active_pos.
-type EntityRow = (Option<i64>, Option<String>, i64, Option<i64>);
+/// The entity's state as the gate reads it: version, change, lane_next, active_pos, backfilled.
+type EntityRow = (Option<i64>, Option<String>, i64, Option<i64>, bool);
 /// Whether the delivery is gated, and its entity's state.
-type GatedAndEntity = (bool, Option<i64>, Option<String>, i64, Option<i64>);
+type GatedAndEntity = (bool, Option<i64>, Option<String>, i64, Option<i64>, bool);
+
+/// Locks the delivery and its entity (creating the entity's row when missing) and reads whether
+/// the delivery is gated and the entity's state: a replica gating the same entity now waits on
+/// the entity's row until this transaction is committed, and then reads its verdict.
+async fn lock_for_gate(
+    conn: &mut PgConnection,
+    gate: &GateRequest,
+    now: UnixMillis,
+) -> Result<(Option<bool>, Option<EntityRow>), StoreError> {
+    let Some(entity) = &gate.entity else {
+        let gated = sqlx::query_scalar("SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE")
+            .bind(gate.seq)
+            .fetch_optional(&mut *conn)
+            .await?;
+        return Ok((gated, None));
+    };
+    let row: Option<GatedAndEntity> = sqlx::query_as(
+        "WITH d AS (SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE), \
+             e AS (INSERT INTO entities (entity, lane_next, updated_at) VALUES ($2, 0, $3) \
+                   ON CONFLICT (entity) DO UPDATE SET entity = excluded.entity \
+                   RETURNING version, change, lane_next, active_pos, backfilled) \
+             SELECT d.gated, e.version, e.change, e.lane_next, e.active_pos, \
+                 e.backfilled FROM d, e",
+    )
+    .bind(gate.seq)
+    .bind(entity)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map_or(
+        (None, None),
+        |(gated, version, change, next, active, backfilled)| {
+            (
+                Some(gated),
+                Some((version, change, next, active, backfilled)),
+            )
+        },
+    ))
+}
 
 /// The gate for one delivery, with its entity's row locked, in two round trips: one locks the
 /// delivery and the entity (creating its row when missing) and reads the entity's state, one
@@ -311,48 +351,16 @@ async fn record_gate(
     gate: &GateRequest,
     now: UnixMillis,
 ) -> Result<Option<Verdict>, StoreError> {
-    let (gated, state): (Option<bool>, Option<EntityRow>) = match &gate.entity {
-        None => {
-            let gated =
-                sqlx::query_scalar("SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE")
-                    .bind(gate.seq)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            (gated, None)
-        }
-        Some(entity) => {
-            // A replica gating the same entity now waits on the entity's row until this
-            // transaction is committed, and then reads its verdict.
-            let row: Option<GatedAndEntity> = sqlx::query_as(
-                "WITH d AS (SELECT gated FROM deliveries WHERE seq = $1 FOR UPDATE), \
-                     e AS (INSERT INTO entities (entity, lane_next, updated_at) VALUES ($2, 0, $3) \
-                           ON CONFLICT (entity) DO UPDATE SET entity = excluded.entity \
-                           RETURNING version, change, lane_next, active_pos) \
-                     SELECT d.gated, e.version, e.change, e.lane_next, e.active_pos FROM d, e",
-            )
-            .bind(gate.seq)
-            .bind(entity)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-            match row {
-                None => (None, None),
-                Some((gated, version, change, lane_next, active_pos)) => {
-                    (Some(gated), Some((version, change, lane_next, active_pos)))
-                }
-            }
-        }
-    };
+    let (gated, state) = lock_for_gate(conn, gate, now).await?;
     if gated != Some(false) {
         return Ok(None);
     }
     let (verdict, lane_pos, lane_busy, entity_update) = match state {
         None => (Verdict::Fresh, None, false, None),
-        Some((version, change, lane_pos, active_pos)) => {
-            let last = match change {
-                Some(change) => Some(applied(version, &change)?),
-                None => None,
-            };
+        Some((version, change, lane_pos, active_pos, backfilled)) => {
+            let last = change
+                .map(|change| applied(version, &change, backfilled))
+                .transpose()?;
             let decision = decide_in_lane(last, lane_pos, active_pos, gate);
             (
                 decision.verdict,
@@ -372,7 +380,8 @@ async fn record_gate(
     // The entity's new state, the handler runs and the delivery's verdict, in one statement.
     sqlx::query(
         "WITH e AS (UPDATE entities SET version = $12, change = $13, lane_next = $14, \
-                    active_pos = $15, updated_at = $16 WHERE entity = $2 AND $14 IS NOT NULL), \
+                    active_pos = $15, updated_at = $16, backfilled = $19 \
+                    WHERE entity = $2 AND $14 IS NOT NULL), \
               r AS (INSERT INTO handler_runs (delivery_seq, handler, state, attempts, next_at) \
                     SELECT $1, h, 'pending', 0, $16 FROM UNNEST($17::text[]) AS h \
                     ON CONFLICT DO NOTHING) \
@@ -399,6 +408,7 @@ async fn record_gate(
     .bind(now)
     .bind(handlers)
     .bind(&gate.event)
+    .bind(state.is_some_and(|s| s.backfilled))
     .execute(&mut *conn)
     .await?;
     Ok(Some(verdict))
@@ -419,7 +429,7 @@ type LaneRun = (
 /// The columns a claim returns, as [`PgStore::claimed_of`] reads them.
 const CLAIM_COLUMNS: &str = "d.seq, d.delivery_id, d.topic, d.entity, d.version, d.project_id, \
     d.fresh, d.parse_error IS NULL AS body_is_json, d.received_at, d.body, d.blob_id, d.body_len, \
-    d.event, d.request_id";
+    d.event, d.request_id, d.origin";
 
 impl PgStore {
     fn claimed_of(&self, row: &PgRow) -> Result<Claimed, StoreError> {
@@ -440,6 +450,7 @@ impl PgStore {
             runs: Vec::new(),
             request_id: row.try_get("request_id")?,
             chain: Vec::new(),
+            origin: origin_of(row)?,
         })
     }
 
@@ -672,4 +683,10 @@ pub(super) async fn finish_in_lane(
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// A row's `origin` column.
+pub(super) fn origin_of(row: &PgRow) -> Result<Origin, StoreError> {
+    let text: String = row.try_get("origin")?;
+    Origin::parse(&text).ok_or_else(|| StoreError::Corrupt(format!("origin {text:?}")))
 }

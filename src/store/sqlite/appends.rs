@@ -10,9 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::ops::{in_savepoint, settle, Ctx, Done, Effects, Reply};
 use super::queue::{Arrival, Gated, MemQueue, Outcome, Run};
 use super::reads;
-use crate::delivery::{Status, UnixMillis};
-use crate::ordering::{self, Applied, Verdict, Version};
-use crate::store::gate::applied;
+use crate::delivery::{Origin, Status, UnixMillis};
+use crate::ordering::{Applied, Verdict, Version};
+use crate::store::gate::{applied, decide};
 use crate::store::{ChainRecord, GateRequest, ReplayItem, ReplayTarget, RunState, StoreError};
 
 /// One gate decided: its verdict, and what joins the dispatch state.
@@ -108,10 +108,16 @@ fn gate_one(
     let status = gate.status(fresh);
     let listed = serde_json::to_string(handlers)
         .map_err(|e| StoreError::Corrupt(format!("handlers: {e}")))?;
+    let labels = gate
+        .labels
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("labels: {e}")))?;
     conn.prepare_cached(
         "INSERT INTO verdicts (seq, round, entity, version, change, project_id, fresh, \
-             parse_error, handlers, status, gated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             parse_error, handlers, status, gated_at, data_row_id, labels) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         gate.seq,
@@ -125,6 +131,8 @@ fn gate_one(
         listed,
         status.as_str(),
         now,
+        gate.data_row_id,
+        labels,
     ])?;
     let mut gated = Gated {
         seq: gate.seq,
@@ -154,14 +162,18 @@ fn apply_to_entity(
     now: UnixMillis,
 ) -> Result<Verdict, StoreError> {
     let last = conn
-        .prepare_cached("SELECT version, change FROM entities WHERE entity = ?1")?
+        .prepare_cached("SELECT version, change, backfilled FROM entities WHERE entity = ?1")?
         .query_row([entity], |row| {
-            Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, String>(1)?))
+            Ok((
+                row.get::<_, Option<i64>>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, bool>(2)?,
+            ))
         })
         .optional()?
-        .map(|(version, change)| applied(version, &change))
+        .map(|(version, change, backfilled)| applied(version, &change, backfilled))
         .transpose()?;
-    let (verdict, newly) = ordering::decide(last.as_ref(), gate.version, gate.change);
+    let (verdict, newly) = decide(gate.origin, last.as_ref(), gate.version, gate.change);
     // A stale event leaves the entity as it was; the first event of an entity starts its state
     // whatever it is.
     let state = match (newly, &last) {
@@ -169,20 +181,24 @@ fn apply_to_entity(
         (None, None) => Some(Applied {
             version: gate.version,
             change: gate.change,
+            backfilled: gate.origin == Origin::Backfill,
         }),
         (None, Some(_)) => None,
     };
     if let Some(state) = state {
         conn.prepare_cached(
-            "INSERT INTO entities (entity, version, change, updated_at) VALUES (?1, ?2, ?3, ?4) \
+            "INSERT INTO entities (entity, version, change, updated_at, backfilled) \
+             VALUES (?1, ?2, ?3, ?4, ?5) \
              ON CONFLICT (entity) DO UPDATE SET version = excluded.version, \
-             change = excluded.change, updated_at = excluded.updated_at",
+             change = excluded.change, updated_at = excluded.updated_at, \
+             backfilled = excluded.backfilled",
         )?
         .execute(params![
             entity,
             state.version.map(Version::as_nanos),
             state.change.as_str(),
-            now
+            now,
+            state.backfilled,
         ])?;
     }
     Ok(verdict)
@@ -388,12 +404,19 @@ pub fn arrival_of(
     round: i64,
     done: Vec<String>,
 ) -> Result<Arrival, StoreError> {
-    let (delivery_id, request_id, topic, received_at) = conn
+    let (delivery_id, request_id, topic, received_at, origin) = conn
         .prepare_cached(
-            "SELECT delivery_id, request_id, topic, received_at FROM deliveries WHERE seq = ?1",
+            "SELECT delivery_id, request_id, topic, received_at, origin FROM deliveries \
+             WHERE seq = ?1",
         )?
         .query_row([seq], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                reads::origin_at(row, 4)?,
+            ))
         })?;
     Ok(Arrival {
         delivery_id,
@@ -403,6 +426,7 @@ pub fn arrival_of(
         round,
         body: None,
         done,
+        origin,
     })
 }
 

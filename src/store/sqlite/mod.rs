@@ -17,6 +17,7 @@
 //! within a second.
 
 mod appends;
+mod backfill;
 mod blob;
 mod files;
 mod health;
@@ -151,6 +152,7 @@ impl SqliteStore {
             reached: false,
             queue: queue.clone(),
             rebuilt: false,
+            data_version: None,
         };
         // The writer opens (and migrates) right away so that readers find the schema.
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -273,7 +275,10 @@ async fn catch_up_every_second(
             _ = ticks.tick() => {}
             () = stop.cancelled() => return,
         }
-        let op = Op::CatchUp { now: clock.now() };
+        let op = Op::CatchUp {
+            now: clock.now(),
+            reply: None,
+        };
         if let Err(mpsc::error::TrySendError::Closed(_)) = writer.try_send(WriteRequest::Write(op))
         {
             return;
@@ -330,7 +335,20 @@ impl Queue for SqliteStore {
         _lease: Duration,
         limit: u32,
     ) -> Result<Vec<Ungated>, StoreError> {
-        let (mut taken, unread) = self.queue()?.ungated(limit as usize);
+        let (mut taken, mut unread) = self.queue()?.ungated(limit as usize);
+        if taken.is_empty() {
+            // Nothing here: another process (a backfill) may have stored some since.
+            let now = self.clock.now();
+            self.write(
+                |reply| Op::CatchUp {
+                    now,
+                    reply: Some(reply),
+                },
+                true,
+            )
+            .await?;
+            (taken, unread) = self.queue()?.ungated(limit as usize);
+        }
         let read = self.read_bodies(unread).await?;
         for u in &mut taken {
             if let Some((_, body)) = read.iter().find(|(seq, _)| *seq == u.seq) {

@@ -57,8 +57,12 @@ pub enum Op {
         now: UnixMillis,
         reply: Reply<Vec<ReplayItem>>,
     },
-    /// Reads what another process (the CLI) appended since, and moves the dispatch mark.
-    CatchUp { now: UnixMillis },
+    /// Reads what another process (the CLI) appended since, and moves the dispatch mark; says
+    /// when that is in the dispatch state, to whoever asked.
+    CatchUp {
+        now: UnixMillis,
+        reply: Option<Reply<()>>,
+    },
     /// One batch of retention: what it removed, and the blob files to delete after the commit.
     Prune {
         cutoffs: Cutoffs,
@@ -149,7 +153,11 @@ impl Op {
             Op::Replay { reply, .. } => drop(reply.send(Err(err()))),
             Op::Prune { reply, .. } => drop(reply.send(Err(err()))),
             Op::Reclaim { reply, .. } => drop(reply.send(Err(err()))),
-            Op::CatchUp { .. } => {}
+            Op::CatchUp { reply, .. } => {
+                if let Some(reply) = reply {
+                    drop(reply.send(Err(err())));
+                }
+            }
         }
     }
 
@@ -175,7 +183,7 @@ impl Op {
                 reply,
             } => appends::record(ctx, &owner, records, now, reply),
             Op::Replay { target, now, reply } => appends::replay(ctx, &target, now, reply),
-            Op::CatchUp { now } => recover::catch_up(ctx, now),
+            Op::CatchUp { now, reply } => recover::catch_up(ctx, now, reply),
             Op::Prune {
                 cutoffs,
                 limit,
@@ -235,6 +243,7 @@ fn accept(ctx: &Ctx<'_>, delivery: NewDelivery, reply: Reply<Accepted>) -> Done 
                 round: 0,
                 body: Some(body),
                 done: Vec::new(),
+                origin: delivery.origin,
             },
         );
         let _ = reply.send(Ok(accepted));
@@ -260,9 +269,10 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
     let inserted = conn
         .prepare_cached(
             "INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
-                 client_ip, headers, blob_name, body_len, received_at, accepted_as, request_id) \
+                 client_ip, headers, blob_name, body_len, received_at, accepted_as, request_id, \
+                 origin) \
              SELECT ?1, ?2, EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = ?1 AND body_sha256 <> ?2), \
-                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 WHERE true \
+                 ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 WHERE true \
              ON CONFLICT (delivery_id, body_sha256) DO NOTHING \
              RETURNING seq, id_conflict",
         )?
@@ -279,6 +289,7 @@ fn insert(conn: &Connection, d: &NewDelivery) -> Result<Accepted, StoreError> {
                 d.received_at,
                 accepted_as.as_str(),
                 d.request_id,
+                d.origin.as_str(),
             ],
             |row| Ok((row.get::<_, i64>(0)?, row.get::<_, bool>(1)?)),
         )

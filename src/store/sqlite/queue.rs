@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::delivery::{Payload, Status, UnixMillis};
+use crate::delivery::{Origin, Payload, Status, UnixMillis};
 use crate::ordering::Version;
 use crate::store::{status_after_runs, AttemptResult, Claimed, DueRun, RunState, Ungated};
 
@@ -44,6 +44,7 @@ pub struct Arrival {
     pub body: Option<Payload>,
     /// Handlers that did it in an earlier round: they do not run again.
     pub done: Vec<String>,
+    pub origin: Origin,
 }
 
 /// What the gate recorded for a delivery with handlers to run.
@@ -94,6 +95,7 @@ struct Work {
     topic: Option<String>,
     received_at: UnixMillis,
     body: Option<Payload>,
+    origin: Origin,
     lease: Option<(String, UnixMillis)>,
     /// Queued behind an earlier delivery of its entity: not due until it heads the lane.
     waiting: bool,
@@ -217,6 +219,7 @@ impl MemQueue {
                     request_id: a.request_id.clone(),
                     topic: a.topic.clone(),
                     body,
+                    origin: a.origin,
                 }
             })
             .collect();
@@ -256,6 +259,7 @@ impl MemQueue {
             topic: arrival.topic,
             received_at: arrival.received_at,
             body: arrival.body,
+            origin: arrival.origin,
             lease: None,
             waiting,
             due_at: None,
@@ -390,6 +394,7 @@ impl MemQueue {
                 .collect(),
             request_id: work.request_id.clone(),
             chain: Vec::new(),
+            origin: work.origin,
         }
     }
 
@@ -641,6 +646,7 @@ fn empty_claim(seq: i64) -> Claimed {
         runs: Vec::new(),
         request_id: None,
         chain: Vec::new(),
+        origin: Origin::Webhook,
     }
 }
 
@@ -658,6 +664,7 @@ mod tests {
             round,
             body: Some(Payload::inline(Bytes::from_static(b"{}"))),
             done: Vec::new(),
+            origin: Origin::Webhook,
         }
     }
 

@@ -22,7 +22,7 @@ use super::blob::BlobDir;
 use super::health::{Health, IdlePool};
 use super::ops::body_of;
 use crate::delivery::Status;
-use crate::delivery::{format_millis, Payload, UnixMillis};
+use crate::delivery::{format_millis, Origin, Payload, UnixMillis};
 use crate::ordering::Change;
 use crate::ordering::Version;
 use crate::store::gate::{applied, replay_effect};
@@ -112,9 +112,21 @@ fn open_reader(path: &std::path::Path) -> Result<Connection, StoreError> {
 }
 
 const SUMMARY_COLUMNS: &str = "d.seq, d.delivery_id, d.endpoint, d.topic, d.entity, d.version, \
-    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id";
+    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id, d.origin";
 /// How many columns [`SUMMARY_COLUMNS`] has: a query's own columns follow them.
-const SUMMARY_WIDTH: usize = 11;
+const SUMMARY_WIDTH: usize = 12;
+
+/// A delivery's `origin` column.
+pub(super) fn origin_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Origin> {
+    let text: String = row.get(index)?;
+    Origin::parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("origin {text:?}").into(),
+        )
+    })
+}
 
 fn summary(row: &Row<'_>) -> rusqlite::Result<DeliverySummary> {
     let status: String = row.get(6)?;
@@ -134,6 +146,7 @@ fn summary(row: &Row<'_>) -> rusqlite::Result<DeliverySummary> {
         body_len: row.get::<_, i64>(8)?.max(0) as u64,
         id_conflict: row.get(9)?,
         project_id: row.get(10)?,
+        origin: origin_at(row, 11)?,
     })
 }
 
@@ -221,14 +234,15 @@ pub fn show(
     let rows = conn
         .prepare_cached(&sql)?
         .query_map([delivery_id], |row| {
+            let at = SUMMARY_WIDTH;
             Ok((
                 summary(row)?,
-                row.get::<_, String>(11)?,
-                row.get::<_, String>(12)?,
-                row.get::<_, Option<bool>>(13)?,
-                row.get::<_, Option<String>>(14)?,
-                row.get::<_, bool>(15)?,
-                row.get::<_, Option<String>>(16)?,
+                row.get::<_, String>(at)?,
+                row.get::<_, String>(at + 1)?,
+                row.get::<_, Option<bool>>(at + 2)?,
+                row.get::<_, Option<String>>(at + 3)?,
+                row.get::<_, bool>(at + 4)?,
+                row.get::<_, Option<String>>(at + 5)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -403,7 +417,7 @@ pub fn replay_plan(
 ) -> Result<Vec<ReplayItem>, StoreError> {
     let (condition, value) = target_condition(target);
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, d.change, e.version, e.change \
+        "SELECT {SUMMARY_COLUMNS}, d.change, e.version, e.change, e.backfilled \
          FROM deliveries_now d LEFT JOIN entities e ON e.entity = d.entity \
          WHERE {condition} ORDER BY d.seq"
     );
@@ -417,21 +431,33 @@ pub fn replay_plan(
                 row.get::<_, Option<String>>(at)?,
                 row.get::<_, Option<i64>>(at + 1)?,
                 row.get::<_, Option<String>>(at + 2)?,
+                row.get::<_, Option<bool>>(at + 3)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut items = Vec::with_capacity(rows.len());
-    for (summary, version, change, entity_version, entity_change) in rows {
+    for (summary, version, change, entity_version, entity_change, backfilled) in rows {
         let own = match (&summary.entity, change.as_deref().and_then(Change::parse)) {
             (Some(_), Some(change)) => Some((version.map(Version::from_nanos), change)),
             _ => None,
         };
         let last = match entity_change {
-            Some(change) => Some(applied(entity_version, &change)?),
+            Some(change) => Some(applied(
+                entity_version,
+                &change,
+                backfilled.unwrap_or(false),
+            )?),
             None => None,
         };
         let handlers = handler_runs(conn, summary.seq)?;
-        let effect = replay_effect(running(summary.seq), summary.status, own, last, &handlers);
+        let effect = replay_effect(
+            running(summary.seq),
+            summary.status,
+            own,
+            summary.origin,
+            last,
+            &handlers,
+        );
         items.push(ReplayItem {
             summary,
             effect,

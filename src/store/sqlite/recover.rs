@@ -10,7 +10,7 @@
 use rusqlite::{params, Connection};
 
 use super::appends::{apply_replays, arrival_of};
-use super::ops::{Ctx, Done, Effects};
+use super::ops::{Ctx, Done, Effects, Reply};
 use super::queue::{Arrival, Gated, MemQueue, Run};
 use crate::delivery::UnixMillis;
 use crate::ordering::Version;
@@ -191,11 +191,20 @@ fn runs_of(
 
 /// Reads what another process appended since the last catch-up (deliveries, including those
 /// in the gaps between this process's own, and replays), and writes the dispatch mark.
-pub fn catch_up(ctx: &Ctx<'_>, now: UnixMillis) -> Done {
+pub fn catch_up(ctx: &Ctx<'_>, now: UnixMillis, reply: Option<Reply<()>>) -> Done {
+    let answer = |result: Result<(), StoreError>| {
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    };
     match read_appended(ctx) {
         Ok((found, replays, last_seq, last_replay)) => Done::new(move |committed| {
-            let Ok(queue) = committed else {
-                return Effects::default();
+            let queue = match committed {
+                Ok(queue) => queue,
+                Err(failure) => {
+                    answer(Err(failure.again()));
+                    return Effects::default();
+                }
             };
             let new_work = !found.is_empty() || !replays.is_empty();
             // Known from here on, so that restoring them does not count as gaps.
@@ -217,6 +226,7 @@ pub fn catch_up(ctx: &Ctx<'_>, now: UnixMillis) -> Done {
                 .filter(|(seq, a)| queue.held(*seq).is_none_or(|(round, _)| round < a.round))
                 .collect();
             apply_replays(queue, replays, now);
+            answer(Ok(()));
             Effects {
                 new_work,
                 stored: false,
@@ -224,6 +234,7 @@ pub fn catch_up(ctx: &Ctx<'_>, now: UnixMillis) -> Done {
         }),
         Err(e) => {
             tracing::warn!(error = %e, "could not read what other processes appended");
+            answer(Err(e));
             Done::new(|_| Effects::default())
         }
     }
@@ -254,8 +265,16 @@ fn read_appended(ctx: &Ctx<'_>) -> Result<Appended, StoreError> {
     }
     let mut replays = Vec::new();
     if last_replay > queue.known_replay {
+        // Only a delivery's latest replay counts, and only until its round is gated (this
+        // process's own replays are applied when they commit, and come by here again).
         let rows: Vec<(i64, i64)> = conn
-            .prepare_cached("SELECT seq, round FROM replays WHERE id > ?1 ORDER BY id")?
+            .prepare_cached(
+                "SELECT r.seq, r.round FROM replays r WHERE r.id > ?1 \
+                   AND r.round = (SELECT MAX(round) FROM replays WHERE seq = r.seq) \
+                   AND NOT EXISTS (SELECT 1 FROM verdicts v \
+                                   WHERE v.seq = r.seq AND v.round = r.round) \
+                 ORDER BY r.id",
+            )?
             .query_map([queue.known_replay], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?;
         for (seq, round) in rows {

@@ -100,6 +100,10 @@ pub struct Writer {
     pub queue: Arc<std::sync::Mutex<MemQueue>>,
     /// Whether the dispatch state has been read from the database yet.
     pub rebuilt: bool,
+    /// SQLite's `data_version` as the writer's connection last read it: it moves when another
+    /// connection (the CLI's replay or backfill) commits, and then the batch first reads what
+    /// that process appended.
+    pub data_version: Option<i64>,
 }
 
 impl Writer {
@@ -172,6 +176,7 @@ impl Writer {
                 // Another process stored deliveries between this one's: read them now.
                 waiting.push_front(Op::CatchUp {
                     now: crate::delivery::now_millis(),
+                    reply: None,
                 });
             }
         }
@@ -298,6 +303,7 @@ impl Writer {
                 self.reached = self.conn.is_some();
                 // Start from a fresh connection next time: the file may have come back.
                 self.conn = None;
+                self.data_version = None;
                 let failure = e.again();
                 self.log_refusal(ops, &failure);
                 if self.reached && accepts {
@@ -369,6 +375,8 @@ impl Writer {
             .as_mut()
             .ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA data_version", [], |row| row.get(0))?;
+        let others_wrote = self.data_version.replace(version) != Some(version);
         {
             let state = queue
                 .lock()
@@ -378,6 +386,10 @@ impl Writer {
                 blobs: &blobs,
                 queue: &state,
             };
+            if others_wrote {
+                let now = crate::delivery::now_millis();
+                dones.push(Op::CatchUp { now, reply: None }.run(&ctx));
+            }
             for op in ops.by_ref() {
                 dones.push(op.run(&ctx));
                 // Some errors (a full disk, an I/O error) make SQLite roll back the whole

@@ -19,6 +19,9 @@ CREATE TABLE deliveries_log (
     received_at  INTEGER NOT NULL,              -- unix milliseconds
     accepted_as  TEXT    NOT NULL,              -- pending, or unrecognized (unknown topic)
     request_id   TEXT,
+    -- 'webhook' (sent by Labelbox, its signature checked) or 'backfill' (rebuilt from
+    -- Labelbox's export by `labelhook labelbox backfill`).
+    origin       TEXT    NOT NULL DEFAULT 'webhook',
     UNIQUE (delivery_id, body_sha256)
 );
 
@@ -36,9 +39,15 @@ CREATE TABLE verdicts (
     parse_error  TEXT,
     handlers     TEXT    NOT NULL,              -- JSON array: the handlers its routes chose
     status       TEXT    NOT NULL,              -- as the gate left it
-    gated_at     INTEGER NOT NULL
+    gated_at     INTEGER NOT NULL,
+    -- A label or workflow event's data row, and for a label event the labels it says that data
+    -- row has (JSON array): what a backfill compares the export with, to find deleted labels.
+    data_row_id  TEXT,
+    labels       TEXT
 );
 CREATE INDEX verdicts_seq ON verdicts (seq);
+CREATE INDEX verdicts_data_rows ON verdicts (project_id, data_row_id)
+    WHERE data_row_id IS NOT NULL;
 -- The statuses an operator looks for, found without reading every verdict.
 CREATE INDEX verdicts_notable ON verdicts (status, seq) WHERE status IN ('stale', 'unrecognized');
 
@@ -101,7 +110,7 @@ INSERT INTO sqlite_sequence (name, seq)
     WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'deliveries_log');
 
 INSERT INTO verdicts (seq, round, entity, version, change, project_id, fresh, parse_error,
-        handlers, status, gated_at)
+        handlers, status, gated_at, data_row_id, labels)
     SELECT d.seq, 0, d.entity, d.version, COALESCE(d.change, 'updated'), d.project_id,
            COALESCE(d.fresh, 1), d.parse_error,
            COALESCE((SELECT json_group_array(h.handler) FROM handler_runs h
@@ -109,7 +118,14 @@ INSERT INTO verdicts (seq, round, entity, version, change, project_id, fresh, pa
            CASE WHEN d.status IN ('delivered', 'dead') AND EXISTS (
                     SELECT 1 FROM handler_runs h WHERE h.delivery_seq = d.seq)
                 THEN 'pending' ELSE d.status END,
-           d.received_at
+           d.received_at,
+           json_extract(d.event, '$.data_row_id'),
+           -- The labels a label event names: a v1 label its own (none once deleted), an
+           -- export-shaped snapshot every label it lists.
+           CASE WHEN d.entity LIKE 'labels:%' THEN json_extract(d.event, '$.label_ids')
+                WHEN d.entity LIKE 'label:%' AND d.change <> 'deleted'
+                    THEN json_array(json_extract(d.event, '$.label_id'))
+                WHEN d.entity LIKE 'label:%' THEN '[]' END
     FROM deliveries d WHERE d.gated = 1 ORDER BY d.entity, d.lane_pos, d.seq;
 
 INSERT INTO attempts_log (delivery_seq, round, handler, attempt, started_at, finished_at,
@@ -145,7 +161,10 @@ CREATE TABLE entities_log (
     entity       TEXT    PRIMARY KEY,
     version      INTEGER,
     change       TEXT    NOT NULL,
-    updated_at   INTEGER NOT NULL
+    updated_at   INTEGER NOT NULL,
+    -- 1 when the state was applied by a backfilled delivery: the gate's rule 7 lets a backfill
+    -- apply again only its own state (a replay), never one a webhook brought.
+    backfilled   INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 INSERT INTO entities_log (entity, version, change, updated_at)
     SELECT entity, version, change, updated_at FROM entities;
@@ -174,7 +193,7 @@ CREATE INDEX attempts_delivery ON attempts (delivery_seq);
 -- verdict even before it is gated again), and its status from the newest record that says one.
 CREATE VIEW deliveries_now AS
 SELECT d.seq, d.delivery_id, d.body_sha256, d.id_conflict, d.endpoint, d.topic, d.client_ip,
-       d.headers, d.blob_name, d.body_len, d.received_at, d.request_id,
+       d.headers, d.blob_name, d.body_len, d.received_at, d.request_id, d.origin,
        v.entity, v.version, v.change, v.project_id, v.parse_error, v.handlers,
        COALESCE(r.round, 0) AS round,
        CASE WHEN v.round = COALESCE(r.round, 0) THEN v.fresh END AS fresh,
