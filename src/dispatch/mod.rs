@@ -31,7 +31,7 @@ use crate::events::{self, Event, Topic};
 use crate::handlers::{HandlerError, HandlerEvent, Registry};
 use crate::ingress::webhook::bounded_for_log;
 use crate::ordering::Change;
-use crate::store::outage::{Backoff, Outage};
+use crate::store::outage::Backoff;
 use crate::store::{
     AttemptOutcome, AttemptResult, ChainRecord, Claimed, DueRun, GateRequest, LeaseOwner, Queue,
     StoreError, Ungated,
@@ -140,12 +140,10 @@ impl Dispatcher {
         due: Arc<tokio::sync::Notify>,
         stop: CancellationToken,
     ) {
-        let mut outage = Outage::new("dispatcher (gate)", None);
         let mut backoff = Backoff::new(STORE_ERROR_PAUSE, STORE_ERROR_PAUSE_MAX);
         while !stop.is_cancelled() {
             match self.gate_round().await {
                 Ok(gated) => {
-                    outage.succeeded();
                     backoff.reset();
                     if gated {
                         due.notify_one();
@@ -153,7 +151,8 @@ impl Dispatcher {
                     }
                 }
                 Err(e) => {
-                    outage.failed(&e, 1);
+                    // The store tells of its outage itself; this loop only waits it out.
+                    tracing::debug!(error = %e, "gating failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(backoff.pause()) => {}
                         () = stop.cancelled() => {}
@@ -178,7 +177,6 @@ impl Dispatcher {
         let mut running: JoinSet<()> = JoinSet::new();
         // Claims are batched: wait for a quarter of the lanes to be free, unless all are.
         let claim_at = (self.concurrency / 4).max(1);
-        let mut outage = Outage::new("dispatcher (claims)", None);
         let mut backoff = Backoff::new(STORE_ERROR_PAUSE, STORE_ERROR_PAUSE_MAX);
         while !stop.is_cancelled() {
             while running.try_join_next().is_some() {}
@@ -186,7 +184,6 @@ impl Dispatcher {
             if room >= claim_at || running.is_empty() {
                 match self.claim_into(&mut running, room).await {
                     Ok(all_due) => {
-                        outage.succeeded();
                         backoff.reset();
                         // Everything asked for was due: there may be more.
                         if all_due && running.len() < self.concurrency {
@@ -194,7 +191,7 @@ impl Dispatcher {
                         }
                     }
                     Err(e) => {
-                        outage.failed(&e, 1);
+                        tracing::debug!(error = %e, "claiming failed; retrying");
                         tokio::select! {
                             () = tokio::time::sleep(backoff.pause()) => {}
                             () = stop.cancelled() => {}

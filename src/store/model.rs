@@ -602,13 +602,15 @@ pub struct KnownLabel {
     pub version: Option<Version>,
 }
 
+/// What one gated label delivery said: its data row, its entity and version, the labels it
+/// named, and whether the entity is deleted now.
+pub(crate) type NamedLabels = (String, String, Option<i64>, Vec<String>, bool);
+
 /// The labels gated label deliveries say their data rows have (the same for every back-end).
 /// `rows` are (data row id, entity, version, the labels its delivery named
 /// ([`crate::events::Event::labels_named`]), whether the entity is deleted), the newest
 /// delivery first per entity; only the newest counts, and a deleted entity names none.
-pub(crate) fn known_labels_of(
-    rows: Vec<(String, String, Option<i64>, Vec<String>, bool)>,
-) -> Vec<KnownLabel> {
+pub(crate) fn known_labels_of(rows: Vec<NamedLabels>) -> Vec<KnownLabel> {
     let mut seen = std::collections::HashSet::new();
     let mut known = Vec::new();
     for (data_row_id, entity, version, labels, deleted) in rows {

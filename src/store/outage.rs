@@ -2,7 +2,7 @@
 //!
 //! A store that cannot be written is tried again and again (each delivery, the dispatcher's
 //! rounds, the background probes), and a line per try would bury the one line that matters. So
-//! an [`Outage`] says once that the store is unavailable and why, once that it is back (and how
+//! each back-end's [`Outage`] says once that the store is unavailable and why, once that it is back (and how
 //! long it was away), and in between at most one line every [`REMINDER_INTERVAL`] with how many
 //! writes were refused since; `labelhook_store_refusals_total` counts every one. The reason is
 //! the error the store gave, never a guess.
@@ -23,9 +23,8 @@ pub const REMINDER_INTERVAL: Duration = Duration::from_secs(30);
 pub struct Outage {
     /// Names what is reporting, in each line (`store`, `dispatcher`).
     what: &'static str,
-    /// The back-end whose refusals this counts; `None` for a reporter that only sees refusals
-    /// the store counted already (the dispatcher).
-    backend: Option<&'static str>,
+    /// The back-end whose refusals this counts.
+    backend: &'static str,
     since: Option<Instant>,
     /// Refusals since the last line.
     refused: u64,
@@ -33,7 +32,7 @@ pub struct Outage {
 }
 
 impl Outage {
-    pub fn new(what: &'static str, backend: Option<&'static str>) -> Self {
+    pub fn new(what: &'static str, backend: &'static str) -> Self {
         Self {
             what,
             backend,
@@ -46,10 +45,8 @@ impl Outage {
     /// `refused` writes failed with `error`.
     pub fn failed(&mut self, error: &StoreError, refused: usize) {
         let refused = refused as u64;
-        if let Some(backend) = self.backend {
-            metrics::counter!(telemetry::STORE_REFUSALS_TOTAL, "backend" => backend)
-                .increment(refused);
-        }
+        metrics::counter!(telemetry::STORE_REFUSALS_TOTAL, "backend" => self.backend)
+            .increment(refused);
         self.refused += refused;
         let now = Instant::now();
         match self.since {
@@ -151,7 +148,7 @@ mod tests {
 
     #[test]
     fn an_outage_is_told_once_then_reminded_then_ended() {
-        let mut o = Outage::new("store", Some("sqlite"));
+        let mut o = Outage::new("store", "sqlite");
         let e = StoreError::Unavailable("disk full".into());
         o.failed(&e, 1);
         assert!(o.is_out());

@@ -148,7 +148,7 @@ impl SqliteStore {
             health: health.clone(),
             lock: None,
             files: None,
-            outage: crate::store::outage::Outage::new("store", Some("sqlite")),
+            outage: crate::store::outage::Outage::new("store", "sqlite"),
             reached: false,
             queue: queue.clone(),
             rebuilt: false,
