@@ -406,3 +406,6 @@ pub async fn shutdown_signal() {
 pub fn display_addr(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
+
+#[cfg(test)]
+mod router_tests;
