@@ -7,12 +7,12 @@
 //! [`dispatch`] (claim, [`events`] parse, [`ordering`] gate, route) → [`handlers`].
 //! [`delivery`] sits below ingress and store and says what a delivery is.
 //!
-//! Beside that way: [`console`] serves the operations pages on the admin listener; it reads
+//! Beside that way: `console` serves the operations pages on the admin listener; it reads
 //! deliveries through the store's inspection trait, replays through the same store call and
 //! the same words (`console::replay`) as `labelhook events replay`, and takes the counts of
-//! requests the store never saw (refusals, duplicates) from [`telemetry`]. [`telemetry`]
+//! requests the store never saw (refusals, duplicates) from `telemetry`. `telemetry`
 //! (logs, the request span, metrics) is at the floor: every module may use it and it uses none
-//! of ours. [`known_series`] publishes the metric series known at start. [`config`] loads and
+//! of ours. `known_series` publishes the metric series known at start. [`config`] loads and
 //! checks the settings; [`cli`] holds the commands, and nothing else in the library depends on
 //! it.
 //!
