@@ -26,6 +26,8 @@ mod keys;
 mod labelbox;
 mod load;
 
+/// `[log]` is telemetry's own section.
+pub use crate::telemetry::{LogFormat, LogSettings};
 pub use environment::{unused_variables, Meant, UnusedVariable};
 pub use labelbox::{
     BackfillPayload, LabelboxSettings, LabelboxWebhook, LABELBOX_API_URL, MIN_POLL_INTERVAL,
@@ -260,33 +262,6 @@ impl Default for DispatchSettings {
             lease: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(30 * 60),
             poll_interval: Duration::from_secs(1),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Pretty on a terminal, JSON otherwise.
-    #[default]
-    Auto,
-    Json,
-    Pretty,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// A `tracing` filter such as `info` or `labelhook=debug,info`; `RUST_LOG` wins when set.
-    pub level: String,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Auto,
-            level: "info".to_owned(),
         }
     }
 }

@@ -77,7 +77,7 @@ fn deliveries(settings: &Settings) {
     for (endpoint, topic) in sources {
         for outcome in OUTCOMES {
             metrics::counter!(
-                "labelhook_deliveries_total",
+                telemetry::DELIVERIES_TOTAL,
                 "endpoint" => endpoint.clone(),
                 "topic" => topic,
                 "outcome" => outcome,

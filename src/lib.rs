@@ -1,15 +1,23 @@
 //! labelhook: receives Labelbox webhooks, checks they come from Labelbox, stores them durably
 //! before answering, and hands typed events to handlers in per-entity order.
 //!
-//! One delivery's way, module by module: [`server`] (listeners, timeouts) → [`ingress`]
-//! (client IP, allowlist, streamed body, HMAC → the proof a [`delivery::VerifiedDelivery`]
-//! needs) → [`store`] (durable commit, then the 2xx) → [`dispatch`] (claim, [`events`] parse,
-//! [`ordering`] gate, route) → [`handlers`]. [`delivery`] sits below ingress and store and says
-//! what a delivery is. [`cli`] holds the commands; nothing in the library depends on it.
-//! [`bench`] (`labelhook bench`) runs the whole service in process under a load of its own.
-//! `console` serves the operations pages on the admin listener, reading through the store's
-//! inspection trait.
-
+//! One delivery's way, module by module: [`server`] (listeners, timeouts, the request layers)
+//! → [`ingress`] (client IP, allowlist, streamed body, HMAC → the proof a
+//! [`delivery::VerifiedDelivery`] needs) → [`store`] (durable commit, then the 2xx) →
+//! [`dispatch`] (claim, [`events`] parse, [`ordering`] gate, route) → [`handlers`].
+//! [`delivery`] sits below ingress and store and says what a delivery is. [`labelbox`] is the
+//! client of Labelbox's API (webhooks, and the backfill that stores what an export says through
+//! the same gate); [`bench`] (`labelhook bench`) runs the whole service in process under a load
+//! of its own.
+//!
+//! Beside that way: `console` serves the operations pages on the admin listener; it reads
+//! deliveries through the store's inspection trait, replays through the same store call and
+//! the same words (`console::replay`) as `labelhook events replay`, and takes the counts of
+//! requests the store never saw (refusals, duplicates) from `telemetry`. `telemetry`
+//! (logs, the request span, metrics) is at the floor: every module may use it and it uses none
+//! of ours. `known_series` publishes the metric series known at start. [`config`] loads and
+//! checks the settings; [`cli`] holds the commands, and nothing else in the library depends on
+//! it.
 //!
 //! The public face is what a program embedding labelhook needs: build and run the
 //! [`Application`], plug in a [`Handler`] and match on the typed [`Event`] it is given. The
@@ -52,6 +60,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{Clock, SystemClock};
@@ -108,7 +117,7 @@ impl Application {
                  set [admin] token, or keep the port private"
             );
         }
-        let tally = Arc::new(console::Tally::from_recorder());
+        let tally = Arc::new(console::Tally::of_this_process());
         let console = console::Console::new(&config, store.clone(), clock.clone(), tally.clone())?;
         Ok(Self {
             config,
@@ -149,74 +158,35 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests and
     /// closes the store after its last commit.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
-        let settings = &self.config.settings;
-        known_series::publish(settings, self.handlers.names());
-        let stop_background = CancellationToken::new();
+        known_series::publish(&self.config.settings, self.handlers.names());
+        let server_settings = &self.config.settings.server;
         let admission = Arc::new(ingress::admission::Admission::new(
-            settings.server.backlog_limit,
-            settings.server.backlog_max_delay,
+            server_settings.backlog_limit,
+            server_settings.backlog_max_delay,
         ));
-        let watching = tokio::spawn(ingress::admission::watch_backlog(
-            self.store.clone(),
-            admission.clone(),
-            stop_background.clone(),
-        ));
-        let pruning = tokio::spawn(store::retention::run_pruner(
-            self.store.clone(),
-            settings.store.retention.clone(),
-            self.clock.clone(),
-            stop_background.clone(),
-        ));
-        // `labelhook_store_ready` stays current whether or not anything polls /readyz.
-        let probing = tokio::spawn(telemetry::watch_readiness(
-            self.store.clone(),
-            stop_background.clone(),
-        ));
-        // The console's count of refusals over time (see `console::tally`).
-        let sampling = tokio::spawn(console::tally::sample_until_stopped(
-            self.tally.clone(),
-            self.clock.clone(),
-            stop_background.clone(),
-        ));
+        let stop_background = CancellationToken::new();
+        let background = self.spawn_background(&admission, &stop_background);
         let state = IngressState::new(
             &self.config,
             self.store.clone(),
             self.clock.clone(),
             admission,
         );
-        let model_path = settings.model_training.as_ref().map(|m| m.path.as_str());
-        let stop = CancellationToken::new();
+        let Application {
+            config,
+            clock,
+            store,
+            listener,
+            admin_listener,
+            handlers,
+            console,
+            ..
+        } = self;
         let stop_dispatch = CancellationToken::new();
-        let dispatching = if settings.dispatch.enabled {
-            let dispatcher = dispatch::Dispatcher::new(
-                &self.config,
-                self.store.clone(),
-                self.clock.clone(),
-                self.handlers,
-            );
-            Some(tokio::spawn(dispatcher.run(stop_dispatch.clone())))
-        } else {
-            tracing::info!("dispatch.enabled = false: receiving only");
-            None
-        };
-        let mut servers = tokio::task::JoinSet::new();
-        let limits = server::ServeLimits {
-            header_timeout: settings.server.header_timeout,
-            shutdown_timeout: settings.server.shutdown_timeout,
-            max_connections: settings.server.max_connections,
-        };
-        servers.spawn(server::serve(
-            self.listener,
-            server::app(state.clone(), model_path),
-            limits,
-            stop.clone(),
-        ));
-        servers.spawn(server::serve(
-            self.admin_listener,
-            server::admin_app(state, self.console),
-            limits,
-            stop.clone(),
-        ));
+        let dispatching = spawn_dispatcher(&config, store.clone(), clock, handlers, &stop_dispatch);
+        let stop = CancellationToken::new();
+        let mut servers = spawn_servers(&config, [listener, admin_listener], state, console, &stop);
+
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing open requests");
         stop.cancel();
@@ -224,18 +194,96 @@ impl Application {
         // Every accepted delivery is stored; now let running handlers finish.
         stop_dispatch.cancel();
         if let Some(dispatching) = dispatching {
-            if tokio::time::timeout(settings.server.shutdown_timeout, dispatching)
-                .await
-                .is_err()
-            {
+            let waited = config.settings.server.shutdown_timeout;
+            if tokio::time::timeout(waited, dispatching).await.is_err() {
                 tracing::warn!("handlers still running at shutdown; they run again later");
             }
         }
         stop_background.cancel();
-        let _ = tokio::join!(watching, pruning, probing, sampling);
-        self.store.close().await;
+        for task in background {
+            let _ = task.await;
+        }
+        store.close().await;
         tracing::info!("stopped");
     }
+
+    /// The tasks that run beside the listeners until `stop`: the backlog watch (which holds
+    /// answers back while handlers are far behind), the pruner, the readiness probe (so that
+    /// `labelhook_store_ready` stays current whether or not anything polls /readyz), and the
+    /// console's sampling of refusals over time (see `console::tally`).
+    fn spawn_background(
+        &self,
+        admission: &Arc<ingress::admission::Admission>,
+        stop: &CancellationToken,
+    ) -> [JoinHandle<()>; 4] {
+        [
+            tokio::spawn(ingress::admission::watch_backlog(
+                self.store.clone(),
+                admission.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(store::retention::run_pruner(
+                self.store.clone(),
+                self.config.settings.store.retention.clone(),
+                self.clock.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(server::watch_readiness(self.store.clone(), stop.clone())),
+            tokio::spawn(console::tally::sample_until_stopped(
+                self.tally.clone(),
+                self.clock.clone(),
+                stop.clone(),
+            )),
+        ]
+    }
+}
+
+/// The dispatcher, running until `stop`; none when `dispatch.enabled` is false.
+fn spawn_dispatcher(
+    config: &Config,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    handlers: handlers::Registry,
+    stop: &CancellationToken,
+) -> Option<JoinHandle<()>> {
+    if !config.settings.dispatch.enabled {
+        tracing::info!("dispatch.enabled = false: receiving only");
+        return None;
+    }
+    let dispatcher = dispatch::Dispatcher::new(config, store, clock, handlers);
+    Some(tokio::spawn(dispatcher.run(stop.clone())))
+}
+
+/// The delivery routes on the first listener and the admin routes on the second, each served
+/// until `stop`.
+fn spawn_servers(
+    config: &Config,
+    [listener, admin_listener]: [TcpListener; 2],
+    state: IngressState,
+    console: console::Console,
+    stop: &CancellationToken,
+) -> JoinSet<()> {
+    let settings = &config.settings;
+    let limits = server::ServeLimits {
+        header_timeout: settings.server.header_timeout,
+        shutdown_timeout: settings.server.shutdown_timeout,
+        max_connections: settings.server.max_connections,
+    };
+    let model_path = settings.model_training.as_ref().map(|m| m.path.as_str());
+    let mut servers = JoinSet::new();
+    servers.spawn(server::serve(
+        listener,
+        server::app(state.clone(), model_path),
+        limits,
+        stop.clone(),
+    ));
+    servers.spawn(server::serve(
+        admin_listener,
+        server::admin_app(state, console),
+        limits,
+        stop.clone(),
+    ));
+    servers
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

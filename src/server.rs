@@ -1,4 +1,4 @@
-//! Listeners, the router, timeouts, and graceful shutdown.
+//! Listeners, the router and its request layers, timeouts, readiness, and graceful shutdown.
 //!
 //! Connections are served by hyper directly rather than `axum::serve`, because only hyper's
 //! connection builder can cut off a client that never finishes its headers
@@ -25,16 +25,23 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::console::Console;
 use crate::ingress::{webhook, IngressState};
+use crate::store::{Intake, StoreError};
+use crate::telemetry::{self, MakeHexRequestId, REQUEST_ID_HEADER};
 
 /// The route of topic deliveries (also the `route` label of their HTTP metrics).
 pub const WEBHOOK_ROUTE: &str = "/webhooks/{endpoint}";
-/// How long `/readyz` waits for the store's probe commit.
+/// How long `/readyz` (and [`watch_readiness`]) waits for the store's probe commit; a probe
+/// that takes longer counts as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often [`watch_readiness`] probes the store.
+const READY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The delivery routes. The admin routes are never among them: they are [`admin_app`], on a
 /// listener of their own.
@@ -48,11 +55,26 @@ pub fn app(state: IngressState, model_training_path: Option<&str>) -> Router {
                 post(webhook::receive_model_run),
             );
     }
-    // The request span is outermost, so that everything below logs inside it, and the id
-    // reaches the answer whatever it is.
+    // Outermost first: the request id is settled (a proxy's fit one kept, else one made) and
+    // echoed in the answer whatever it is; then the request span, so that everything below
+    // logs inside it; then the request's metrics.
+    let request_layers = ServiceBuilder::new()
+        .map_request(telemetry::keep_fit_request_id)
+        .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeHexRequestId))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(telemetry::request_span)
+                .on_request(telemetry::request_started)
+                .on_response(telemetry::request_finished)
+                // One line per request, the one above; a refusal logs its own reason.
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
+        );
     let router = router
         .route_layer(middleware::from_fn(record_request))
-        .route_layer(middleware::from_fn(crate::telemetry::request_span))
+        .route_layer(request_layers)
         .with_state(state);
     router
         // Bodies are streamed and limited by the ingress itself (`server.max_body_bytes`).
@@ -76,7 +98,7 @@ pub fn admin_app(state: IngressState, console: Console) -> Router {
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
-            get(|| async { crate::telemetry::metrics_handle().render() }).route_layer(
+            get(|| async { telemetry::metrics_handle().render() }).route_layer(
                 middleware::from_fn_with_state(console.clone(), crate::console::require_bearer),
             ),
         )
@@ -86,11 +108,11 @@ pub fn admin_app(state: IngressState, console: Console) -> Router {
 }
 
 async fn readyz(State(state): State<IngressState>) -> Response {
-    let checked = tokio::time::timeout(READY_TIMEOUT, state.store().check_ready()).await;
-    crate::telemetry::set_store_ready(matches!(checked, Ok(Ok(()))));
-    match checked {
-        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
-        Ok(Err(e)) => {
+    let probed = probe(state.store().as_ref()).await;
+    telemetry::set_store_ready(probed.is_ok());
+    match probed {
+        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
+        Err(ProbeFailure::Store(e)) => {
             tracing::warn!(error = %e, "not ready");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -98,11 +120,53 @@ async fn readyz(State(state): State<IngressState>) -> Response {
             )
                 .into_response()
         }
-        Err(_) => (
+        Err(ProbeFailure::TimedOut) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "error": "store did not answer in time" })),
         )
             .into_response(),
+    }
+}
+
+/// Why the store did not take a probe commit.
+#[derive(Debug, thiserror::Error)]
+enum ProbeFailure {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "the probe commit took longer than {}",
+        humantime::format_duration(READY_TIMEOUT)
+    )]
+    TimedOut,
+}
+
+/// The commit `/readyz` makes, bounded by [`READY_TIMEOUT`].
+async fn probe(store: &dyn Intake) -> Result<(), ProbeFailure> {
+    match tokio::time::timeout(READY_TIMEOUT, store.check_ready()).await {
+        Ok(checked) => Ok(checked?),
+        Err(_) => Err(ProbeFailure::TimedOut),
+    }
+}
+
+/// Probes the store (the commit `/readyz` makes) every [`READY_PROBE_INTERVAL`] until `stop`,
+/// so that `labelhook_store_ready` is current whether or not anything polls `/readyz`. A change
+/// either way is logged once, with the probe's error, so that the alert on the gauge leads to
+/// the reason.
+pub async fn watch_readiness(store: Arc<dyn Intake>, stop: CancellationToken) {
+    let mut was_ready = true;
+    loop {
+        let probed = probe(store.as_ref()).await;
+        match (&probed, was_ready) {
+            (Err(e), true) => tracing::warn!(error = %e, "store not ready"),
+            (Ok(()), false) => tracing::info!("store ready again"),
+            _ => {}
+        }
+        was_ready = probed.is_ok();
+        telemetry::set_store_ready(was_ready);
+        tokio::select! {
+            () = tokio::time::sleep(READY_PROBE_INTERVAL) => {}
+            () = stop.cancelled() => return,
+        }
     }
 }
 
@@ -342,3 +406,6 @@ pub async fn shutdown_signal() {
 pub fn display_addr(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
+
+#[cfg(test)]
+mod router_tests;

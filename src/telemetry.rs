@@ -1,5 +1,9 @@
-//! Logs, traces and metrics: the tracing subscriber, the request id that ties one delivery's
-//! log lines together, and the Prometheus recorder with every metric family's help text.
+//! Logs, traces and metrics: the tracing subscriber and its settings, what a request's span
+//! and log lines hold (its request id, its delivery once known, a bounded copy of any value a
+//! client sent), and the Prometheus recorder with every metric family's help text.
+//!
+//! It imports nothing of ours: every other module logs and counts through it, so it sits at
+//! the floor of the house (`config` composes its [`LogSettings`]).
 //!
 //! Logs go to stderr (stdout carries the `listening on` lines that scripts read), as JSON or, on
 //! a terminal, pretty. A JSON line carries the fields of the spans it was logged in, so a line
@@ -10,26 +14,29 @@
 //!   `delivery_id`, `seq`, `request_id` (read back from the store), `topic`, `entity`;
 //! - `attempt` (inside `dispatch`): `handler`, `attempt`.
 //!
+//! The request's id and span are tower-http's middleware (`SetRequestId`, `PropagateRequestId`
+//! and `TraceLayer`, put together by the server); this module gives them what is labelhook's
+//! own: which ids are fit to keep ([`keep_fit_request_id`]), how a new one is made
+//! ([`MakeHexRequestId`]), the span's fields ([`request_span`]) and its last line
+//! ([`request_finished`]).
+//!
 //! Metrics: the Prometheus recorder is process-wide, installed once, and every family is
 //! described here ([`FAMILIES`]), in one place, so that `/metrics` passes
 //! `promtool check metrics` and an operator reading it knows what each number is.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::MatchedPath;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use serde::Deserialize;
+use tower_http::request_id::{MakeRequestId, RequestId};
+use tracing::Span;
 use tracing_subscriber::{fmt, EnvFilter};
-
-use crate::config::{LogFormat, LogSettings};
-use crate::store::Intake;
 
 /// Seconds; request durations from sub-millisecond acks to multi-minute huge bodies.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -46,6 +53,8 @@ const BATCH_SIZE_BUCKETS: [f64; 11] = [
 pub const STORE_COMMIT_SECONDS: &str = "labelhook_store_commit_duration_seconds";
 /// Histogram: writes per store commit (`backend` label).
 pub const STORE_COMMIT_BATCH_SIZE: &str = "labelhook_store_commit_batch_size";
+/// Counter: deliveries answered (`endpoint`, `topic` and `outcome` labels).
+pub const DELIVERIES_TOTAL: &str = "labelhook_deliveries_total";
 /// Gauge: 1 while the store takes commits, 0 when its last probe failed.
 pub const STORE_READY: &str = "labelhook_store_ready";
 pub const STORE_REFUSALS_TOTAL: &str = "labelhook_store_refusals_total";
@@ -100,7 +109,7 @@ const FAMILIES: &[Family] = &[
     },
     // Ingress
     Family {
-        name: "labelhook_deliveries_total",
+        name: DELIVERIES_TOTAL,
         kind: Kind::Counter,
         unit: None,
         help: "Deliveries answered, by endpoint, canonical topic and outcome: accepted, duplicate, or the reason one was refused (address_not_allowed, signature_missing, signature_malformed, signature_mismatch, too_large, unsupported_media, bad_delivery_id, body_timeout, body_too_slow, overloaded, body_read_error, unknown_endpoint, store_unavailable, queue_full).",
@@ -217,6 +226,35 @@ const FAMILIES: &[Family] = &[
     },
 ];
 
+/// How log lines are written: `[log]` in the configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `labelhook=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".to_owned(),
+        }
+    }
+}
+
 /// Installs the global subscriber; `RUST_LOG` wins over the configured level.
 pub fn init_logging(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
@@ -298,119 +336,160 @@ pub fn set_store_ready(ready: bool) {
     metrics::gauge!(STORE_READY).set(if ready { 1.0 } else { 0.0 });
 }
 
-/// How often [`watch_readiness`] probes the store.
-const READY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long one probe may take before the store counts as not ready.
-const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The answers to deliveries this process gave, by outcome: what [`DELIVERIES_TOTAL`] counts,
+/// summed over its endpoints and topics. Kept beside the counter, by the one call that
+/// increments both, so that the console can read it without rendering `/metrics` (a
+/// Prometheus counter cannot be read back through its handle) and it cannot drift from it.
+fn outcome_counts() -> &'static Mutex<BTreeMap<&'static str, u64>> {
+    static COUNTS: OnceLock<Mutex<BTreeMap<&'static str, u64>>> = OnceLock::new();
+    COUNTS.get_or_init(Mutex::default)
+}
 
-/// Probes the store (the commit `/readyz` makes) every [`READY_PROBE_INTERVAL`] until `stop`,
-/// so that [`STORE_READY`] is current whether or not anything polls `/readyz`. A change either
-/// way is logged once, with the probe's error, so that the alert on [`STORE_READY`] leads to
-/// the reason.
-pub async fn watch_readiness(store: Arc<dyn Intake>, stop: CancellationToken) {
-    let mut was_ready = true;
-    loop {
-        let failure = match tokio::time::timeout(READY_PROBE_TIMEOUT, store.check_ready()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!(
-                "the probe commit took longer than {}",
-                humantime::format_duration(READY_PROBE_TIMEOUT)
-            )),
-        };
-        let ready = failure.is_none();
-        match (&failure, was_ready) {
-            (Some(error), true) => tracing::warn!(%error, "store not ready"),
-            (None, false) => tracing::info!("store ready again"),
-            _ => {}
-        }
-        was_ready = ready;
-        set_store_ready(ready);
-        tokio::select! {
-            () = tokio::time::sleep(READY_PROBE_INTERVAL) => {}
-            () = stop.cancelled() => return,
-        }
+/// Counts one answer to a delivery in [`DELIVERIES_TOTAL`] (and in the per-outcome totals
+/// [`deliveries_by_outcome`] reads).
+pub fn count_delivery(endpoint: &str, topic: &'static str, outcome: &'static str) {
+    metrics::counter!(
+        DELIVERIES_TOTAL,
+        "endpoint" => endpoint.to_owned(),
+        "topic" => topic,
+        "outcome" => outcome,
+    )
+    .increment(1);
+    if let Ok(mut counts) = outcome_counts().lock() {
+        *counts.entry(outcome).or_insert(0) += 1;
     }
+}
+
+/// The answers to deliveries this process gave since it started, by outcome.
+pub fn deliveries_by_outcome() -> BTreeMap<String, u64> {
+    outcome_counts().lock().map_or_else(
+        |_| BTreeMap::new(),
+        |counts| counts.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect(),
+    )
+}
+
+/// Longest piece of a client-sent value that reaches a log line.
+const LOGGED_VALUE_MAX_CHARS: usize = 64;
+
+/// A client-sent value fit for a log line whoever sent it: at most `LOGGED_VALUE_MAX_CHARS`
+/// characters, anything but printable ASCII shown as `?`. A refused request must not be able to
+/// write more to the log than a few hundred bytes.
+pub fn bounded_for_log(value: &str) -> String {
+    let mut shown: String = value
+        .chars()
+        .take(LOGGED_VALUE_MAX_CHARS)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if value.chars().nth(LOGGED_VALUE_MAX_CHARS).is_some() {
+        shown.push_str("...");
+    }
+    shown
 }
 
 /// The header a proxy may set, and that every answer on the delivery routes carries.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest request id taken from a proxy; a longer one is replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// The id of one HTTP request: from `X-Request-Id` when a proxy sent a fit one, else made
-/// here. Only `[A-Za-z0-9._-]`, at most 128 characters, so it is safe in any log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(String);
+/// Whether a request id is fit to keep: only `[A-Za-z0-9._-]`, at most 128 characters, so it
+/// is safe in any log line.
+fn is_fit_request_id(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_REQUEST_ID_LEN
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 
-impl RequestId {
-    /// A header value fit to be a request id, or `None`.
-    pub fn parse(value: &[u8]) -> Option<RequestId> {
-        let fit = !value.is_empty()
-            && value.len() <= MAX_REQUEST_ID_LEN
-            && value
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        fit.then(|| RequestId(String::from_utf8_lossy(value).into_owned()))
+/// The request's id, as the request layers left it in `X-Request-Id` (when it is fit).
+pub fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .filter(|v| is_fit_request_id(v.as_bytes()))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Marks a request whose `X-Request-Id` was unfit and removed, for [`request_started`].
+#[derive(Debug, Clone, Copy)]
+struct UnfitRequestIdRemoved;
+
+/// The first request layer: keeps a proxy's `X-Request-Id` when it is fit (one value only),
+/// and removes an unfit one, so that `SetRequestId` makes a new id in its place and nothing
+/// downstream (the span, the stored delivery, the answer) ever sees it.
+pub fn keep_fit_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let given = request.headers().get(REQUEST_ID_HEADER).cloned();
+    match given {
+        None => {}
+        Some(value) if is_fit_request_id(value.as_bytes()) => {
+            request.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        Some(_) => {
+            request.headers_mut().remove(REQUEST_ID_HEADER);
+            request.extensions_mut().insert(UnfitRequestIdRemoved);
+        }
     }
+    request
+}
 
-    /// A new id: 128 random bits in hex. Not a secret, only unique enough to search logs by.
-    pub fn generate() -> RequestId {
-        RequestId(format!("{:032x}", fastrand::u128(..)))
-    }
+/// Makes the id of a request that came without a fit one: 128 random bits in hex. Not a
+/// secret, only unique enough to search logs by.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MakeHexRequestId;
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+impl MakeRequestId for MakeHexRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..)))
+            .ok()
+            .map(RequestId::new)
     }
 }
 
-/// Middleware on the delivery routes: takes the request id from `X-Request-Id` (or makes one
-/// when it is missing or unfit), puts it back on the request for the handler (an unfit one is
-/// replaced, so nothing downstream sees it), runs the request inside a `request` span that the
-/// handler fills in with the delivery's fields, echoes the id in the answer, and logs one line
-/// when the answer is ready.
-pub async fn request_span(mut request: Request, next: Next) -> Response {
-    let given = request.headers().get(REQUEST_ID_HEADER);
-    let replaced = given.is_some();
-    let (id, replaced) = match given.and_then(|v| RequestId::parse(v.as_bytes())) {
-        Some(id) => (id, false),
-        None => (RequestId::generate(), replaced),
-    };
-    let header = HeaderValue::from_str(id.as_str()).ok();
-    if let Some(value) = &header {
-        request
-            .headers_mut()
-            .insert(REQUEST_ID_HEADER, value.clone());
-    }
+/// The `request` span of one request on the delivery routes, with its id, method and matched
+/// route; the ingress fills in the delivery's fields once they are known.
+pub fn request_span<B>(request: &Request<B>) -> Span {
+    let id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(String::new, |p| p.as_str().to_owned());
-    let span = tracing::info_span!(
+        .map_or("", MatchedPath::as_str);
+    tracing::info_span!(
         "request",
-        request_id = %id.as_str(),
+        request_id = %id,
         method = %request.method(),
         route = %route,
         delivery_id = tracing::field::Empty,
         seq = tracing::field::Empty,
         topic = tracing::field::Empty,
-    );
-    let started = Instant::now();
-    async move {
-        if replaced {
-            tracing::debug!("unfit X-Request-Id replaced by a new id");
-        }
-        let mut response = next.run(request).await;
-        if let Some(value) = header {
-            response.headers_mut().insert(REQUEST_ID_HEADER, value);
-        }
-        let status = response.status().as_u16();
-        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        tracing::info!(status, duration_ms, "request finished");
-        response
+    )
+}
+
+/// Inside the request's span, as it starts: says when a proxy's id was replaced.
+pub fn request_started<B>(request: &Request<B>, _span: &Span) {
+    if request
+        .extensions()
+        .get::<UnfitRequestIdRemoved>()
+        .is_some()
+    {
+        tracing::debug!("unfit X-Request-Id replaced by a new id");
     }
-    .instrument(span)
-    .await
+}
+
+/// Inside the request's span, when the answer is ready: its one line.
+pub fn request_finished<B>(response: &Response<B>, latency: Duration, _span: &Span) {
+    let status = response.status().as_u16();
+    let duration_ms = latency.as_secs_f64() * 1000.0;
+    tracing::info!(status, duration_ms, "request finished");
 }
 
 #[cfg(test)]
@@ -419,12 +498,9 @@ mod tests {
 
     #[test]
     fn a_proxy_request_id_is_kept_only_when_short_and_plain() {
-        assert_eq!(
-            RequestId::parse(b"abc-123_x.y").map(|id| id.0),
-            Some("abc-123_x.y".to_owned())
-        );
-        assert!(RequestId::parse(&[b'a'; MAX_REQUEST_ID_LEN]).is_some());
-        assert!(RequestId::parse(&[b'a'; MAX_REQUEST_ID_LEN + 1]).is_none());
+        assert!(is_fit_request_id(b"abc-123_x.y"));
+        assert!(is_fit_request_id(&[b'a'; MAX_REQUEST_ID_LEN]));
+        assert!(!is_fit_request_id(&[b'a'; MAX_REQUEST_ID_LEN + 1]));
         for unfit in [
             &b""[..],
             b"a b",
@@ -434,12 +510,67 @@ mod tests {
             b"a/b",
             b"a=b",
         ] {
-            assert!(RequestId::parse(unfit).is_none(), "{unfit:?}");
+            assert!(!is_fit_request_id(unfit), "{unfit:?}");
         }
-        let made = RequestId::generate();
-        assert_eq!(made.as_str().len(), 32);
-        assert!(RequestId::parse(made.as_str().as_bytes()).is_some());
-        assert_ne!(made, RequestId::generate());
+        let make = || {
+            MakeHexRequestId
+                .make_request_id(&Request::new(()))
+                .expect("an id")
+                .into_header_value()
+        };
+        let made = make();
+        assert_eq!(made.len(), 32);
+        assert!(is_fit_request_id(made.as_bytes()));
+        assert_ne!(made, make());
+    }
+
+    #[test]
+    fn an_unfit_request_id_is_removed_and_a_fit_one_kept_alone() {
+        let with = |values: &[&str]| {
+            let mut request = Request::new(());
+            for v in values {
+                request.headers_mut().append(
+                    REQUEST_ID_HEADER,
+                    HeaderValue::from_str(v).expect("a value"),
+                );
+            }
+            keep_fit_request_id(request)
+        };
+        let kept = with(&["proxy-1", "second"]);
+        let values: Vec<_> = kept.headers().get_all(REQUEST_ID_HEADER).iter().collect();
+        assert_eq!(values, ["proxy-1"]);
+        assert_eq!(request_id(kept.headers()).as_deref(), Some("proxy-1"));
+        assert!(kept.extensions().get::<UnfitRequestIdRemoved>().is_none());
+
+        let removed = with(&["has space"]);
+        assert!(removed.headers().get(REQUEST_ID_HEADER).is_none());
+        assert!(removed
+            .extensions()
+            .get::<UnfitRequestIdRemoved>()
+            .is_some());
+        assert!(with(&[]).headers().get(REQUEST_ID_HEADER).is_none());
+    }
+
+    #[test]
+    fn client_sent_values_reach_logs_bounded_and_printable() {
+        assert_eq!(bounded_for_log("LABEL_UPDATED"), "LABEL_UPDATED");
+        let long = "A".repeat(300_000);
+        let shown = bounded_for_log(&long);
+        assert_eq!(shown.len(), LOGGED_VALUE_MAX_CHARS + 3);
+        assert!(shown.ends_with("..."));
+        assert_eq!(bounded_for_log("a\nb\u{1b}[31mc\u{e9}"), "a?b?[31mc?");
+    }
+
+    /// The per-outcome totals move with the counter, whatever the endpoint and topic. (An
+    /// outcome of this test's own, since other tests in the process count deliveries too.)
+    #[test]
+    fn each_counted_delivery_moves_its_outcome_total() {
+        const OUTCOME: &str = "test_only_outcome";
+        let before = deliveries_by_outcome().get(OUTCOME).copied().unwrap_or(0);
+        count_delivery("labelbox", "LABEL_UPDATED", OUTCOME);
+        count_delivery("unknown", "none", OUTCOME);
+        let after = deliveries_by_outcome().get(OUTCOME).copied();
+        assert_eq!(after, Some(before + 2));
     }
 
     /// Every `"labelhook_..."` name recorded in the sources is described, once, with a name
@@ -459,7 +590,9 @@ mod tests {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut recorded = Vec::new();
         collect_metric_names(&src, &mut recorded);
-        assert!(recorded.iter().any(|n| n == "labelhook_deliveries_total"));
+        assert!(recorded
+            .iter()
+            .any(|n| n == "labelhook_http_requests_total"));
         for name in recorded {
             assert!(
                 described.contains(&name.as_str()),

@@ -99,6 +99,7 @@ fn unusual_facts(s: &DeliverySummary) -> Markup {
     }
 }
 
+/// One stored copy of a delivery, section by section.
 fn one_delivery(
     d: &DeliveryDetail,
     basis: Option<&VerdictBasis>,
@@ -106,68 +107,16 @@ fn one_delivery(
     now: UnixMillis,
 ) -> Markup {
     let s = &d.summary;
-    let download = url(
-        "/ui/delivery/body",
-        &[("id", s.delivery_id.as_str()), ("seq", &s.seq.to_string())],
-    );
-    let attempts_hidden = d.attempts.len().saturating_sub(ATTEMPTS_SHOWN);
     html! {
         article.delivery id={ "seq-" (s.seq) } {
             h2 { "seq " (s.seq) " " (status_badge(s.status)) }
-            dl.facts {
-                dt { "delivery id" } dd.mono { (s.delivery_id) }
-                dt { "received" } dd.mono { (s.received_at) }
-                dt { "endpoint" } dd.mono { (s.endpoint) }
-                dt { "topic" } dd.mono { (s.topic.as_deref().unwrap_or("-")) }
-                dt { "entity" } dd { (entity_link(s.entity.as_deref())) }
-                dt { "version" } dd.mono { (s.version.as_deref().unwrap_or("-")) }
-                dt { "project" } dd.mono { (s.project_id.as_deref().unwrap_or("-")) }
-                dt { "client address" } dd.mono { (d.client_ip) }
-                dt { "request id" } dd.mono { (d.request_id.as_deref().unwrap_or("-")) }
-                (unusual_facts(s))
-            }
+            (facts(d))
             h3 { "Gate" }
             (verdict(d, basis))
             h3 { "Handlers" }
-            @if d.handlers.is_empty() {
-                p.muted { "No route gave it to a handler." }
-            } @else {
-                table {
-                    thead { tr { th { "handler" } th { "state" } th.num { "attempts" } th { "next attempt" } th { "last error" } } }
-                    tbody {
-                        @for h in &d.handlers {
-                            tr {
-                                td.mono { (h.handler) }
-                                td { span class={ "badge run-" (h.state.as_str()) } { (h.state.as_str()) } }
-                                td.num { (h.attempts) }
-                                td.mono { (h.next_attempt_at.as_deref().unwrap_or("-")) }
-                                td.error { (h.last_error.as_deref().unwrap_or("")) }
-                            }
-                        }
-                    }
-                }
-            }
+            (handler_runs(d))
             h3 { "Attempts" }
-            @if d.attempts.is_empty() {
-                p.muted { "None yet." }
-            } @else {
-                @if attempts_hidden > 0 { p.muted { (attempts_hidden) " earlier attempts not shown." } }
-                table {
-                    thead { tr { th { "started" } th { "finished" } th { "handler" } th.num { "#" } th { "outcome" } th { "error" } } }
-                    tbody {
-                        @for a in d.attempts.iter().skip(attempts_hidden) {
-                            tr {
-                                td.mono { (a.started_at) }
-                                td.mono { (a.finished_at) }
-                                td.mono { (a.handler) }
-                                td.num { (a.attempt) }
-                                td { span class={ "badge attempt-" (a.outcome.as_str()) } { (a.outcome.as_str()) } }
-                                td.error { (a.error.as_deref().unwrap_or("")) }
-                            }
-                        }
-                    }
-                }
-            }
+            (attempts(d))
             h3 { "Headers" }
             table.headers {
                 tbody {
@@ -177,16 +126,98 @@ fn one_delivery(
                 }
             }
             h3 { "Body (" (s.body_len) " bytes)" }
-            @match preview {
-                Preview::Pruned => p.muted { "Dropped by retention (store.retention.bodies)." },
-                Preview::Unreadable(why) => p.error { "Could not be read: " (why) },
-                Preview::Shown { text, cut } => {
-                    @if *cut { p.muted { "The first " (PREVIEW_MAX_BYTES / 1024) " KiB:" } }
-                    pre.body { (text) }
-                    p { a.download href=(download) download { "Download the whole body" } }
+            (body_preview(d, preview))
+            p.note { "As of " (format_millis(now)) " UTC." }
+        }
+    }
+}
+
+/// What the delivery is: its id, when and where it came, what it is about.
+fn facts(d: &DeliveryDetail) -> Markup {
+    let s = &d.summary;
+    html! {
+        dl.facts {
+            dt { "delivery id" } dd.mono { (s.delivery_id) }
+            dt { "received" } dd.mono { (s.received_at) }
+            dt { "endpoint" } dd.mono { (s.endpoint) }
+            dt { "topic" } dd.mono { (s.topic.as_deref().unwrap_or("-")) }
+            dt { "entity" } dd { (entity_link(s.entity.as_deref())) }
+            dt { "version" } dd.mono { (s.version.as_deref().unwrap_or("-")) }
+            dt { "project" } dd.mono { (s.project_id.as_deref().unwrap_or("-")) }
+            dt { "client address" } dd.mono { (d.client_ip) }
+            dt { "request id" } dd.mono { (d.request_id.as_deref().unwrap_or("-")) }
+            (unusual_facts(s))
+        }
+    }
+}
+
+/// Each handler the delivery was routed to, and where it stands.
+fn handler_runs(d: &DeliveryDetail) -> Markup {
+    html! {
+        @if d.handlers.is_empty() {
+            p.muted { "No route gave it to a handler." }
+        } @else {
+            table {
+                thead { tr { th { "handler" } th { "state" } th.num { "attempts" } th { "next attempt" } th { "last error" } } }
+                tbody {
+                    @for h in &d.handlers {
+                        tr {
+                            td.mono { (h.handler) }
+                            td { span class={ "badge run-" (h.state.as_str()) } { (h.state.as_str()) } }
+                            td.num { (h.attempts) }
+                            td.mono { (h.next_attempt_at.as_deref().unwrap_or("-")) }
+                            td.error { (h.last_error.as_deref().unwrap_or("")) }
+                        }
+                    }
                 }
             }
-            p.note { "As of " (format_millis(now)) " UTC." }
+        }
+    }
+}
+
+/// The most recent [`ATTEMPTS_SHOWN`] attempts, oldest first.
+fn attempts(d: &DeliveryDetail) -> Markup {
+    let hidden = d.attempts.len().saturating_sub(ATTEMPTS_SHOWN);
+    html! {
+        @if d.attempts.is_empty() {
+            p.muted { "None yet." }
+        } @else {
+            @if hidden > 0 { p.muted { (hidden) " earlier attempts not shown." } }
+            table {
+                thead { tr { th { "started" } th { "finished" } th { "handler" } th.num { "#" } th { "outcome" } th { "error" } } }
+                tbody {
+                    @for a in d.attempts.iter().skip(hidden) {
+                        tr {
+                            td.mono { (a.started_at) }
+                            td.mono { (a.finished_at) }
+                            td.mono { (a.handler) }
+                            td.num { (a.attempt) }
+                            td { span class={ "badge attempt-" (a.outcome.as_str()) } { (a.outcome.as_str()) } }
+                            td.error { (a.error.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The start of the body, or why it cannot be shown, and the link to all of it.
+fn body_preview(d: &DeliveryDetail, preview: &Preview) -> Markup {
+    let s = &d.summary;
+    let download = url(
+        "/ui/delivery/body",
+        &[("id", s.delivery_id.as_str()), ("seq", &s.seq.to_string())],
+    );
+    html! {
+        @match preview {
+            Preview::Pruned => p.muted { "Dropped by retention (store.retention.bodies)." },
+            Preview::Unreadable(why) => p.error { "Could not be read: " (why) },
+            Preview::Shown { text, cut } => {
+                @if *cut { p.muted { "The first " (PREVIEW_MAX_BYTES / 1024) " KiB:" } }
+                pre.body { (text) }
+                p { a.download href=(download) download { "Download the whole body" } }
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use super::views::{
 };
 use super::{Console, ConsoleError};
 use crate::delivery::{format_millis, Status, UnixMillis};
-use crate::store::{DeliverySummary, HandlerActivity, ListQuery};
+use crate::store::{DeliverySummary, HandlerActivity, ListQuery, Overview};
 
 pub use super::detail::{body, delivery, entity};
 
@@ -62,25 +62,77 @@ pub async fn overview(
     let answered = c.tally.since(since);
     let starts: Vec<UnixMillis> = overview.buckets.iter().map(|b| b.start).collect();
     let refused_per_bucket = c.tally.per_bucket(&starts, BUCKET_MS);
-    let count = |outcome: &str| answered.get(outcome).copied().unwrap_or(0);
-    let refused: Vec<(&str, u64)> = tally::refusals(&answered).collect();
-    let refused_total: u64 = refused.iter().map(|(_, n)| n).sum();
-    let in_window =
-        |status: Status| -> u64 { overview.buckets.iter().map(|b| b.count(status)).sum() };
-    let stored: u64 = overview.buckets.iter().map(|b| b.total()).sum();
-    let kept = |status: Status| {
-        overview
-            .by_status
-            .iter()
-            .find(|(s, _)| *s == status)
-            .map_or(0, |(_, n)| *n)
+    let queue = Queue {
+        depth,
+        oldest_age_seconds: oldest.map(|at| (now - at) / 1000),
     };
     let handlers = with_configured(activity, &c.handlers);
     let content = html! {
+        (overview_cards(&overview, &answered, &queue))
+        section {
+            h2 { "The last hour" }
+            (views::chart(&overview.buckets, &refused_per_bucket, BUCKET_MS))
+            (views::chart_legend())
+            p.note {
+                "Stored deliveries are counted by the store (on every replica's behalf); "
+                "refusals and duplicates by this process since it started, which is all it can "
+                "know of requests it did not store."
+            }
+        }
+        section.columns {
+            div {
+                h2 { "Refused, last hour" }
+                (refused_table(&answered))
+            }
+            div {
+                h2 { "Kept now, by status" }
+                (kept_table(&overview))
+            }
+        }
+        section {
+            h2 { "Handlers" }
+            (handler_table(&handlers, now))
+        }
+    };
+    Ok(render(
+        &console,
+        &headers,
+        Section::Overview,
+        "Overview",
+        |_| content,
+    ))
+}
+
+/// The queue, as the overview's card shows it.
+struct Queue {
+    depth: u64,
+    /// How long the oldest delivery with work left has waited; `None` when there is none.
+    oldest_age_seconds: Option<i64>,
+}
+
+/// Deliveries kept now with `status`, all time.
+fn kept(overview: &Overview, status: Status) -> u64 {
+    overview
+        .by_status
+        .iter()
+        .find(|(s, _)| *s == status)
+        .map_or(0, |(_, n)| *n)
+}
+
+/// The overview's four cards: what was received (the answers this process gave), what was
+/// stored, the queue, and the dead letters kept.
+fn overview_cards(overview: &Overview, answered: &tally::Counts, queue: &Queue) -> Markup {
+    let count = |outcome: &str| answered.get(outcome).copied().unwrap_or(0);
+    let refused_total: u64 = tally::refusals(answered).map(|(_, n)| n).sum();
+    let in_window =
+        |status: Status| -> u64 { overview.buckets.iter().map(|b| b.count(status)).sum() };
+    let stored: u64 = overview.buckets.iter().map(|b| b.total()).sum();
+    let dead = kept(overview, Status::Dead);
+    html! {
         section.cards {
             div.card {
                 h2 { "Received, last hour" }
-                p.big { (tally::total(&answered)) }
+                p.big { (tally::total(answered)) }
                 p.small {
                     (count(ACCEPTED)) " accepted · " (count(DUPLICATE)) " duplicate · "
                     (refused_total) " refused"
@@ -98,72 +150,56 @@ pub async fn overview(
             }
             div.card {
                 h2 { "Queue" }
-                p.big { (depth) }
+                p.big { (queue.depth) }
                 p.small {
-                    @match oldest {
-                        Some(at) => { "oldest waiting " (age((now - at) / 1000)) }
+                    @match queue.oldest_age_seconds {
+                        Some(seconds) => { "oldest waiting " (age(seconds)) }
                         None => { "nothing waiting" }
                     }
                 }
             }
-            div.card.alert[kept(Status::Dead) > 0] {
+            div.card.alert[dead > 0] {
                 h2 { "Dead letters" }
-                p.big { a href="/ui/dead" { (kept(Status::Dead)) } }
+                p.big { a href="/ui/dead" { (dead) } }
                 p.small { "kept now, all time" }
             }
         }
-        section {
-            h2 { "The last hour" }
-            (views::chart(&overview.buckets, &refused_per_bucket, BUCKET_MS))
-            (views::chart_legend())
-            p.note {
-                "Stored deliveries are counted by the store (on every replica's behalf); "
-                "refusals and duplicates by this process since it started, which is all it can "
-                "know of requests it did not store."
-            }
-        }
-        section.columns {
-            div {
-                h2 { "Refused, last hour" }
-                @if refused.is_empty() {
-                    p.muted { "None." }
-                } @else {
-                    table {
-                        thead { tr { th { "reason" } th.num { "requests" } } }
-                        tbody {
-                            @for (reason, n) in &refused {
-                                tr { td.mono { (reason) } td.num { (n) } }
-                            }
-                        }
-                    }
-                }
-            }
-            div {
-                h2 { "Kept now, by status" }
-                table {
-                    tbody {
-                        @for status in Status::ALL {
-                            tr {
-                                td { a href=(url("/ui/deliveries", &[("status", status.as_str())])) { (status_badge(status)) } }
-                                td.num { (kept(status)) }
-                            }
-                        }
+    }
+}
+
+/// Requests refused, by reason.
+fn refused_table(answered: &tally::Counts) -> Markup {
+    let refused: Vec<(&str, u64)> = tally::refusals(answered).collect();
+    html! {
+        @if refused.is_empty() {
+            p.muted { "None." }
+        } @else {
+            table {
+                thead { tr { th { "reason" } th.num { "requests" } } }
+                tbody {
+                    @for (reason, n) in &refused {
+                        tr { td.mono { (reason) } td.num { (n) } }
                     }
                 }
             }
         }
-        section {
-            h2 { "Handlers" }
-            (handler_table(&handlers, now))
+    }
+}
+
+/// Deliveries kept now, by status, each linked to its list.
+fn kept_table(overview: &Overview) -> Markup {
+    html! {
+        table {
+            tbody {
+                @for status in Status::ALL {
+                    tr {
+                        td { a href=(url("/ui/deliveries", &[("status", status.as_str())])) { (status_badge(status)) } }
+                        td.num { (kept(overview, status)) }
+                    }
+                }
+            }
         }
-    };
-    Ok(render(
-        &console,
-        &headers,
-        Section::Overview,
-        "Overview",
-        |_| content,
-    ))
+    }
 }
 
 /// Every configured handler, whether or not it has run yet, then any other named in a run.

@@ -1,9 +1,10 @@
 //! What the store cannot know: requests answered without being stored (refused for their
-//! address, signature, size, ...) and duplicates. The ingress counts every answer in the
-//! `labelhook_deliveries_total{outcome}` counter; the console reads those counts back from the
-//! process's Prometheus recorder (rather than keeping counters of its own beside the ingress's,
-//! which could drift from what `/metrics` says) and samples them once a minute, so that it can
-//! tell what happened in the last hour and in each part of it.
+//! address, signature, size, ...) and duplicates. The ingress counts every answer through
+//! `telemetry::count_delivery`, which moves the `labelhook_deliveries_total{outcome}` counter
+//! and, in the same call, a total per outcome that can be read in process (so the two cannot
+//! drift apart, and nothing renders `/metrics` to read a number back). The console samples
+//! those totals once a minute, so that it can tell what happened in the last hour and in each
+//! part of it.
 //!
 //! The counts are this process's since it started: on several replicas, each console shows its
 //! own replica's refusals.
@@ -20,8 +21,6 @@ use crate::delivery::{Clock, UnixMillis};
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
 /// Samples kept: a little more than an hour's.
 const SAMPLES_KEPT: usize = 64;
-/// The counter whose `outcome` label the tally reads.
-const COUNTER: &str = "labelhook_deliveries_total";
 /// Outcomes of deliveries that were stored or had been; every other outcome is a refusal.
 pub const ACCEPTED: &str = "accepted";
 pub const DUPLICATE: &str = "duplicate";
@@ -29,8 +28,8 @@ pub const DUPLICATE: &str = "duplicate";
 /// Counts by outcome.
 pub type Counts = BTreeMap<String, u64>;
 
-/// Where the counts come from: the recorder's text, or (tests) anything else.
-pub type Source = Box<dyn Fn() -> String + Send + Sync>;
+/// Where the counts come from: the ingress's totals, or (tests) anything else.
+pub type Source = Box<dyn Fn() -> Counts + Send + Sync>;
 
 /// The answers the ingress gave, by outcome, sampled over time.
 pub struct Tally {
@@ -40,9 +39,9 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Reads the process's Prometheus recorder.
-    pub fn from_recorder() -> Tally {
-        Tally::new(Box::new(|| crate::telemetry::metrics_handle().render()))
+    /// Reads the totals of the answers this process gave (`telemetry::deliveries_by_outcome`).
+    pub fn of_this_process() -> Tally {
+        Tally::new(Box::new(crate::telemetry::deliveries_by_outcome))
     }
 
     pub fn new(source: Source) -> Tally {
@@ -54,7 +53,7 @@ impl Tally {
 
     /// The counts now.
     pub fn now(&self) -> Counts {
-        parse_outcomes(&(self.source)())
+        (self.source)()
     }
 
     /// Takes a sample of the counts at `at`.
@@ -144,64 +143,21 @@ fn difference(later: &Counts, earlier: &Counts) -> Counts {
         .collect()
 }
 
-/// Sums the samples of [`COUNTER`] in Prometheus text by their `outcome` label.
-fn parse_outcomes(text: &str) -> Counts {
-    let mut counts = Counts::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(COUNTER) else {
-            continue;
-        };
-        let Some(labels_and_value) = rest.strip_prefix('{') else {
-            continue;
-        };
-        let Some((labels, value)) = labels_and_value.rsplit_once('}') else {
-            continue;
-        };
-        let Some(outcome) = label(labels, "outcome") else {
-            continue;
-        };
-        // Counters are rendered as integers, or as floats by some exporters.
-        let value = value.trim();
-        let n = value
-            .parse::<u64>()
-            .ok()
-            .or_else(|| value.parse::<f64>().ok().map(|f| f.max(0.0) as u64))
-            .unwrap_or(0);
-        *counts.entry(outcome.to_owned()).or_insert(0) += n;
-    }
-    counts
-}
-
-/// The value of label `name` in `a="x",b="y"`. Outcome values are fixed words, never escaped.
-fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
-    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
-    let rest = &labels[start..];
-    Some(&rest[..rest.find('"')?])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const TEXT: &str = "\
-# HELP labelhook_deliveries_total Deliveries answered, by endpoint, topic and outcome.
-# TYPE labelhook_deliveries_total counter
-labelhook_deliveries_total{endpoint=\"labelbox\",topic=\"LABEL_UPDATED\",outcome=\"accepted\"} 3
-labelhook_deliveries_total{endpoint=\"labelbox\",topic=\"none\",outcome=\"signature_mismatch\"} 2
-labelhook_deliveries_total{endpoint=\"unknown\",topic=\"LABEL_CREATED\",outcome=\"accepted\"} 1
-labelhook_deliveries_totally_else{outcome=\"accepted\"} 9
-";
-
     #[test]
-    fn outcomes_are_summed_over_endpoints_and_topics() {
-        let counts = parse_outcomes(TEXT);
-        assert_eq!(counts.get("accepted"), Some(&4));
-        assert_eq!(counts.get("signature_mismatch"), Some(&2));
-        assert_eq!(counts.len(), 2);
+    fn refusals_are_every_outcome_but_accepted_and_duplicate() {
+        let counts: Counts = [("accepted", 4), ("duplicate", 1), ("signature_mismatch", 2)]
+            .into_iter()
+            .map(|(outcome, n)| (outcome.to_owned(), n))
+            .collect();
         assert_eq!(
             refusals(&counts).collect::<Vec<_>>(),
             [("signature_mismatch", 2)]
         );
+        assert_eq!(total(&counts), 7);
     }
 
     #[test]
@@ -209,10 +165,8 @@ labelhook_deliveries_totally_else{outcome=\"accepted\"} 9
         let value = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(5));
         let read = value.clone();
         let tally = Tally::new(Box::new(move || {
-            format!(
-                "labelhook_deliveries_total{{outcome=\"too_large\"}} {}\n",
-                read.load(std::sync::atomic::Ordering::Relaxed)
-            )
+            let n = read.load(std::sync::atomic::Ordering::Relaxed);
+            Counts::from([("too_large".to_owned(), n)])
         }));
         tally.sample(1_000);
         value.store(8, std::sync::atomic::Ordering::Relaxed);

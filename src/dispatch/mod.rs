@@ -29,7 +29,6 @@ use crate::config::Config;
 use crate::delivery::{format_millis, Clock, Payload};
 use crate::events::{self, Event, Topic};
 use crate::handlers::{HandlerError, HandlerEvent, Registry};
-use crate::ingress::webhook::bounded_for_log;
 use crate::ordering::Change;
 use crate::store::outage::Backoff;
 use crate::store::{
@@ -37,6 +36,7 @@ use crate::store::{
     StoreError, Ungated,
 };
 use crate::telemetry;
+use crate::telemetry::bounded_for_log;
 
 pub use retry::RetryPolicy;
 pub use routes::Routes;

@@ -19,6 +19,7 @@ pub(crate) mod nats;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use base64::prelude::{Engine as _, BASE64_STANDARD};
 use futures_util::StreamExt;
 use secrecy::SecretString;
 use serde::Serialize;
@@ -413,7 +414,9 @@ async fn stored_body_is_utf8(body: &Payload) -> std::io::Result<bool> {
     Ok(carry.is_empty())
 }
 
-/// Turns bytes into a JSON string of their base64 (standard alphabet, padded), piece by piece.
+/// Turns bytes into a JSON string of their base64 (standard alphabet, padded), piece by piece:
+/// the `base64` crate encodes whole groups of three bytes, and the one to two bytes of a group
+/// cut by the end of a piece wait for the next.
 struct Base64String {
     started: bool,
     /// Bytes of an unfinished group of three.
@@ -421,9 +424,6 @@ struct Base64String {
 }
 
 impl Base64String {
-    const ALPHABET: &'static [u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
     fn new() -> Self {
         Self {
             started: false,
@@ -463,19 +463,7 @@ impl Base64String {
 
     /// Groups of three bytes as four characters; a last, shorter group padded with `=`.
     fn encode(bytes: &[u8], out: &mut Vec<u8>) {
-        for group in bytes.chunks(3) {
-            let b = [
-                group[0],
-                group.get(1).copied().unwrap_or(0),
-                group.get(2).copied().unwrap_or(0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            let sextet = |shift: u32| Self::ALPHABET[((n >> shift) & 0x3f) as usize];
-            out.push(sextet(18));
-            out.push(sextet(12));
-            out.push(if group.len() > 1 { sextet(6) } else { b'=' });
-            out.push(if group.len() > 2 { sextet(0) } else { b'=' });
-        }
+        out.extend_from_slice(BASE64_STANDARD.encode(bytes).as_bytes());
     }
 }
 
@@ -733,18 +721,9 @@ mod tests {
 
     /// Standard padded base64, decoded; for checking the encoder.
     fn decode_base64(text: &str) -> Vec<u8> {
-        let value = |c: u8| Base64String::ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
-        let mut out = Vec::new();
-        for group in text.as_bytes().chunks(4) {
-            let pad = group.iter().filter(|&&c| c == b'=').count();
-            let n = group
-                .iter()
-                .map(|&c| if c == b'=' { 0 } else { value(c) })
-                .fold(0u32, |n, v| (n << 6) | v);
-            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-            out.extend_from_slice(&bytes[..3 - pad]);
-        }
-        out
+        BASE64_STANDARD
+            .decode(text)
+            .expect("standard padded base64")
     }
 
     /// A stored body read back in the given pieces.

@@ -26,9 +26,10 @@ use super::{BuildError, Handler, HandlerError, HandlerEvent};
 use crate::config::{Config, HandlerSettings};
 use crate::events::Topic;
 
-/// The stream used when `stream` is not set (SPEC).
+/// The stream used when `stream` is not set (README.md "Handlers and routes", and the
+/// example configuration).
 pub const DEFAULT_STREAM: &str = "LABELBOX";
-/// The subject template used when `subject` is not set (SPEC).
+/// The subject template used when `subject` is not set (documented in the same places).
 pub const DEFAULT_SUBJECT: &str = "labelbox.{topic}.{project_id}";
 /// How long a connection, a publish's ack or an object upload may take when `timeout` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,8 +1,8 @@
 //! The delivery routes: `POST /webhooks/{endpoint}` for topic deliveries, and Labelbox's
 //! model-training callbacks `GET {path}/models` and `POST {path}/model_run`.
 //!
-//! Every answer is one of SPEC section 3's table; error bodies are `{"error": "..."}` and never
-//! carry a secret, an expected signature or the body.
+//! Every answer is a row of the table in README.md's "Answers" section; error bodies are
+//! `{"error": "..."}` and never carry a secret, an expected signature or the body.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,11 +24,11 @@ use super::claimed_signature;
 use super::client_ip::{self, Allowlist};
 use crate::config::{Config, ForwardedHeader, Secrets};
 use crate::delivery::{
-    BodyVerifier, Clock, DeliveryId, Envelope, SignatureError, VerifiedDelivery,
+    BodyVerifier, ClaimedSignature, Clock, DeliveryId, Envelope, SignatureError, VerifiedDelivery,
 };
 use crate::events::Topic;
 use crate::store::{Intake, StoreError};
-use crate::telemetry::{RequestId, REQUEST_ID_HEADER};
+use crate::telemetry::{self, bounded_for_log};
 
 /// Seconds a sender is asked to wait before retrying a 503.
 pub const RETRY_AFTER_SECONDS: u64 = 5;
@@ -521,51 +521,14 @@ async fn accept(
     source: Source<'_>,
 ) -> Result<Answer, IngressError> {
     let received_at = state.0.clock.now();
-    if is_encoded(headers) {
-        return Err(IngressError::ContentEncoding);
-    }
-    let content_type_ok = match headers.get(header::CONTENT_TYPE) {
-        None => !source.content_type_required,
-        Some(_) => is_json(headers),
-    };
-    if !content_type_ok {
-        return Err(IngressError::ContentType);
-    }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > state.0.max_body_bytes) {
-        return Err(IngressError::TooLarge);
-    }
-    let claimed = claimed_signature(headers, source.auth.accept_sha1)?;
-    let given_id = match headers.get("x-labelbox-id") {
-        None => None,
-        Some(v) => Some(valid_delivery_id(v).ok_or(IngressError::BadDeliveryId)?),
-    };
-
+    let Heads { claimed, given_id } = check_heads(state, headers, &source)?;
     let mut verifier = BodyVerifier::new(claimed.algorithm, &source.auth.secrets);
-    let limits = body::BodyLimits {
-        max_bytes: state.0.max_body_bytes,
-        inline_max: state.0.inline_body_max_bytes,
-        bodies: state.0.store.bodies(),
-        spill_slots: &state.0.spill_slots,
-        memory: &state.0.buffered,
-        pace: state.0.pace,
-        client,
-    };
-    let received = tokio::time::timeout(
-        state.0.body_timeout,
-        body::receive(body, &limits, &mut verifier),
-    )
-    .await
-    .map_err(|_| IngressError::BodyTimeout)??;
     // The memory an inline body holds counts against `server.max_buffered_bytes` until the
     // store has it.
     let body::Received {
         body: received,
         memory: buffered,
-    } = received;
+    } = receive_body(state, client, body, &mut verifier).await?;
     let proof = verifier.verify(&claimed)?;
 
     let delivery_id = match (given_id, source.duplicate_window_ms) {
@@ -586,10 +549,7 @@ async fn accept(
         client_ip: client,
         headers: kept_headers(headers),
         received_at,
-        request_id: headers
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| RequestId::parse(v.as_bytes()))
-            .map(|id| id.as_str().to_owned()),
+        request_id: telemetry::request_id(headers),
     };
     let verified = VerifiedDelivery::new(proof, envelope, received);
     let delivery_id = verified.delivery_id().to_owned();
@@ -612,6 +572,70 @@ async fn accept(
             id_conflict: accepted.id_conflict,
         }
     })
+}
+
+/// What the request's headers claim, once they pass the checks made before any of the body
+/// is read.
+struct Heads {
+    claimed: ClaimedSignature,
+    /// `X-Labelbox-Id`, when given.
+    given_id: Option<String>,
+}
+
+/// The checks the headers alone allow, cheapest first: encoding, content type, declared
+/// length, the signature's form, the delivery id's form.
+fn check_heads(
+    state: &IngressState,
+    headers: &HeaderMap,
+    source: &Source<'_>,
+) -> Result<Heads, IngressError> {
+    if is_encoded(headers) {
+        return Err(IngressError::ContentEncoding);
+    }
+    let content_type_ok = match headers.get(header::CONTENT_TYPE) {
+        None => !source.content_type_required,
+        Some(_) => is_json(headers),
+    };
+    if !content_type_ok {
+        return Err(IngressError::ContentType);
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.0.max_body_bytes) {
+        return Err(IngressError::TooLarge);
+    }
+    let claimed = claimed_signature(headers, source.auth.accept_sha1)?;
+    let given_id = match headers.get("x-labelbox-id") {
+        None => None,
+        Some(v) => Some(valid_delivery_id(v).ok_or(IngressError::BadDeliveryId)?),
+    };
+    Ok(Heads { claimed, given_id })
+}
+
+/// Reads the body whole within the server's limits and `server.body_timeout`, feeding
+/// `verifier` as it comes.
+async fn receive_body(
+    state: &IngressState,
+    client: IpAddr,
+    body: Body,
+    verifier: &mut BodyVerifier,
+) -> Result<body::Received, IngressError> {
+    let limits = body::BodyLimits {
+        max_bytes: state.0.max_body_bytes,
+        inline_max: state.0.inline_body_max_bytes,
+        bodies: state.0.store.bodies(),
+        spill_slots: &state.0.spill_slots,
+        memory: &state.0.buffered,
+        pace: state.0.pace,
+        client,
+    };
+    let received =
+        tokio::time::timeout(state.0.body_timeout, body::receive(body, &limits, verifier))
+            .await
+            .map_err(|_| IngressError::BodyTimeout)??;
+    Ok(received)
 }
 
 /// Logs, counts and answers.
@@ -655,38 +679,8 @@ fn respond(
             (e.outcome(), e.into_response())
         }
     };
-    metrics::counter!(
-        "labelhook_deliveries_total",
-        "endpoint" => endpoint.to_owned(),
-        "topic" => topic_label,
-        "outcome" => label,
-    )
-    .increment(1);
+    telemetry::count_delivery(endpoint, topic_label, label);
     response
-}
-
-/// Longest piece of a client-sent value that reaches a log line.
-const LOGGED_VALUE_MAX_CHARS: usize = 64;
-
-/// A client-sent value fit for a log line whoever sent it: at most `LOGGED_VALUE_MAX_CHARS`
-/// characters, anything but printable ASCII shown as `?`. A refused request must not be able to
-/// write more to the log than a few hundred bytes.
-pub(crate) fn bounded_for_log(value: &str) -> String {
-    let mut shown: String = value
-        .chars()
-        .take(LOGGED_VALUE_MAX_CHARS)
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    if value.chars().nth(LOGGED_VALUE_MAX_CHARS).is_some() {
-        shown.push_str("...");
-    }
-    shown
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -768,15 +762,5 @@ mod tests {
         let mut published = OUTCOMES.to_vec();
         published.sort_unstable();
         assert_eq!(outcomes, published);
-    }
-
-    #[test]
-    fn client_sent_values_reach_logs_bounded_and_printable() {
-        assert_eq!(bounded_for_log("LABEL_UPDATED"), "LABEL_UPDATED");
-        let long = "A".repeat(300_000);
-        let shown = bounded_for_log(&long);
-        assert_eq!(shown.len(), LOGGED_VALUE_MAX_CHARS + 3);
-        assert!(shown.ends_with("..."));
-        assert_eq!(bounded_for_log("a\nb\u{1b}[31mc\u{e9}"), "a?b?[31mc?");
     }
 }

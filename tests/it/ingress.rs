@@ -1,4 +1,4 @@
-//! Every row of SPEC section 3's answer table, against the real binary.
+//! Every row of the answer table in README.md's "Answers" section, against the real binary.
 
 use crate::helpers::*;
 
