@@ -5,6 +5,7 @@
 
 mod harness;
 mod inspect;
+mod migration;
 mod rules;
 #[path = "../common/postgres.rs"]
 mod test_db;

@@ -20,15 +20,18 @@
 //! - **outages**: the pool connects lazily and the schema is migrated on first contact, so the
 //!   service starts with the database down, answers 503 meanwhile, and recovers by itself.
 
+mod batch;
 mod bodies;
+mod gating;
 mod inspect;
 mod intake;
+mod outcomes;
 mod prune;
 mod queue;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -52,31 +55,63 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(5);
 /// Longest pause between attempts to reach the database for wake-ups.
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How often a batch is tried when PostgreSQL fails it to break a deadlock.
+const DEADLOCK_TRIES: u32 = 3;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/postgres/migrations");
+
+/// Whether `e` says the database cannot be reached or written now (rather than that it refused
+/// this statement): the caller should try again later.
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08), insufficient resources such as a full disk (53),
+        // the server shutting down or starting (57P), a read-only standby (25006).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "25006"
+        }),
+        _ => false,
+    }
+}
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        let unavailable = match &e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => true,
-            // Connection exceptions (08), insufficient resources such as a full disk (53),
-            // the server shutting down or starting (57P), a read-only standby (25006).
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                code.starts_with("08")
-                    || code.starts_with("53")
-                    || code.starts_with("57P")
-                    || code == "25006"
-            }),
-            _ => false,
-        };
-        if unavailable {
+        if is_unavailable(&e) {
             StoreError::Unavailable(e.to_string())
         } else {
             StoreError::Database(e.to_string())
         }
+    }
+}
+
+/// A transaction PostgreSQL failed to break a deadlock (or a serialization failure): trying it
+/// again is the answer.
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+/// Who is told that new work was committed: this process's dispatcher at once, every
+/// replica's through the coalesced NOTIFY.
+#[derive(Clone)]
+struct Wakeups {
+    /// Woken by other replicas' (and this one's) NOTIFY.
+    work: Arc<Notify>,
+    /// Accepts not yet announced to other replicas.
+    unannounced: Arc<Notify>,
+}
+
+impl Wakeups {
+    /// New work was committed: wakes this process's dispatcher now, and every replica's soon.
+    fn work_arrived(&self) {
+        self.work.notify_one();
+        self.unannounced.notify_one();
     }
 }
 
@@ -140,11 +175,14 @@ pub struct PgStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     schema: Arc<Schema>,
-    /// Woken by other replicas' (and this one's) NOTIFY.
-    work: Arc<Notify>,
+    wakeups: Wakeups,
     bodies: bodies::ChunkStore,
-    /// Accepts not yet announced to other replicas.
-    unannounced: Arc<Notify>,
+    /// Most jobs in one accept or outcome transaction (`store.commit_batch_max`).
+    batch_max: usize,
+    /// The group commit of accepts, started on first use.
+    accepts: OnceLock<batch::Batcher<intake::Incoming, super::Accepted>>,
+    /// The group commit of handler outcomes, started on first use.
+    outcomes: OnceLock<batch::Batcher<outcomes::Outcome, super::Status>>,
     background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -188,14 +226,22 @@ impl PgStore {
             pool,
             clock,
             schema,
-            work: Arc::new(Notify::new()),
-            unannounced: Arc::new(Notify::new()),
+            wakeups: Wakeups {
+                work: Arc::new(Notify::new()),
+                unannounced: Arc::new(Notify::new()),
+            },
+            batch_max: settings.commit_batch_max,
+            accepts: OnceLock::new(),
+            outcomes: OnceLock::new(),
             background: std::sync::Mutex::new(Vec::new()),
         });
         if serving {
             let tasks = [
                 tokio::spawn(listen_for_work(Arc::downgrade(&store))),
-                tokio::spawn(announce_work(store.pool.clone(), store.unannounced.clone())),
+                tokio::spawn(announce_work(
+                    store.pool.clone(),
+                    store.wakeups.unannounced.clone(),
+                )),
             ];
             if let Ok(mut background) = store.background.lock() {
                 background.extend(tasks);
@@ -209,10 +255,26 @@ impl PgStore {
         self.schema.ready().await
     }
 
-    /// New work was committed: wakes this process's dispatcher now, and every replica's soon.
-    fn work_arrived(&self) {
-        self.work.notify_one();
-        self.unannounced.notify_one();
+    /// The accept batcher ([`intake`]), started on first use.
+    fn accepts(&self) -> &batch::Batcher<intake::Incoming, super::Accepted> {
+        self.accepts.get_or_init(|| {
+            let (pool, wakeups) = (self.pool.clone(), self.wakeups.clone());
+            batch::Batcher::start(self.batch_max, move |jobs| {
+                let (pool, wakeups) = (pool.clone(), wakeups.clone());
+                async move { intake::accept_batch(&pool, &wakeups, jobs).await }
+            })
+        })
+    }
+
+    /// The outcome batcher ([`outcomes`]), started on first use.
+    fn outcomes(&self) -> &batch::Batcher<outcomes::Outcome, super::Status> {
+        self.outcomes.get_or_init(|| {
+            let (pool, clock) = (self.pool.clone(), self.clock.clone());
+            batch::Batcher::start(self.batch_max, move |jobs| {
+                let (pool, now) = (pool.clone(), clock.now());
+                async move { outcomes::record_batch(&pool, jobs, now).await }
+            })
+        })
     }
 
     /// Wakes every dispatcher listening on the database, when `executor`'s transaction commits.
@@ -256,8 +318,8 @@ async fn listen_for_work(store: std::sync::Weak<PgStore>) {
                     swept = true;
                 }
                 // Whatever was announced while nobody listened is found by this poll.
-                this.work.notify_one();
-                let work = this.work.clone();
+                this.wakeups.work.notify_one();
+                let work = this.wakeups.work.clone();
                 drop(this);
                 loop {
                     match listener.try_recv().await {
@@ -300,6 +362,13 @@ async fn announce_work(pool: PgPool, unannounced: Arc<Notify>) {
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn close(&self) {
+        // What was handed in is written before the pool goes.
+        if let Some(accepts) = self.accepts.get() {
+            accepts.close().await;
+        }
+        if let Some(outcomes) = self.outcomes.get() {
+            outcomes.close().await;
+        }
         let tasks = self
             .background
             .lock()
