@@ -1,9 +1,9 @@
 //! Accepting deliveries into PostgreSQL, written once: concurrent accepts of one replica share
-//! one transaction and one multi-row statement ([`super::batch`]), which writes each delivery's
-//! row (what was received, never rewritten), its status and its place in the queue; every
-//! caller is answered after that transaction's synchronous commit, so a 2xx still means on
-//! disk, and one commit carries as many deliveries as arrived while the one before it was
-//! being written.
+//! one multi-row statement ([`super::batch`]), committed on its own (one round trip), which
+//! writes each delivery's row (what was received, never rewritten), its status and its place
+//! in the queue; every caller is answered after that statement's synchronous commit, so a 2xx
+//! still means on disk, and one commit carries as many deliveries as arrived while the one
+//! before it was being written.
 //!
 //! Dedup is the unique key on (delivery id, body hash) with `ON CONFLICT DO NOTHING`: the same
 //! delivery twice in one batch is written once (the second answered as a duplicate of the
@@ -157,9 +157,10 @@ fn plan(jobs: &[Incoming]) -> Result<(Columns<'_>, Vec<Slot>), StoreError> {
 /// been seen with another body.
 type Found = HashMap<(String, Vec<u8>), (i64, bool, bool)>;
 
-/// The batch's transaction: one insert of every new delivery with its status and queue row,
-/// then one look-up of the rows that were there already. Tried again when PostgreSQL broke a
-/// deadlock by failing it (sorted keys make that rare, not impossible).
+/// The batch's write: one statement, committed on its own (synchronous commit), that inserts
+/// every new delivery with its status and queue row and finds the keys stored before. Tried
+/// again when PostgreSQL broke a deadlock by failing it (sorted keys make that rare, not
+/// impossible).
 async fn write(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx::Error> {
     let mut tries = 0;
     loop {
@@ -172,8 +173,7 @@ async fn write(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx::Erro
 }
 
 async fn write_once(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let inserted: Vec<(i64, String, Vec<u8>, bool)> = sqlx::query_as(INSERT_BATCH)
+    let rows: Vec<(i64, String, Vec<u8>, bool, bool)> = sqlx::query_as(INSERT_BATCH)
         .bind(&columns.delivery_id)
         .bind(&columns.body_sha256)
         .bind(&columns.conflict_in_batch)
@@ -187,14 +187,15 @@ async fn write_once(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx:
         .bind(&columns.received_at)
         .bind(&columns.status)
         .bind(&columns.request_id)
-        .fetch_all(&mut *tx)
+        .fetch_all(pool)
         .await?;
-    let mut found: Found = inserted
+    let mut found: Found = rows
         .into_iter()
-        .map(|(seq, id, sha, conflict)| ((id, sha), (seq, false, conflict)))
+        .map(|(seq, id, sha, conflict, duplicate)| ((id, sha), (seq, duplicate, conflict)))
         .collect();
     if found.len() < columns.delivery_id.len() {
-        // Stored before (or by another replica meanwhile): answered with the stored row.
+        // Inserted by another replica while this statement ran: the insert waited for that
+        // commit, but the statement's snapshot is older. A new statement sees it.
         let stored: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
             "SELECT d.seq, d.delivery_id, d.body_sha256 FROM deliveries d \
              JOIN UNNEST($1::text[], $2::bytea[]) AS k(delivery_id, body_sha256) \
@@ -202,19 +203,20 @@ async fn write_once(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx:
         )
         .bind(&columns.delivery_id)
         .bind(&columns.body_sha256)
-        .fetch_all(&mut *tx)
+        .fetch_all(pool)
         .await?;
         for (seq, id, sha) in stored {
             found.entry((id, sha)).or_insert((seq, true, false));
         }
     }
-    tx.commit().await?;
     Ok(found)
 }
 
-/// Every new delivery of a batch in one statement: its row, its status and its queue row. A
-/// key stored before returns nothing (`ON CONFLICT DO NOTHING`). An id conflict is an id
-/// stored before with another body, or seen earlier in the batch with another body.
+/// Every new delivery of a batch in one statement: its row, its status and its queue row; then
+/// the keys stored before (read with the statement's snapshot, which does not see its own
+/// inserts), answered as duplicates. A key stored before returns nothing from the insert (`ON
+/// CONFLICT DO NOTHING`). An id conflict is an id stored before with another body, or seen
+/// earlier in the batch with another body.
 const INSERT_BATCH: &str = "WITH input AS ( \
         SELECT * FROM UNNEST($1::text[], $2::bytea[], $3::bool[], $4::text[], $5::text[], \
             $6::text[], $7::text[], $8::bytea[], $9::int8[], $10::int8[], $11::int8[], \
@@ -236,7 +238,11 @@ const INSERT_BATCH: &str = "WITH input AS ( \
         INSERT INTO delivery_status (seq, status) \
         SELECT added.seq, i.status FROM added JOIN input i USING (delivery_id, body_sha256)), \
     queued AS (INSERT INTO queue (seq, received_at) SELECT seq, received_at FROM added) \
-    SELECT seq, delivery_id, body_sha256, id_conflict FROM added";
+    SELECT seq, delivery_id, body_sha256, id_conflict, false FROM added \
+    UNION ALL \
+    SELECT d.seq, d.delivery_id, d.body_sha256, false, true \
+    FROM deliveries d JOIN input i \
+      ON d.delivery_id = i.delivery_id AND d.body_sha256 = i.body_sha256";
 
 /// Each job's answer, from what the transaction found.
 fn answers(columns: &Columns<'_>, slots: &[Slot], found: &Found) -> Vec<Result<Accepted, StoreError>> {

@@ -1,16 +1,39 @@
 //! The shared back-end: PostgreSQL through sqlx, for several replicas on one database and no
 //! shared disk.
 //!
+//! **Written once.** A delivery's row (`deliveries`) is what was received, the dedup key and
+//! the body, and nothing in it changes through its life (retention may drop its body). What
+//! moves lives in small rows beside it: its status (`delivery_status`, indexed by status for
+//! the dead-letter page and `--status` filters), the gate's verdict (`verdicts`, written once
+//! per gating), its handler runs and attempts, and, while it has work left, one `queue` row
+//! (not gated yet; or its lane position, whether it waits behind an earlier delivery of its
+//! entity, when it is due, and its lease). A delivery with nothing left to do has no queue
+//! row, so every question a dispatcher asks is answered from a table as small as the backlog,
+//! and retention deletes whole deliveries with their rows in one statement.
+//!
+//! **Batched.** Every write a delivery waits for carries many deliveries: concurrent accepts
+//! of one replica share one transaction and one multi-row `INSERT ... SELECT FROM UNNEST`
+//! ([`intake`], [`batch`]); gating a batch is three statements whatever its size
+//! ([`gating`]); a claim leases many lane heads in one statement, and their chains in two
+//! more ([`queue`]); the outcomes of concurrent handler calls share one transaction of
+//! multi-row statements ([`outcomes`]). So a commit's fsync is paid for by many deliveries,
+//! and a second replica adds throughput rather than contending row by row.
+//!
 //! How each promise is kept when more than one process writes:
-//! - **durable before 2xx**: every accept is its own transaction, committed with synchronous
-//!   commit (turned on for each connection if the server had it off); PostgreSQL groups the
-//!   concurrent commits' WAL flushes itself;
-//! - **dedup**: the unique key on (delivery id, body hash), `ON CONFLICT DO NOTHING`;
-//! - **the gate**: the entity's row is locked (`FOR UPDATE`, created first when missing) in the
-//!   transaction that decides and records the verdict, so two replicas gating versions of one
-//!   entity decide one after the other ([`queue`]);
-//! - **claims**: `FOR UPDATE SKIP LOCKED`, leases carry their owner and are renewed while
-//!   handlers run; expired leases are taken over, live ones never;
+//! - **durable before 2xx**: an accept is answered only after its batch's transaction is
+//!   committed with synchronous commit (turned on for each connection if the server had it
+//!   off); a batch holds what arrived while the transaction before it was being written;
+//! - **dedup**: the unique key on (delivery id, body hash), `ON CONFLICT DO NOTHING`; the same
+//!   key twice in one batch is written once, and keys are inserted in sorted order so that
+//!   replicas inserting overlapping batches wait for each other instead of deadlocking;
+//! - **the gate**: the batch's entity rows are locked (`FOR UPDATE`, created first when
+//!   missing, in sorted order) in the transaction that decides and records the verdicts, so
+//!   two replicas gating versions of one entity decide one after the other ([`gating`]);
+//! - **claims**: `FOR UPDATE SKIP LOCKED` on queue rows, only lane heads are ever due; leases
+//!   carry their owner and are renewed while handlers run; expired leases are taken over, live
+//!   ones never; recording checks the owner under the queue row's lock, and a lost lease fails
+//!   only its own record ([`outcomes`]);
+//! - **lanes**: a lane's head moves (gate, outcomes, replay) only under its entity's row lock;
 //! - **wake-ups**: accepts are announced with `NOTIFY labelhook_work`, sent after their
 //!   commits and at most one per [`ANNOUNCE_EVERY`] (a NOTIFY inside every accept would make
 //!   PostgreSQL serialize the commits: it holds a global lock on the notification queue until
@@ -18,7 +41,9 @@
 //!   listens on a connection of its own and wakes its dispatcher;
 //! - **bodies of any size**: chunks in a table, streamed in and out ([`bodies`]);
 //! - **outages**: the pool connects lazily and the schema is migrated on first contact, so the
-//!   service starts with the database down, answers 503 meanwhile, and recovers by itself.
+//!   service starts with the database down, answers 503 meanwhile, and recovers by itself;
+//! - **older stores**: migration 0010 moves a store written by an older version over in place,
+//!   statuses, lanes, leases and pending runs as they were.
 
 mod batch;
 mod bodies;
