@@ -42,9 +42,36 @@ async fn old_rows(url: &str, now: i64) {
     let mut conn = PgConnection::connect(url).await.expect("connect");
     let rows = [
         // (seq, id, status, gated, entity, lane_pos, waiting, due_at)
-        (1, "m1", "pending", true, Some("label:M"), Some(0), false, Some(now)),
-        (2, "m2", "pending", true, Some("label:M"), Some(1), true, None),
-        (3, "n1", "delivered", true, Some("label:N"), Some(0), false, None),
+        (
+            1,
+            "m1",
+            "pending",
+            true,
+            Some("label:M"),
+            Some(0),
+            false,
+            Some(now),
+        ),
+        (
+            2,
+            "m2",
+            "pending",
+            true,
+            Some("label:M"),
+            Some(1),
+            true,
+            None,
+        ),
+        (
+            3,
+            "n1",
+            "delivered",
+            true,
+            Some("label:N"),
+            Some(0),
+            false,
+            None,
+        ),
         (4, "u1", "pending", false, None, None, false, None),
         (5, "p1", "dead", true, Some("label:P"), Some(0), false, None),
     ];
@@ -134,7 +161,11 @@ async fn postgres_an_old_store_is_migrated_in_place() {
     ];
     let want: Vec<(String, Status)> = want.iter().map(|(i, s)| ((*i).to_owned(), *s)).collect();
     assert_eq!(listed, want, "statuses are kept");
-    assert_eq!(store.queue_depth().await.expect("depth"), 3, "m1, m2 and u1");
+    assert_eq!(
+        store.queue_depth().await.expect("depth"),
+        3,
+        "m1, m2 and u1"
+    );
     let n1 = store.show("n1").await.expect("show");
     assert_eq!(n1[0].attempts.len(), 1, "attempts are kept");
     assert_eq!(n1[0].handlers[0].state, RunState::Done);
@@ -162,7 +193,11 @@ async fn postgres_an_old_store_is_migrated_in_place() {
         .expect("record");
     clock.advance(Duration::from_millis(1));
     let next = store.claim(&owner, LEASE, 10, 0).await.expect("claim");
-    assert_eq!(next.iter().map(|c| c.seq).collect::<Vec<_>>(), [2], "m2 after m1");
+    assert_eq!(
+        next.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        [2],
+        "m2 after m1"
+    );
 
     // The dead letter can be replayed, and new deliveries follow the old ones.
     let replayed = store

@@ -4,9 +4,15 @@
 //! and answers each caller once that transaction is committed.
 //!
 //! Nothing waits on purpose: a job is taken at once when a transaction slot is free, so a lone
-//! caller pays no delay; jobs gather only while [`IN_FLIGHT`] transactions are already running,
-//! which is exactly when one more transaction per job would queue behind the others anyway.
-//! So the batch grows with the load, up to `max` jobs.
+//! caller pays no delay; jobs gather only while all of a batcher's `in_flight` transactions are
+//! running, which is exactly when one more transaction per job would queue behind the others
+//! anyway. So the batch grows with the load, up to `max` jobs.
+//!
+//! Several transactions are kept in flight, not one: a commit's cost here is mostly the wait
+//! for the WAL flush, and PostgreSQL flushes the commits that arrive while one flush is under
+//! way together. A single transaction in flight would make every batch wait for the flush
+//! before it and then for its own; a few in flight let a new batch join the next flush while
+//! the previous one is still being written.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -16,9 +22,6 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::store::StoreError;
 
-/// Transactions of one kind running at once per process: one being committed while the next
-/// gathers its jobs and sends its statements.
-const IN_FLIGHT: usize = 2;
 /// Jobs that may wait for a transaction, in batches of `max`, before callers are told
 /// [`StoreError::Busy`].
 const QUEUED_BATCHES: usize = 8;
@@ -37,16 +40,16 @@ pub(super) struct Batcher<J, R> {
 }
 
 impl<J: Send + 'static, R: Send + 'static> Batcher<J, R> {
-    /// Starts the task that runs batches of up to `max` jobs with `run`, which answers each
-    /// job of its batch, in order.
-    pub fn start<F, Fut>(max: usize, run: F) -> Self
+    /// Starts the task that runs batches of up to `max` jobs with `run`, at most `in_flight`
+    /// at once; `run` answers each job of its batch, in order.
+    pub fn start<F, Fut>(max: usize, in_flight: usize, run: F) -> Self
     where
         F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<R, StoreError>>> + Send + 'static,
     {
         let max = max.max(1);
         let (sender, receiver) = mpsc::channel(max * QUEUED_BATCHES);
-        let task = tokio::spawn(drive(receiver, max, Arc::new(run)));
+        let task = tokio::spawn(drive(receiver, max, in_flight.max(1), Arc::new(run)));
         Self {
             sender: Mutex::new(Some(sender)),
             task: Mutex::new(Some(task)),
@@ -83,16 +86,20 @@ impl<J: Send + 'static, R: Send + 'static> Batcher<J, R> {
     }
 }
 
-/// Takes jobs as they come, at most [`IN_FLIGHT`] batches at a time, until every sender is
-/// gone; then finishes the batches that run.
-async fn drive<J, R, F, Fut>(mut jobs: mpsc::Receiver<Job<J, R>>, max: usize, run: Arc<F>)
-where
+/// Takes jobs as they come, at most `in_flight` batches at a time, until every sender is gone;
+/// then finishes the batches that run.
+async fn drive<J, R, F, Fut>(
+    mut jobs: mpsc::Receiver<Job<J, R>>,
+    max: usize,
+    in_flight: usize,
+    run: Arc<F>,
+) where
     J: Send + 'static,
     R: Send + 'static,
     F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Result<R, StoreError>>> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(in_flight));
     let mut running = JoinSet::new();
     loop {
         // A slot first: while none is free, jobs gather in the channel for a larger batch.

@@ -58,25 +58,20 @@ pub(super) async fn record(
     }
 }
 
-/// [`gate_batch`], tried again when PostgreSQL broke a deadlock by failing it.
+/// [`gate_batch`] in a transaction of its own, tried again when PostgreSQL broke a deadlock by
+/// failing it.
 async fn with_retries(
     pool: &PgPool,
     gates: &[GateRequest],
     now: UnixMillis,
 ) -> Result<Vec<Option<Verdict>>, sqlx::Error> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
+    super::retrying(|| async move {
         let mut tx = pool.begin().await?;
-        match gate_batch(&mut tx, gates, now).await {
-            Ok(verdicts) => {
-                tx.commit().await?;
-                return Ok(verdicts);
-            }
-            Err(e) if tries < super::DEADLOCK_TRIES && super::is_deadlock(&e) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+        let verdicts = gate_batch(&mut tx, gates, now).await?;
+        tx.commit().await?;
+        Ok(verdicts)
+    })
+    .await
 }
 
 /// An entity's state as the gate keeps it: last applied version and change, the next lane
@@ -132,7 +127,10 @@ async fn gate_batch(
         decided[i] = decide(&gates[i], &mut states);
     }
     write(conn, gates, &decided, &states, now).await?;
-    Ok(decided.iter().map(|d| d.as_ref().map(|d| d.verdict)).collect())
+    Ok(decided
+        .iter()
+        .map(|d| d.as_ref().map(|d| d.verdict))
+        .collect())
 }
 
 /// Locks `entities` (sorted), creating the missing ones, and reads their state.
@@ -258,7 +256,8 @@ async fn write(
         rows.status.push(gate.status(fresh).as_str());
         rows.queued.push(!d.handlers.is_empty());
         rows.waiting.push(d.waiting);
-        rows.due_at.push((!d.handlers.is_empty() && !d.waiting).then_some(now));
+        rows.due_at
+            .push((!d.handlers.is_empty() && !d.waiting).then_some(now));
         for handler in &d.handlers {
             rows.run_seq.push(gate.seq);
             rows.run_handler.push(handler);

@@ -407,7 +407,11 @@ async fn replay_plan(
 }
 
 /// Puts `seqs` back before the gate, inside the replay's transaction.
-async fn send_back(conn: &mut PgConnection, seqs: &[i64], now: UnixMillis) -> Result<(), StoreError> {
+async fn send_back(
+    conn: &mut PgConnection,
+    seqs: &[i64],
+    now: UnixMillis,
+) -> Result<(), StoreError> {
     // A replayed lane head steps aside first, or its lane would wait behind it for ever.
     let heads: Vec<i64> = sqlx::query_scalar(
         "SELECT seq FROM queue WHERE seq = ANY($1) AND gated AND entity IS NOT NULL",

@@ -162,14 +162,7 @@ type Found = HashMap<(String, Vec<u8>), (i64, bool, bool)>;
 /// again when PostgreSQL broke a deadlock by failing it (sorted keys make that rare, not
 /// impossible).
 async fn write(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx::Error> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match write_once(pool, columns).await {
-            Err(e) if tries < super::DEADLOCK_TRIES && super::is_deadlock(&e) => continue,
-            done => return done,
-        }
-    }
+    super::retrying(|| write_once(pool, columns)).await
 }
 
 async fn write_once(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx::Error> {
@@ -245,7 +238,11 @@ const INSERT_BATCH: &str = "WITH input AS ( \
       ON d.delivery_id = i.delivery_id AND d.body_sha256 = i.body_sha256";
 
 /// Each job's answer, from what the transaction found.
-fn answers(columns: &Columns<'_>, slots: &[Slot], found: &Found) -> Vec<Result<Accepted, StoreError>> {
+fn answers(
+    columns: &Columns<'_>,
+    slots: &[Slot],
+    found: &Found,
+) -> Vec<Result<Accepted, StoreError>> {
     let row_answer = |row: usize| {
         let key = (
             columns.delivery_id[row].to_owned(),
@@ -283,9 +280,7 @@ impl Intake for PgStore {
         let delivery = delivery.into_parts();
         let headers = serde_json::to_string(&delivery.headers)
             .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?;
-        self.accepts()
-            .submit(Incoming { delivery, headers })
-            .await
+        self.accepts().submit(Incoming { delivery, headers }).await
     }
 
     fn bodies(&self) -> &dyn BodyStore {

@@ -80,6 +80,12 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(5);
 /// Longest pause between attempts to reach the database for wake-ups.
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Accept transactions in flight per replica, and outcome transactions (fewer on a small
+/// pool, see [`PgStore::in_flight`]).
+const ACCEPTS_IN_FLIGHT: usize = 8;
+const OUTCOMES_IN_FLIGHT: usize = 4;
+/// Connections for leases (the gate loop, the run loop and the renewals each use one).
+const LEASE_CONNECTIONS: u32 = 3;
 /// How often a batch is tried when PostgreSQL fails it to break a deadlock.
 const DEADLOCK_TRIES: u32 = 3;
 
@@ -120,6 +126,24 @@ impl From<sqlx::Error> for StoreError {
 /// again is the answer.
 fn is_deadlock(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+/// Runs `attempt` (a transaction or a statement) until it ends otherwise than by PostgreSQL
+/// failing it to break a deadlock, at most [`DEADLOCK_TRIES`] times. Lock orders are kept
+/// (keys, queue rows and entities sorted) so that deadlocks are rare, not impossible.
+async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(e) if tries < DEADLOCK_TRIES && is_deadlock(&e) => continue,
+            done => return done,
+        }
+    }
 }
 
 /// Who is told that new work was committed: this process's dispatcher at once, every
@@ -198,6 +222,9 @@ impl Schema {
 /// One process's handle on the shared database.
 pub struct PgStore {
     pool: PgPool,
+    /// For leases only (taking deliveries to gate, claims, renewals), committed without waiting
+    /// for the WAL flush: see [`lease_pool`].
+    leases: PgPool,
     clock: Arc<dyn Clock>,
     schema: Arc<Schema>,
     wakeups: Wakeups,
@@ -244,11 +271,13 @@ impl PgStore {
                     Ok(())
                 })
             })
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
         let schema = Arc::new(Schema::new(pool.clone()));
+        let leases = lease_pool(options);
         let store = Arc::new(Self {
             bodies: bodies::ChunkStore::new(pool.clone(), clock.clone(), schema.clone()),
             pool,
+            leases,
             clock,
             schema,
             wakeups: Wakeups {
@@ -280,14 +309,25 @@ impl PgStore {
         self.schema.ready().await
     }
 
+    /// `wanted` transactions in flight for one batcher, at most `1/share` of the pool (accepts
+    /// a half, outcomes a quarter: a quarter is left for gating, the CLI and the console).
+    fn in_flight(&self, wanted: usize, share: usize) -> usize {
+        let pool = self.pool.options().get_max_connections() as usize;
+        wanted.min(pool / share).max(1)
+    }
+
     /// The accept batcher ([`intake`]), started on first use.
     fn accepts(&self) -> &batch::Batcher<intake::Incoming, super::Accepted> {
         self.accepts.get_or_init(|| {
             let (pool, wakeups) = (self.pool.clone(), self.wakeups.clone());
-            batch::Batcher::start(self.batch_max, move |jobs| {
-                let (pool, wakeups) = (pool.clone(), wakeups.clone());
-                async move { intake::accept_batch(&pool, &wakeups, jobs).await }
-            })
+            batch::Batcher::start(
+                self.batch_max,
+                self.in_flight(ACCEPTS_IN_FLIGHT, 2),
+                move |jobs| {
+                    let (pool, wakeups) = (pool.clone(), wakeups.clone());
+                    async move { intake::accept_batch(&pool, &wakeups, jobs).await }
+                },
+            )
         })
     }
 
@@ -295,10 +335,14 @@ impl PgStore {
     fn outcomes(&self) -> &batch::Batcher<outcomes::Outcome, super::Status> {
         self.outcomes.get_or_init(|| {
             let (pool, clock) = (self.pool.clone(), self.clock.clone());
-            batch::Batcher::start(self.batch_max, move |jobs| {
-                let (pool, now) = (pool.clone(), clock.now());
-                async move { outcomes::record_batch(&pool, jobs, now).await }
-            })
+            batch::Batcher::start(
+                self.batch_max,
+                self.in_flight(OUTCOMES_IN_FLIGHT, 4),
+                move |jobs| {
+                    let (pool, now) = (pool.clone(), clock.now());
+                    async move { outcomes::record_batch(&pool, jobs, now).await }
+                },
+            )
         })
     }
 
@@ -313,6 +357,31 @@ impl PgStore {
             .await?;
         Ok(())
     }
+}
+
+/// Connections for the dispatchers' leases: reserving deliveries to gate, claiming lane
+/// heads and their chains, renewing. They commit asynchronously (`synchronous_commit = off`):
+/// a lease is answered without waiting for the WAL flush, which takes a whole commit's wait
+/// off every delivery's way to its handler.
+///
+/// What that can cost: should the PostgreSQL server itself crash, the last leases it took in
+/// the moment before may be lost, so those deliveries are handed out again and handled again,
+/// as when a replica dies holding them (at least once, as always). Nothing else is at risk:
+/// accepts, verdicts and outcomes still commit synchronously, and since a server replays its
+/// log in order, a lease can only be lost together with everything committed after it, so an
+/// outcome that was kept never refers to a lease that was not, and the lanes' order holds.
+fn lease_pool(options: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(LEASE_CONNECTIONS)
+        .min_connections(0)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                conn.execute("SET synchronous_commit = off").await?;
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options)
 }
 
 /// Listens for `NOTIFY labelhook_work` on a connection of its own and wakes the dispatcher;
@@ -402,6 +471,7 @@ impl Store for PgStore {
         for task in tasks {
             task.abort();
         }
+        self.leases.close().await;
         self.pool.close().await;
     }
 }

@@ -75,12 +75,14 @@ pub(super) async fn record_batch(
             tracing::warn!(error = %e, "recording outcomes failed; recording them one by one");
             let mut answers = Vec::with_capacity(jobs.len());
             for job in &jobs {
-                answers.push(match with_retries(pool, std::slice::from_ref(job), now).await {
-                    Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Database(
-                        "an outcome gave no answer".into(),
-                    ))),
-                    Err(e) => Err(e.into()),
-                });
+                answers.push(
+                    match with_retries(pool, std::slice::from_ref(job), now).await {
+                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Database(
+                            "an outcome gave no answer".into(),
+                        ))),
+                        Err(e) => Err(e.into()),
+                    },
+                );
             }
             answers
         }
@@ -106,19 +108,13 @@ async fn with_retries(
     jobs: &[Outcome],
     now: UnixMillis,
 ) -> Result<Vec<Result<Status, StoreError>>, sqlx::Error> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
+    super::retrying(|| async move {
         let mut tx = pool.begin().await?;
-        match record_in(&mut tx, jobs, now).await {
-            Ok(answers) => {
-                tx.commit().await?;
-                return Ok(answers);
-            }
-            Err(e) if tries < super::DEADLOCK_TRIES && super::is_deadlock(&e) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+        let answers = record_in(&mut tx, jobs, now).await?;
+        tx.commit().await?;
+        Ok(answers)
+    })
+    .await
 }
 
 /// A delivery's queue row as the batch found it (locked), with its status and runs.
@@ -168,7 +164,10 @@ async fn record_in(
     jobs: &[Outcome],
     now: UnixMillis,
 ) -> Result<Vec<Result<Status, StoreError>>, sqlx::Error> {
-    let mut seqs: Vec<i64> = jobs.iter().flat_map(|j| j.records.iter().map(|r| r.seq)).collect();
+    let mut seqs: Vec<i64> = jobs
+        .iter()
+        .flat_map(|j| j.records.iter().map(|r| r.seq))
+        .collect();
     seqs.sort_unstable();
     seqs.dedup();
     let mut held = lock_held(conn, &seqs).await?;
@@ -196,7 +195,9 @@ async fn record_in(
         }
         let mut first = None;
         for record in job.records.iter().filter(|r| job.tried(r)) {
-            let Some(h) = held.get_mut(&record.seq) else { continue };
+            let Some(h) = held.get_mut(&record.seq) else {
+                continue;
+            };
             let next_due = apply(record, h, &mut writes);
             tried.insert(record.seq, next_due);
             first.get_or_insert(h.status);
@@ -212,7 +213,10 @@ async fn record_in(
 }
 
 /// Locks the queue rows of `seqs` (in order) and reads each one's status and runs.
-async fn lock_held(conn: &mut PgConnection, seqs: &[i64]) -> Result<HashMap<i64, Held>, sqlx::Error> {
+async fn lock_held(
+    conn: &mut PgConnection,
+    seqs: &[i64],
+) -> Result<HashMap<i64, Held>, sqlx::Error> {
     type Row = (
         i64,
         Option<String>,
@@ -285,7 +289,12 @@ fn apply(record: &ChainRecord, h: &mut Held, writes: &mut Writes) -> Option<i64>
             .runs
             .entry((record.seq, r.handler.clone()))
             .or_insert((state, 0, None, None));
-        *run = (state, r.attempt as i32, r.outcome.next_at(), error.or(run.3.take()));
+        *run = (
+            state,
+            r.attempt as i32,
+            r.outcome.next_at(),
+            error.or(run.3.take()),
+        );
     }
     let next_due = h
         .runs
@@ -380,7 +389,9 @@ fn settle(
     writes: &mut Writes,
 ) {
     for record in accepted.iter().flat_map(|j| &j.records) {
-        let Some(h) = held.get(&record.seq) else { continue };
+        let Some(h) = held.get(&record.seq) else {
+            continue;
+        };
         let current = writes.left.get(&record.seq).copied().unwrap_or(Left {
             waiting: h.waiting,
             due_at: h.due_at,
@@ -389,7 +400,13 @@ fn settle(
         let next_due = match tried.get(&record.seq) {
             // Not tried: only its lease goes; it waits as before.
             None => {
-                writes.left.insert(record.seq, Left { release: true, ..current });
+                writes.left.insert(
+                    record.seq,
+                    Left {
+                        release: true,
+                        ..current
+                    },
+                );
                 continue;
             }
             Some(next_due) => *next_due,
@@ -411,7 +428,9 @@ fn settle(
         let (Some(entity), Some(pos)) = (&h.entity, h.lane_pos) else {
             continue;
         };
-        let Some(lane) = lanes.get_mut(entity) else { continue };
+        let Some(lane) = lanes.get_mut(entity) else {
+            continue;
+        };
         lane.waiting.retain(|(seq, _)| *seq != record.seq);
         if lane.active_pos != Some(pos) {
             continue;

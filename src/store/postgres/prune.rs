@@ -53,7 +53,11 @@ async fn plan(
     limit: i64,
     lock: bool,
 ) -> Result<(Vec<Doomed>, Vec<Doomed>), StoreError> {
-    let lock = if lock { "FOR UPDATE OF d SKIP LOCKED" } else { "" };
+    let lock = if lock {
+        "FOR UPDATE OF d SKIP LOCKED"
+    } else {
+        ""
+    };
     let rows: Vec<Doomed> = sqlx::query(&format!(
         "{DOOMED} WHERE {FINISHED} AND ((s.status = 'delivered' AND d.received_at < $1) \
             OR (s.status IN ('stale', 'unrecognized', 'dead') AND d.received_at < $2)) \

@@ -6,6 +6,8 @@
 //!   took for a lease (owner and expiry in the queue row; taken over only once expired);
 //! - a claim leases only lane heads (the queue rows with a due time), and the chains waiting
 //!   right behind them in two more statements for all heads together;
+//! - leases are written through connections that commit without waiting for the WAL flush
+//!   ([`super::lease_pool`] says why that loses nothing but, after a server crash, a repeat);
 //! - gating a batch is [`super::gating`], recording outcomes [`super::outcomes`].
 //!
 //! Each write transaction (gate, claim, attempts) is counted as one store commit, as the
@@ -68,7 +70,7 @@ impl Queue for PgStore {
         .bind(after(now, lease))
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.leases)
         .await?;
         // Oldest first: the gate decides in arrival order.
         rows.iter()
@@ -124,7 +126,7 @@ impl Queue for PgStore {
         .bind(until)
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.leases)
         .await?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -166,7 +168,7 @@ impl Queue for PgStore {
         .bind(seqs)
         .bind(owner.as_str())
         .bind(after(self.clock.now(), lease))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.leases)
         .await?;
         Ok(held)
     }
@@ -282,7 +284,7 @@ impl PgStore {
         .bind(entities)
         .bind(now)
         .bind(i64::from(chain_max))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.leases)
         .await?;
         Ok(waiting)
     }
@@ -325,7 +327,7 @@ impl PgStore {
         .bind(&members)
         .bind(owner.as_str())
         .bind(until)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.leases)
         .await?;
         let mut leased: HashMap<i64, Claimed> = rows
             .iter()
@@ -356,7 +358,7 @@ impl PgStore {
             )
             .bind(&stray)
             .bind(owner.as_str())
-            .execute(&self.pool)
+            .execute(&self.leases)
             .await?;
         }
         Ok(())
