@@ -133,6 +133,9 @@ async fn gate_batch(
         .collect())
 }
 
+/// An entity's row as the gate reads it: entity, version, change, lane_next, active_pos.
+type EntityRow = (String, Option<i64>, Option<String>, i64, Option<i64>);
+
 /// Locks `entities` (sorted), creating the missing ones, and reads their state.
 async fn lock_entities(
     conn: &mut PgConnection,
@@ -144,7 +147,7 @@ async fn lock_entities(
     }
     // A replica gating the same entity now waits on its row until this transaction is
     // committed, and then reads the state it left.
-    let rows: Vec<(String, Option<i64>, Option<String>, i64, Option<i64>)> = sqlx::query_as(
+    let rows: Vec<EntityRow> = sqlx::query_as(
         "INSERT INTO entities (entity, lane_next, updated_at) \
          SELECT e, 0, $2 FROM UNNEST($1::text[]) AS e ORDER BY e \
          ON CONFLICT (entity) DO UPDATE SET entity = excluded.entity \

@@ -137,6 +137,9 @@ struct Left {
     release: bool,
 }
 
+/// A run as the batch leaves it: state, attempts, next attempt due, last error.
+type RunWrite = (RunState, i32, Option<i64>, Option<String>);
+
 /// What the batch writes, one array per column.
 #[derive(Default)]
 struct Writes {
@@ -148,7 +151,7 @@ struct Writes {
     attempt_outcome: Vec<&'static str>,
     attempt_error: Vec<Option<String>>,
     /// (seq, handler) → (state, attempts, next_at, error), the last of each.
-    runs: BTreeMap<(i64, String), (RunState, i32, Option<i64>, Option<String>)>,
+    runs: BTreeMap<(i64, String), RunWrite>,
     /// seq → status, for those that changed.
     statuses: BTreeMap<i64, Status>,
     finished: Vec<i64>,
