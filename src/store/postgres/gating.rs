@@ -306,7 +306,9 @@ async fn write(
     Ok(())
 }
 
-/// A batch of verdicts in one statement. A replayed delivery has its verdict row already (its
+/// A batch of verdicts in one statement. Every row to change is also named by its key as an
+/// array, so that it is found through its index: a join with the batch alone would let the
+/// planner scan the whole table, which only grows. A replayed delivery has its verdict row already (its
 /// entity and version kept for the console): it is overwritten.
 const WRITE_GATES: &str = "WITH g AS ( \
         SELECT * FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::text[], $5::text[], \
@@ -326,8 +328,10 @@ const WRITE_GATES: &str = "WITH g AS ( \
     queued AS ( \
         UPDATE queue q SET gated = true, entity = g.entity, lane_pos = g.lane_pos, \
             waiting = g.waiting, due_at = g.due_at, lease_owner = NULL, lease_until = NULL \
-        FROM g WHERE q.seq = g.seq AND g.queued), \
-    finished AS (DELETE FROM queue q USING g WHERE q.seq = g.seq AND NOT g.queued), \
+        FROM g WHERE q.seq = g.seq AND g.queued AND q.seq = ANY($1)), \
+    finished AS ( \
+        DELETE FROM queue q USING g \
+        WHERE q.seq = g.seq AND NOT g.queued AND q.seq = ANY($1)), \
     runs AS ( \
         INSERT INTO handler_runs (delivery_seq, handler, state, attempts, next_at) \
         SELECT s, h, 'pending', 0, $16 FROM UNNEST($14::int8[], $15::text[]) AS r(s, h) \
@@ -337,6 +341,6 @@ const WRITE_GATES: &str = "WITH g AS ( \
             lane_next = u.lane_next, active_pos = u.active_pos, updated_at = $16 \
         FROM UNNEST($17::text[], $18::int8[], $19::text[], $20::int8[], $21::int8[]) \
             AS u(entity, version, change, lane_next, active_pos) \
-        WHERE e.entity = u.entity) \
+        WHERE e.entity = u.entity AND e.entity = ANY($17)) \
     UPDATE delivery_status s SET status = g.status FROM g \
-    WHERE s.seq = g.seq AND s.status <> g.status";
+    WHERE s.seq = g.seq AND s.status <> g.status AND s.seq = ANY($1)";

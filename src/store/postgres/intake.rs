@@ -192,7 +192,8 @@ async fn write_once(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx:
         let stored: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
             "SELECT d.seq, d.delivery_id, d.body_sha256 FROM deliveries d \
              JOIN UNNEST($1::text[], $2::bytea[]) AS k(delivery_id, body_sha256) \
-               ON d.delivery_id = k.delivery_id AND d.body_sha256 = k.body_sha256",
+               ON d.delivery_id = k.delivery_id AND d.body_sha256 = k.body_sha256 \
+             WHERE d.delivery_id = ANY($1::text[])",
         )
         .bind(&columns.delivery_id)
         .bind(&columns.body_sha256)
@@ -207,7 +208,9 @@ async fn write_once(pool: &PgPool, columns: &Columns<'_>) -> Result<Found, sqlx:
 
 /// Every new delivery of a batch in one statement: its row, its status and its queue row; then
 /// the keys stored before (read with the statement's snapshot, which does not see its own
-/// inserts), answered as duplicates. A key stored before returns nothing from the insert (`ON
+/// inserts), answered as duplicates. The rows stored before under the batch's ids are read
+/// once, through the unique key (`known`): a correlated look-up per row may be planned as a
+/// scan of the whole table, which only grows. A key stored before returns nothing from the insert (`ON
 /// CONFLICT DO NOTHING`). An id conflict is an id stored before with another body, or seen
 /// earlier in the batch with another body.
 const INSERT_BATCH: &str = "WITH input AS ( \
@@ -216,12 +219,15 @@ const INSERT_BATCH: &str = "WITH input AS ( \
             $12::text[], $13::text[]) WITH ORDINALITY \
         AS i(delivery_id, body_sha256, conflict_in_batch, endpoint, topic, client_ip, \
              headers, body, blob_id, body_len, received_at, status, request_id, n)), \
+    known AS MATERIALIZED ( \
+        SELECT seq, delivery_id, body_sha256 FROM deliveries \
+        WHERE delivery_id = ANY($1::text[])), \
     added AS ( \
         INSERT INTO deliveries (delivery_id, body_sha256, id_conflict, endpoint, topic, \
             client_ip, headers, body, blob_id, body_len, received_at, request_id) \
         SELECT delivery_id, body_sha256, conflict_in_batch OR EXISTS ( \
-                SELECT 1 FROM deliveries d WHERE d.delivery_id = i.delivery_id \
-                AND d.body_sha256 <> i.body_sha256), \
+                SELECT 1 FROM known k WHERE k.delivery_id = i.delivery_id \
+                AND k.body_sha256 <> i.body_sha256), \
             endpoint, topic, client_ip, headers, body, blob_id, body_len, received_at, \
             request_id \
         FROM input i ORDER BY n \
@@ -233,9 +239,9 @@ const INSERT_BATCH: &str = "WITH input AS ( \
     queued AS (INSERT INTO queue (seq, received_at) SELECT seq, received_at FROM added) \
     SELECT seq, delivery_id, body_sha256, id_conflict, false FROM added \
     UNION ALL \
-    SELECT d.seq, d.delivery_id, d.body_sha256, false, true \
-    FROM deliveries d JOIN input i \
-      ON d.delivery_id = i.delivery_id AND d.body_sha256 = i.body_sha256";
+    SELECT k.seq, k.delivery_id, k.body_sha256, false, true \
+    FROM known k JOIN input i \
+      ON k.delivery_id = i.delivery_id AND k.body_sha256 = i.body_sha256";
 
 /// Each job's answer, from what the transaction found.
 fn answers(

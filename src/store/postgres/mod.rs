@@ -84,6 +84,10 @@ const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 /// pool, see [`PgStore::in_flight`]).
 const ACCEPTS_IN_FLIGHT: usize = 8;
 const OUTCOMES_IN_FLIGHT: usize = 4;
+/// Statements are planned for their arguments each time, never from a plan cached when the
+/// tables were small: a batch's statements look rows up by arrays of keys, and a generic plan
+/// made while a table was nearly empty scans it whole, for ever after, as it grows.
+const PLAN_EACH_TIME: &str = "SET plan_cache_mode = force_custom_plan";
 /// Connections for leases (the gate loop, the run loop and the renewals each use one).
 const LEASE_CONNECTIONS: u32 = 3;
 /// How often a batch is tried when PostgreSQL fails it to break a deadlock.
@@ -268,6 +272,7 @@ impl PgStore {
                     if setting == "off" {
                         conn.execute("SET synchronous_commit = on").await?;
                     }
+                    conn.execute(PLAN_EACH_TIME).await?;
                     Ok(())
                 })
             })
@@ -378,6 +383,7 @@ fn lease_pool(options: PgConnectOptions) -> PgPool {
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 conn.execute("SET synchronous_commit = off").await?;
+                conn.execute(PLAN_EACH_TIME).await?;
                 Ok(())
             })
         })

@@ -240,7 +240,7 @@ async fn lock_held(
                    ORDER BY handler), \
              ARRAY(SELECT next_at FROM handler_runs h WHERE h.delivery_seq = q.seq \
                    ORDER BY handler) \
-         FROM queue q JOIN delivery_status s ON s.seq = q.seq \
+         FROM queue q JOIN delivery_status s ON s.seq = q.seq AND s.seq = ANY($1) \
          WHERE q.seq = ANY($1) ORDER BY q.seq FOR UPDATE OF q",
     )
     .bind(seqs)
@@ -498,7 +498,8 @@ async fn write(conn: &mut PgConnection, w: &Writes) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// A batch of outcomes in one statement.
+/// A batch of outcomes in one statement. Every row to change is also named by its key as an
+/// array, so that it is found through its index (see the gate's `WRITE_GATES`).
 const WRITE_OUTCOMES: &str = "WITH attempts_added AS ( \
         INSERT INTO attempts (delivery_seq, handler, attempt, started_at, finished_at, \
             outcome, error) \
@@ -509,18 +510,19 @@ const WRITE_OUTCOMES: &str = "WITH attempts_added AS ( \
             last_error = COALESCE(u.error, h.last_error) \
         FROM UNNEST($8::int8[], $9::text[], $10::text[], $11::int4[], $12::int8[], \
             $13::text[]) AS u(seq, handler, state, attempts, next_at, error) \
-        WHERE h.delivery_seq = u.seq AND h.handler = u.handler), \
+        WHERE h.delivery_seq = u.seq AND h.handler = u.handler AND h.delivery_seq = ANY($8)), \
     statuses_moved AS ( \
         UPDATE delivery_status s SET status = u.status \
-        FROM UNNEST($14::int8[], $15::text[]) AS u(seq, status) WHERE s.seq = u.seq), \
+        FROM UNNEST($14::int8[], $15::text[]) AS u(seq, status) \
+        WHERE s.seq = u.seq AND s.seq = ANY($14)), \
     finished AS (DELETE FROM queue WHERE seq = ANY($16::int8[])), \
     heads_moved AS ( \
         UPDATE entities e SET active_pos = u.active_pos \
         FROM UNNEST($17::text[], $18::int8[]) AS u(entity, active_pos) \
-        WHERE e.entity = u.entity) \
+        WHERE e.entity = u.entity AND e.entity = ANY($17)) \
     UPDATE queue q SET waiting = u.waiting, due_at = u.due_at, \
         lease_owner = CASE WHEN u.release THEN NULL ELSE q.lease_owner END, \
         lease_until = CASE WHEN u.release THEN NULL ELSE q.lease_until END \
     FROM UNNEST($19::int8[], $20::bool[], $21::int8[], $22::bool[]) \
         AS u(seq, waiting, due_at, release) \
-    WHERE q.seq = u.seq";
+    WHERE q.seq = u.seq AND q.seq = ANY($19)";

@@ -64,7 +64,7 @@ impl Queue for PgStore {
                        ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) t \
                  WHERE q.seq = t.seq RETURNING q.seq) \
              SELECT d.seq, d.delivery_id, d.request_id, d.topic, d.body, d.blob_id, d.body_len \
-             FROM taken JOIN deliveries d ON d.seq = taken.seq ORDER BY d.seq",
+             FROM deliveries d WHERE d.seq = ANY(ARRAY(SELECT seq FROM taken)) ORDER BY d.seq",
         )
         .bind(owner.as_str())
         .bind(after(now, lease))
@@ -115,12 +115,13 @@ impl Queue for PgStore {
                        ORDER BY due_at, seq LIMIT $4 FOR UPDATE SKIP LOCKED) t \
                  WHERE q.seq = t.seq RETURNING q.seq) \
              SELECT {CLAIM_COLUMNS}, r.handlers, r.attempts \
-             FROM c JOIN deliveries d ON d.seq = c.seq LEFT JOIN verdicts v ON v.seq = c.seq \
+             FROM {CLAIMED_ROWS} \
              CROSS JOIN LATERAL ( \
                  SELECT array_agg(h.handler ORDER BY h.handler) AS handlers, \
                         array_agg(h.attempts ORDER BY h.handler) AS attempts \
                  FROM handler_runs h \
-                 WHERE h.delivery_seq = c.seq AND h.state = 'pending' AND h.next_at <= $3) r"
+                 WHERE h.delivery_seq = d.seq AND h.state = 'pending' AND h.next_at <= $3) r \
+             WHERE {CLAIMED_ONLY}"
         ))
         .bind(owner.as_str())
         .bind(until)
@@ -241,6 +242,15 @@ const CLAIM_COLUMNS: &str = "d.seq, d.delivery_id, d.topic, v.entity, v.version,
     v.fresh, COALESCE(v.parse_error IS NULL, true) AS body_is_json, d.received_at, d.body, \
     d.blob_id, d.body_len, v.event, d.request_id";
 
+/// The deliveries (`d`) and verdicts (`v`) of the rows a claim's `c` leased, to be followed by
+/// [`CLAIMED_ONLY`]. Looked up by their keys as an array, so that each is found through its
+/// primary key whatever the planner thinks of `c`'s size: a join would let it scan the whole
+/// table, which only grows.
+const CLAIMED_ROWS: &str = "deliveries d \
+    LEFT JOIN verdicts v ON v.seq = d.seq AND v.seq = ANY(ARRAY(SELECT seq FROM c))";
+/// The condition that goes with [`CLAIMED_ROWS`].
+const CLAIMED_ONLY: &str = "d.seq = ANY(ARRAY(SELECT seq FROM c))";
+
 impl PgStore {
     fn claimed_of(&self, row: &PgRow) -> Result<Claimed, StoreError> {
         Ok(Claimed {
@@ -272,13 +282,17 @@ impl PgStore {
         chain_max: u32,
     ) -> Result<Vec<LaneRun>, StoreError> {
         let waiting = sqlx::query_as(
-            "SELECT q.entity, q.seq, COALESCE(q.lease_until >= $2, false), h.handler, h.state, \
+            "WITH q AS MATERIALIZED ( \
+                 SELECT entity, seq, lane_pos, lease_until FROM ( \
+                     SELECT entity, seq, lane_pos, lease_until, \
+                            row_number() OVER (PARTITION BY entity ORDER BY lane_pos) AS n \
+                     FROM queue WHERE entity = ANY($1) AND waiting) w \
+                 WHERE n <= $3) \
+             SELECT q.entity, q.seq, COALESCE(q.lease_until >= $2, false), h.handler, h.state, \
                     h.attempts, h.next_at <= $2 \
-             FROM (SELECT entity, seq, lane_pos, lease_until, \
-                          row_number() OVER (PARTITION BY entity ORDER BY lane_pos) AS n \
-                   FROM queue WHERE entity = ANY($1) AND waiting) q \
-             LEFT JOIN handler_runs h ON h.delivery_seq = q.seq \
-             WHERE q.n <= $3 \
+             FROM q LEFT JOIN LATERAL ( \
+                 SELECT handler, state, attempts, next_at FROM handler_runs r \
+                 WHERE r.delivery_seq = q.seq OFFSET 0) h ON true \
              ORDER BY q.entity, q.lane_pos, h.handler",
         )
         .bind(entities)
@@ -321,8 +335,7 @@ impl PgStore {
                  FROM (SELECT seq FROM queue WHERE seq = ANY($1) AND waiting \
                        FOR UPDATE SKIP LOCKED) t \
                  WHERE q.seq = t.seq RETURNING q.seq) \
-             SELECT {CLAIM_COLUMNS} \
-             FROM c JOIN deliveries d ON d.seq = c.seq LEFT JOIN verdicts v ON v.seq = c.seq"
+             SELECT {CLAIM_COLUMNS} FROM {CLAIMED_ROWS} WHERE {CLAIMED_ONLY}"
         ))
         .bind(&members)
         .bind(owner.as_str())
