@@ -6,6 +6,7 @@
 mod backfill;
 mod harness;
 mod inspect;
+mod migration;
 mod rules;
 #[path = "../common/postgres.rs"]
 mod test_db;
@@ -53,6 +54,7 @@ conformance!(
     a_busy_lane_is_claimed_as_a_chain_and_recorded_in_lane_order,
     a_chain_whose_lease_ran_out_is_not_recorded_by_its_old_holder,
     a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cannot_record,
+    a_lost_lease_fails_only_its_own_record_among_records_made_at_once,
     a_retry_is_due_only_at_its_time_and_its_attempts_are_kept,
     a_dead_letter_frees_its_lane_and_replay_sends_it_through_the_gate_again,
     work_left_when_the_store_is_reopened_is_taken_up,

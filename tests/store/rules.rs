@@ -673,6 +673,72 @@ pub async fn a_lease_keeps_others_out_until_it_runs_out_and_then_its_holder_cann
     assert_eq!(status_of(h, "l1").await, [Status::Delivered]);
 }
 
+/// Handlers finish at the same moment and their outcomes are recorded together (a back-end may
+/// write them in one transaction): one whose lease was taken over meanwhile is refused alone,
+/// and every other is recorded.
+pub async fn a_lost_lease_fails_only_its_own_record_among_records_made_at_once(h: &Harness) {
+    const N: usize = 12;
+    for n in 0..N {
+        h.accept(&format!("m{n}"), "LABEL_UPDATED", &body(n)).await;
+    }
+    h.gate_all(|s| {
+        label_gate(
+            s,
+            &format!("label:M{s}"),
+            "2024-05-02T08:00:01Z",
+            Change::Updated,
+            FRESH_TO,
+        )
+    })
+    .await;
+    let a = LeaseOwner::named("a");
+    let claimed = h.store.claim(&a, LEASE, 100, 0).await.expect("claim");
+    assert_eq!(claimed.len(), N);
+    // a's leases run out; b takes one of them over.
+    h.clock.advance(LEASE + Duration::from_secs(1));
+    let b = LeaseOwner::named("b");
+    let taken = h.other().claim(&b, LEASE, 1, 0).await.expect("claim");
+    assert_eq!(taken.len(), 1);
+    let lost = taken[0].seq;
+    let now = h.clock.now();
+    let mut records = tokio::task::JoinSet::new();
+    for c in &claimed {
+        let (store, owner, seq) = (h.store.clone(), a.clone(), c.seq);
+        records.spawn(async move {
+            let recorded = store
+                .record_attempts(seq, &owner, &[ok("archive", 1, now)])
+                .await;
+            (seq, recorded)
+        });
+    }
+    while let Some(done) = records.join_next().await {
+        let (seq, recorded) = done.expect("task");
+        if seq == lost {
+            assert!(
+                matches!(recorded, Err(StoreError::LeaseLost(s)) if s == lost),
+                "{recorded:?}"
+            );
+        } else {
+            assert_eq!(recorded.expect("recorded"), Status::Delivered, "seq {seq}");
+        }
+    }
+    let delivered = h
+        .store
+        .list(&ListQuery {
+            status: Some(Status::Delivered),
+            ..all()
+        })
+        .await
+        .expect("list");
+    assert_eq!(delivered.len(), N - 1, "every record but the lost one");
+    assert_eq!(h.store.queue_depth().await.expect("depth"), 1);
+    h.other()
+        .record_attempts(lost, &b, &[ok("archive", 1, now)])
+        .await
+        .expect("the new holder records");
+    assert_eq!(h.store.queue_depth().await.expect("depth"), 0);
+}
+
 pub async fn a_retry_is_due_only_at_its_time_and_its_attempts_are_kept(h: &Harness) {
     let seq = h.accept("r1", "LABEL_UPDATED", &body(1)).await.seq;
     h.gate_all(|s| {

@@ -14,10 +14,10 @@ use crate::store::{Backfill, KnownLabel, StoreError};
 /// found absent is then still absent when it is inserted. Webhook accepts are not held up.
 const BACKFILL_LOCK: i64 = 0x6c61_6265_6c68_6f6f;
 
-/// The data row a gated delivery's typed event names, as the `deliveries_data_rows` index has
-/// it (an event holding an escaped NUL, which PostgreSQL cannot turn into text, names none).
+/// The data row a verdict's typed event names, as the `verdicts_data_rows` index has it (an
+/// event holding an escaped NUL, which PostgreSQL cannot turn into text, names none).
 const DATA_ROW: &str =
-    "(CASE WHEN strpos(d.event, '\\u0000') = 0 THEN d.event::json ->> 'data_row_id' END)";
+    "(CASE WHEN strpos(v.event, '\\u0000') = 0 THEN v.event::json ->> 'data_row_id' END)";
 
 #[async_trait]
 impl Backfill for PgStore {
@@ -41,12 +41,19 @@ impl Backfill for PgStore {
             };
             let headers = serde_json::to_string(&d.headers)
                 .map_err(|e| StoreError::Corrupt(format!("headers: {e}")))?;
+            // Written as an accept writes it: the delivery once, its status, its queue row.
             let seq: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO deliveries (delivery_id, body_sha256, endpoint, topic, client_ip, \
-                     headers, body, body_len, received_at, status, request_id, origin) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
-                 WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = $1) \
-                 RETURNING seq",
+                "WITH added AS ( \
+                     INSERT INTO deliveries (delivery_id, body_sha256, endpoint, topic, \
+                         client_ip, headers, body, body_len, received_at, request_id, origin) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12 \
+                     WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE delivery_id = $1) \
+                     RETURNING seq, received_at), \
+                 status AS (INSERT INTO delivery_status (seq, status) \
+                     SELECT seq, $10 FROM added), \
+                 queued AS (INSERT INTO queue (seq, received_at) \
+                     SELECT seq, received_at FROM added) \
+                 SELECT seq FROM added",
             )
             .bind(&d.delivery_id)
             .bind(&d.body_sha256[..])
@@ -74,8 +81,8 @@ impl Backfill for PgStore {
     async fn newest_received(&self, project_id: &str) -> Result<Option<UnixMillis>, StoreError> {
         self.ready().await?;
         Ok(sqlx::query_scalar(
-            "SELECT MAX(received_at) FROM deliveries \
-             WHERE project_id = $1 AND origin = 'webhook'",
+            "SELECT MAX(d.received_at) FROM verdicts v JOIN deliveries d ON d.seq = v.seq \
+             WHERE v.project_id = $1 AND d.origin = 'webhook'",
         )
         .bind(project_id)
         .fetch_one(&self.pool)
@@ -89,12 +96,12 @@ impl Backfill for PgStore {
     ) -> Result<Vec<KnownLabel>, StoreError> {
         self.ready().await?;
         let rows = sqlx::query(&format!(
-            "SELECT {DATA_ROW} AS data_row_id, d.entity, d.version, d.event, \
+            "SELECT {DATA_ROW} AS data_row_id, v.entity, v.version, v.event, \
                  COALESCE(e.change = 'deleted', false) AS deleted \
-             FROM deliveries d LEFT JOIN entities e ON e.entity = d.entity \
-             WHERE d.project_id = $1 AND d.event IS NOT NULL AND {DATA_ROW} = ANY($2) \
-               AND d.fresh AND (d.entity LIKE 'label:%' OR d.entity LIKE 'labels:%') \
-             ORDER BY d.entity, d.version DESC NULLS LAST, d.seq DESC"
+             FROM verdicts v LEFT JOIN entities e ON e.entity = v.entity \
+             WHERE v.project_id = $1 AND v.event IS NOT NULL AND {DATA_ROW} = ANY($2) \
+               AND v.fresh AND (v.entity LIKE 'label:%' OR v.entity LIKE 'labels:%') \
+             ORDER BY v.entity, v.version DESC NULLS LAST, v.seq DESC"
         ))
         .bind(project_id)
         .bind(data_row_ids)

@@ -1,6 +1,10 @@
 //! What the CLI and the console read from PostgreSQL (`events list`, `events show`, an
 //! entity's history, the gate's reasons, handler activity, the overview), and `events replay`,
 //! which puts deliveries back before the gate and wakes every replica's dispatcher.
+//!
+//! A delivery is read as its row as received (`deliveries`), its status (`delivery_status`,
+//! indexed by status for the dead-letter page and `--status` filters) and the gate's verdict
+//! (`verdicts`, none before it was gated); [`DELIVERIES`] joins them.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +12,6 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
-use super::queue::finish_in_lane;
 use super::PgStore;
 use crate::delivery::{format_millis, Status, UnixMillis};
 use crate::ordering::{Change, Version};
@@ -17,14 +20,17 @@ use crate::store::model::{counts_by_status, in_version_order, RECEIVED_WINDOW_MA
 use crate::store::{
     AttemptRecord, DeliveryDetail, DeliverySummary, EntityEntry, EntityHistory, EntityState,
     HandlerActivity, HandlerRun, Inspect, ListQuery, Overview, ReceivedBucket, ReplayItem,
-    ReplayOutcome, ReplayTarget, RunState, StoreError, VerdictBasis,
+    ReplayOutcome, ReplayTarget, StoreError, VerdictBasis,
 };
 
+/// A delivery with its status and verdict: `d`, `s` and `v`.
+const DELIVERIES: &str = "deliveries d JOIN delivery_status s ON s.seq = d.seq \
+    LEFT JOIN verdicts v ON v.seq = d.seq";
 /// Qualified, so that they can be read beside a join with `entities`.
-const SUMMARY_COLUMNS: &str = "d.seq, d.delivery_id, d.endpoint, d.topic, d.entity, d.version, \
-    d.status, d.received_at, d.body_len, d.id_conflict, d.project_id, d.origin";
+const SUMMARY_COLUMNS: &str = "d.seq, d.delivery_id, d.endpoint, d.topic, v.entity, v.version, \
+    s.status, d.received_at, d.body_len, d.id_conflict, v.project_id, d.origin";
 /// A delivery with the gate's view of it: [`SUMMARY_COLUMNS`] followed by these.
-const ENTRY_COLUMNS: &str = "d.change, d.fresh, d.lane_pos";
+const ENTRY_COLUMNS: &str = "v.change, v.fresh, v.lane_pos";
 
 fn summary(row: &PgRow) -> Result<DeliverySummary, StoreError> {
     let status: String = row.try_get("status")?;
@@ -64,15 +70,15 @@ impl Inspect for PgStore {
         self.ready().await?;
         // Only the filters given become conditions, so the planner sees what each query is.
         let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!(
-            "SELECT {SUMMARY_COLUMNS} FROM deliveries d WHERE true"
+            "SELECT {SUMMARY_COLUMNS} FROM {DELIVERIES} WHERE true"
         ));
         if let Some(status) = query.status {
-            sql.push(" AND d.status = ").push_bind(status.as_str());
+            sql.push(" AND s.status = ").push_bind(status.as_str());
         }
         for (column, value) in [
             (" AND d.topic = ", &query.topic),
-            (" AND d.project_id = ", &query.project_id),
-            (" AND d.entity = ", &query.entity),
+            (" AND v.project_id = ", &query.project_id),
+            (" AND v.entity = ", &query.entity),
             (" AND d.delivery_id = ", &query.delivery_id),
         ] {
             if let Some(value) = value {
@@ -105,8 +111,9 @@ impl Inspect for PgStore {
     async fn show(&self, delivery_id: &str) -> Result<Vec<DeliveryDetail>, StoreError> {
         self.ready().await?;
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS}, client_ip, headers, body, blob_id, fresh, parse_error, \
-             body_pruned, request_id FROM deliveries d WHERE delivery_id = $1 ORDER BY seq"
+            "SELECT {SUMMARY_COLUMNS}, d.client_ip, d.headers, d.body, d.blob_id, v.fresh, \
+             v.parse_error, d.body_pruned, d.request_id FROM {DELIVERIES} \
+             WHERE d.delivery_id = $1 ORDER BY d.seq"
         );
         let rows = sqlx::query(&sql)
             .bind(delivery_id)
@@ -160,36 +167,14 @@ impl Inspect for PgStore {
         let mut tx = self.pool.begin().await?;
         // The rows are locked while they are judged, so what is said is what is done.
         let items = replay_plan(&mut tx, target, now, true).await?;
-        let mut replayed = 0;
-        for item in &items {
-            if !item.effect.replays() {
-                // Being handled right now: replaying it would run it twice at once.
-                continue;
-            }
-            let seq = item.summary.seq;
-            // A replayed lane head steps aside first, or it would wait behind itself.
-            finish_in_lane(&mut tx, seq, now).await?;
-            // Runs that succeeded stay done; the others start over with fresh attempts.
-            sqlx::query("DELETE FROM handler_runs WHERE delivery_seq = $1 AND state <> $2")
-                .bind(seq)
-                .bind(RunState::Done.as_str())
-                .execute(&mut *tx)
-                .await?;
-            // Back to the gate: the entity may have moved on meanwhile, and the ordering
-            // promise holds for replays too.
-            sqlx::query(
-                "UPDATE deliveries SET gated = false, fresh = NULL, lane_pos = NULL, \
-                 waiting = false, \
-                 status = CASE WHEN status = 'unrecognized' THEN status ELSE 'pending' END, \
-                 due_at = NULL, lease_owner = NULL, lease_until = NULL, gate_owner = NULL, \
-                 gate_until = NULL WHERE seq = $1",
-            )
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
-            replayed += 1;
-        }
-        if replayed > 0 {
+        // Being handled right now: replaying it would run it twice at once.
+        let seqs: Vec<i64> = items
+            .iter()
+            .filter(|i| i.effect.replays())
+            .map(|i| i.summary.seq)
+            .collect();
+        if !seqs.is_empty() {
+            send_back(&mut tx, &seqs, now).await?;
             Self::announce_work(&mut *tx).await?;
         }
         tx.commit().await?;
@@ -197,11 +182,11 @@ impl Inspect for PgStore {
     }
 
     /// The entity has no index of its own (the dispatchers never look deliveries up by it),
-    /// so this reads the table: for a person looking at one entity, not for a loop.
+    /// so this reads the verdicts: for a person looking at one entity, not for a loop.
     async fn entity_history(&self, entity: &str, limit: u32) -> Result<EntityHistory, StoreError> {
         self.ready().await?;
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d WHERE d.entity = $1 \
+            "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM {DELIVERIES} WHERE v.entity = $1 \
              ORDER BY d.seq DESC LIMIT $2"
         );
         let rows = sqlx::query(&sql)
@@ -224,7 +209,7 @@ impl Inspect for PgStore {
     async fn verdict_basis(&self, seq: i64) -> Result<Option<VerdictBasis>, StoreError> {
         self.ready().await?;
         let sql =
-            format!("SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d WHERE d.seq = $1");
+            format!("SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM {DELIVERIES} WHERE d.seq = $1");
         let Some(row) = sqlx::query(&sql)
             .bind(seq)
             .fetch_optional(&self.pool)
@@ -243,10 +228,10 @@ impl Inspect for PgStore {
         let held_against = match delivery.lane_pos {
             Some(pos) => {
                 let sql = format!(
-                    "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM deliveries d \
-                     WHERE d.entity = $1 AND d.lane_pos < $2 AND d.fresh \
-                       AND (d.version IS NOT NULL OR d.change = 'deleted') \
-                     ORDER BY d.lane_pos DESC LIMIT 1"
+                    "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM {DELIVERIES} \
+                     WHERE v.entity = $1 AND v.lane_pos < $2 AND v.fresh \
+                       AND (v.version IS NOT NULL OR v.change = 'deleted') \
+                     ORDER BY v.lane_pos DESC LIMIT 1"
                 );
                 let row = sqlx::query(&sql)
                     .bind(&entity)
@@ -323,7 +308,7 @@ impl Inspect for PgStore {
     ) -> Result<Overview, StoreError> {
         self.ready().await?;
         let by_status: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, COUNT(*) FROM deliveries GROUP BY status")
+            sqlx::query_as("SELECT status, COUNT(*) FROM delivery_status GROUP BY status")
                 .fetch_all(&self.pool)
                 .await?;
         let by_status = counts_by_status(by_status).map_err(StoreError::Corrupt)?;
@@ -341,8 +326,9 @@ impl Inspect for PgStore {
         .fetch_one(&self.pool)
         .await?;
         let counts: Vec<(i64, String, i64)> = sqlx::query_as(
-            "SELECT (received_at - $1) / $2, status, COUNT(*) FROM deliveries \
-             WHERE seq > $3 AND received_at >= $1 AND received_at < $4 GROUP BY 1, 2",
+            "SELECT (d.received_at - $1) / $2, s.status, COUNT(*) \
+             FROM deliveries d JOIN delivery_status s ON s.seq = d.seq \
+             WHERE d.seq > $3 AND d.received_at >= $1 AND d.received_at < $4 GROUP BY 1, 2",
         )
         .bind(since)
         .bind(bucket_ms)
@@ -370,15 +356,16 @@ async fn replay_plan(
 ) -> Result<Vec<ReplayItem>, StoreError> {
     let (condition, value) = match target {
         ReplayTarget::DeliveryId(id) => ("d.delivery_id = $1", id.clone()),
-        ReplayTarget::Status(status) => ("d.status = $1", status.as_str().to_owned()),
+        ReplayTarget::Status(status) => ("s.status = $1", status.as_str().to_owned()),
     };
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, COALESCE(d.lease_until > $2, false) AS running, d.change, \
-         e.version AS entity_version, e.change AS entity_change, \
+        "SELECT {SUMMARY_COLUMNS}, COALESCE(q.gated AND q.lease_until > $2, false) AS running, \
+         v.change, e.version AS entity_version, e.change AS entity_change, \
          e.backfilled AS entity_backfilled \
-         FROM deliveries d LEFT JOIN entities e ON e.entity = d.entity \
+         FROM {DELIVERIES} LEFT JOIN queue q ON q.seq = d.seq \
+         LEFT JOIN entities e ON e.entity = v.entity \
          WHERE {condition} ORDER BY d.seq{}",
-        if lock { " FOR UPDATE OF d" } else { "" }
+        if lock { " FOR UPDATE OF s" } else { "" }
     );
     let rows = sqlx::query(&sql)
         .bind(value)
@@ -425,6 +412,70 @@ async fn replay_plan(
         });
     }
     Ok(items)
+}
+
+/// Puts `seqs` back before the gate, inside the replay's transaction.
+async fn send_back(
+    conn: &mut PgConnection,
+    seqs: &[i64],
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    // A replayed lane head steps aside first, or its lane would wait behind it for ever.
+    let heads: Vec<i64> = sqlx::query_scalar(
+        "SELECT seq FROM queue WHERE seq = ANY($1) AND gated AND entity IS NOT NULL",
+    )
+    .bind(seqs)
+    .fetch_all(&mut *conn)
+    .await?;
+    for seq in heads {
+        step_aside(conn, seq, now).await?;
+    }
+    // Runs that succeeded stay done; the others start over with fresh attempts. Back to the
+    // gate: the entity may have moved on meanwhile, and the ordering promise holds for replays
+    // too. The verdict keeps the entity and version, for the console, until then.
+    sqlx::query(
+        "WITH runs AS (DELETE FROM handler_runs WHERE delivery_seq = ANY($1) AND state <> 'done'), \
+              verdicts_undone AS (UPDATE verdicts SET fresh = NULL, lane_pos = NULL \
+                                  WHERE seq = ANY($1)), \
+              queued AS ( \
+                  INSERT INTO queue (seq, received_at) \
+                  SELECT seq, received_at FROM deliveries WHERE seq = ANY($1) \
+                  ON CONFLICT (seq) DO UPDATE SET gated = false, entity = NULL, lane_pos = NULL, \
+                      waiting = false, due_at = NULL, lease_owner = NULL, lease_until = NULL) \
+         UPDATE delivery_status SET status = 'pending' \
+         WHERE seq = ANY($1) AND status NOT IN ('pending', 'unrecognized')",
+    )
+    .bind(seqs)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// When `seq` heads its entity's lane: the next waiting delivery, if any, becomes the head and
+/// is due now (under the entity's lock, as the gate and the outcomes move lanes).
+async fn step_aside(conn: &mut PgConnection, seq: i64, now: UnixMillis) -> Result<(), StoreError> {
+    let head: Option<String> = sqlx::query_scalar(
+        "SELECT e.entity FROM queue q JOIN entities e ON e.entity = q.entity \
+         WHERE q.seq = $1 AND e.active_pos = q.lane_pos FOR UPDATE OF e",
+    )
+    .bind(seq)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(entity) = head else {
+        return Ok(());
+    };
+    sqlx::query(
+        "WITH next AS (SELECT seq, lane_pos FROM queue WHERE entity = $1 AND waiting \
+                       ORDER BY lane_pos LIMIT 1), \
+              promoted AS (UPDATE queue q SET waiting = false, due_at = $2 FROM next \
+                           WHERE q.seq = next.seq) \
+         UPDATE entities SET active_pos = (SELECT lane_pos FROM next) WHERE entity = $1",
+    )
+    .bind(&entity)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// `handler_runs` columns: handler, state, attempts, next_at, last_error.

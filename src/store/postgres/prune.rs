@@ -2,6 +2,9 @@
 //! locks only the rows it removes (`FOR UPDATE SKIP LOCKED`, so replicas pruning at once take
 //! different rows and never wait on each other or on dispatch). Freed space is left to
 //! autovacuum, which follows batched deletes without long locks.
+//!
+//! A delivery is finished when it has no queue row (nothing left to do) and its status is not
+//! `pending`; its row, status, verdict, runs and attempts go together, oldest first.
 
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
@@ -12,7 +15,11 @@ use crate::delivery::Status;
 use crate::store::{Cutoffs, Maintenance, PruneReport, StoreError, StoreStats};
 
 /// Finished: nothing left to do for it.
-const FINISHED: &str = "gated AND due_at IS NULL AND NOT waiting AND status <> 'pending'";
+const FINISHED: &str =
+    "s.status <> 'pending' AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.seq = d.seq)";
+/// A delivery with its status, as [`doomed`] reads it.
+const DOOMED: &str = "SELECT d.seq, s.status, d.blob_id, d.body_len, d.body_pruned \
+    FROM deliveries d JOIN delivery_status s ON s.seq = d.seq";
 
 /// One prunable row: what it is and what it holds.
 struct Doomed {
@@ -46,12 +53,15 @@ async fn plan(
     limit: i64,
     lock: bool,
 ) -> Result<(Vec<Doomed>, Vec<Doomed>), StoreError> {
-    let lock = if lock { "FOR UPDATE SKIP LOCKED" } else { "" };
+    let lock = if lock {
+        "FOR UPDATE OF d SKIP LOCKED"
+    } else {
+        ""
+    };
     let rows: Vec<Doomed> = sqlx::query(&format!(
-        "SELECT seq, status, blob_id, body_len, body_pruned FROM deliveries \
-         WHERE {FINISHED} AND ((status = 'delivered' AND received_at < $1) \
-            OR (status IN ('stale', 'unrecognized', 'dead') AND received_at < $2)) \
-         ORDER BY seq LIMIT $3 {lock}"
+        "{DOOMED} WHERE {FINISHED} AND ((s.status = 'delivered' AND d.received_at < $1) \
+            OR (s.status IN ('stale', 'unrecognized', 'dead') AND d.received_at < $2)) \
+         ORDER BY d.seq LIMIT $3 {lock}"
     ))
     .bind(c.delivered_before)
     .bind(c.investigated_before)
@@ -63,10 +73,9 @@ async fn plan(
     .collect::<Result<_, _>>()?;
     let deleted: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let mut bodies: Vec<Doomed> = sqlx::query(&format!(
-        "SELECT seq, status, blob_id, body_len, body_pruned FROM deliveries \
-         WHERE {FINISHED} AND status = 'delivered' AND NOT body_pruned AND received_at < $1 \
-           AND NOT (seq = ANY($2)) \
-         ORDER BY seq LIMIT $3 {lock}"
+        "{DOOMED} WHERE {FINISHED} AND s.status = 'delivered' AND NOT d.body_pruned \
+           AND d.received_at < $1 AND NOT (d.seq = ANY($2)) \
+         ORDER BY d.seq LIMIT $3 {lock}"
     ))
     .bind(c.bodies_before)
     .bind(&deleted)
@@ -90,9 +99,9 @@ async fn plan(
             let mut skip = deleted;
             skip.extend(bodies.iter().map(|b| b.seq));
             let oldest: Vec<Doomed> = sqlx::query(&format!(
-                "SELECT seq, status, blob_id, body_len, body_pruned FROM deliveries \
-                 WHERE {FINISHED} AND NOT body_pruned AND body_len > 0 AND NOT (seq = ANY($1)) \
-                 ORDER BY seq LIMIT $2 {lock}"
+                "{DOOMED} WHERE {FINISHED} AND NOT d.body_pruned AND d.body_len > 0 \
+                   AND NOT (d.seq = ANY($1)) \
+                 ORDER BY d.seq LIMIT $2 {lock}"
             ))
             .bind(&skip)
             .bind(limit)
@@ -136,13 +145,17 @@ impl Maintenance for PgStore {
         }
         let (rows, bodies) = plan(&mut tx, cutoffs, i64::from(limit), true).await?;
         let deleted: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        for sql in [
-            "DELETE FROM attempts WHERE delivery_seq = ANY($1)",
-            "DELETE FROM handler_runs WHERE delivery_seq = ANY($1)",
-            "DELETE FROM deliveries WHERE seq = ANY($1)",
-        ] {
-            sqlx::query(sql).bind(&deleted).execute(&mut *tx).await?;
-        }
+        // One statement for everything kept of them.
+        sqlx::query(
+            "WITH a AS (DELETE FROM attempts WHERE delivery_seq = ANY($1)), \
+                  r AS (DELETE FROM handler_runs WHERE delivery_seq = ANY($1)), \
+                  v AS (DELETE FROM verdicts WHERE seq = ANY($1)), \
+                  s AS (DELETE FROM delivery_status WHERE seq = ANY($1)) \
+             DELETE FROM deliveries WHERE seq = ANY($1)",
+        )
+        .bind(&deleted)
+        .execute(&mut *tx)
+        .await?;
         let dropped: Vec<i64> = bodies.iter().map(|b| b.seq).collect();
         sqlx::query(
             "UPDATE deliveries SET body = NULL, blob_id = NULL, body_pruned = true \
@@ -175,7 +188,9 @@ impl Maintenance for PgStore {
         let database_bytes: i64 = sqlx::query_scalar(
             "SELECT (pg_total_relation_size('deliveries') + pg_total_relation_size('blobs') \
                   + pg_total_relation_size('blob_chunks') + pg_total_relation_size('handler_runs') \
-                  + pg_total_relation_size('attempts') + pg_total_relation_size('entities'))::BIGINT",
+                  + pg_total_relation_size('attempts') + pg_total_relation_size('entities') \
+                  + pg_total_relation_size('delivery_status') + pg_total_relation_size('verdicts') \
+                  + pg_total_relation_size('queue'))::BIGINT",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -185,7 +200,7 @@ impl Maintenance for PgStore {
         .fetch_one(&self.pool)
         .await?;
         let deliveries = sqlx::query_as::<_, (String, i64)>(
-            "SELECT status, COUNT(*) FROM deliveries GROUP BY status",
+            "SELECT status, COUNT(*) FROM delivery_status GROUP BY status",
         )
         .fetch_all(&self.pool)
         .await?
