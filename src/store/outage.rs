@@ -44,9 +44,8 @@ impl Outage {
 
     /// `refused` writes failed with `error`.
     pub fn failed(&mut self, error: &StoreError, refused: usize) {
+        count_refusals(self.backend, refused);
         let refused = refused as u64;
-        metrics::counter!(telemetry::STORE_REFUSALS_TOTAL, "backend" => self.backend)
-            .increment(refused);
         self.refused += refused;
         let now = Instant::now();
         match self.since {
@@ -96,6 +95,12 @@ impl Outage {
     pub fn is_out(&self) -> bool {
         self.since.is_some()
     }
+}
+
+/// Counts `refused` writes the store refused because it was unavailable.
+pub fn count_refusals(backend: &'static str, refused: usize) {
+    metrics::counter!(telemetry::STORE_REFUSALS_TOTAL, "backend" => backend)
+        .increment(refused as u64);
 }
 
 /// Pauses between retries: from `first`, doubling up to `cap`, each with up to a quarter more

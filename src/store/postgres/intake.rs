@@ -96,7 +96,12 @@ pub(super) async fn accept_batch(
     };
     let answers = match written {
         Ok(answers) => answers,
-        Err(e) => return jobs.iter().map(|_| Err(clone_error(&e))).collect(),
+        Err(e) => {
+            if matches!(e, StoreError::Unavailable(_)) {
+                crate::store::outage::count_refusals("postgres", jobs.len());
+            }
+            return jobs.iter().map(|_| Err(clone_error(&e))).collect();
+        }
     };
     crate::telemetry::record_commit("postgres", started.elapsed(), jobs.len());
     if answers.iter().any(|a| matches!(a, Ok(a) if !a.duplicate)) {

@@ -68,6 +68,7 @@ use tokio::sync::Notify;
 
 pub use database::require_database;
 
+use super::outage::Outage;
 use super::{Store, StoreError};
 use crate::config::StoreSettings;
 use crate::delivery::Clock;
@@ -396,9 +397,12 @@ fn lease_pool(options: PgConnectOptions) -> PgPool {
 
 /// Listens for `NOTIFY labelhook_work` on a connection of its own and wakes the dispatcher;
 /// reconnects with a growing pause when the database goes away. Ends when the store is gone.
+/// Its connection is the replica's lookout: it tells once that the database is gone and why,
+/// then now and then, and once that it is back ([`Outage`]).
 async fn listen_for_work(store: std::sync::Weak<PgStore>) {
     let mut pause = Duration::from_millis(100);
     let mut swept = false;
+    let mut outage = Outage::new("store", "postgres");
     loop {
         let Some(this) = store.upgrade() else { return };
         let listening = async {
@@ -411,6 +415,7 @@ async fn listen_for_work(store: std::sync::Weak<PgStore>) {
         match listening {
             Ok(mut listener) => {
                 pause = Duration::from_millis(100);
+                outage.succeeded();
                 if !swept {
                     match this.bodies.sweep_orphans().await {
                         Ok(0) => {}
@@ -434,14 +439,14 @@ async fn listen_for_work(store: std::sync::Weak<PgStore>) {
                             work.notify_one();
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "lost the wake-up connection; reconnecting");
+                            outage.failed(&StoreError::from(e), 0);
                             break;
                         }
                     }
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, "database not reachable for wake-ups yet");
+                outage.failed(&e, 0);
                 drop(this);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(LISTEN_RETRY_MAX);
