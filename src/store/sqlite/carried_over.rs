@@ -94,7 +94,20 @@ async fn a_store_of_the_previous_schema_is_carried_over_in_place() {
     let store = SqliteStore::open_for_serving(path, &settings, 64, clock.clone())
         .await
         .expect("open");
+    every_delivery_keeps_its_status(&store).await;
+    handler_runs_keep_their_attempts(&store).await;
+    work_left_is_taken_up(&store, &clock).await;
 
+    // A new delivery gets a sequence number after the old ones.
+    let seq = crate::store::Intake::accept(&store, new_delivery())
+        .await
+        .expect("accept")
+        .seq;
+    assert_eq!(seq, 10);
+    crate::store::Store::close(&store).await;
+}
+
+async fn every_delivery_keeps_its_status(store: &SqliteStore) {
     let query = ListQuery {
         limit: 100,
         ..ListQuery::default()
@@ -123,7 +136,9 @@ async fn a_store_of_the_previous_schema_is_carried_over_in_place() {
         .map(|(id, s)| ((*id).to_owned(), *s))
         .collect();
     assert_eq!(statuses, expected);
+}
 
+async fn handler_runs_keep_their_attempts(store: &SqliteStore) {
     let retrying = &store.show("retrying").await.expect("show")[0];
     let run = &retrying.handlers[0];
     assert_eq!((run.state, run.attempts), (RunState::Pending, 1));
@@ -135,7 +150,9 @@ async fn a_store_of_the_previous_schema_is_carried_over_in_place() {
         RunState::Done,
         "done stays done"
     );
+}
 
+async fn work_left_is_taken_up(store: &SqliteStore, clock: &ManualClock) {
     // What had work left is taken up: the new, the replayed and the unrecognized wait for the
     // gate; of the lanes, only the dead process's head is due now.
     let owner = LeaseOwner::named("w");
@@ -169,14 +186,6 @@ async fn a_store_of_the_previous_schema_is_carried_over_in_place() {
         .expect("record");
     let next = store.claim(&owner, lease, 10, 0).await.expect("claim");
     assert_eq!(next.iter().map(|c| c.seq).collect::<Vec<_>>(), [3]);
-
-    // A new delivery gets a sequence number after the old ones.
-    let seq = crate::store::Intake::accept(&store, new_delivery())
-        .await
-        .expect("accept")
-        .seq;
-    assert_eq!(seq, 10);
-    crate::store::Store::close(&store).await;
 }
 
 /// A delivery verified as the ingress would verify it.

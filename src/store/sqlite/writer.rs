@@ -148,13 +148,12 @@ impl Writer {
             }
             // Whatever is already waiting joins this commit; a few batches' worth are looked at
             // so that the dispatcher's ops behind deliveries are found.
-            while close.is_none() && waiting.len() < self.batch_max * LOOKAHEAD_BATCHES {
-                match rx.try_recv() {
-                    Ok(WriteRequest::Write(op)) => waiting.push_back(op),
-                    Ok(WriteRequest::Close(done)) => close = Some(done),
-                    Err(_) => break,
-                }
-            }
+            take_waiting(
+                &mut rx,
+                &mut waiting,
+                &mut close,
+                self.batch_max * LOOKAHEAD_BATCHES,
+            );
             let batch = self.next_batch(&mut waiting);
             if batch.is_empty() {
                 continue;
@@ -162,13 +161,7 @@ impl Writer {
             if let Err(failure) = self.commit(batch) {
                 // What waits behind a failed batch would wait as long again for the same
                 // answer, so it gets it now (senders retry; the dispatcher polls again).
-                while close.is_none() {
-                    match rx.try_recv() {
-                        Ok(WriteRequest::Write(op)) => waiting.push_back(op),
-                        Ok(WriteRequest::Close(done)) => close = Some(done),
-                        Err(_) => break,
-                    }
-                }
+                take_waiting(&mut rx, &mut waiting, &mut close, usize::MAX);
                 let refused: Vec<Op> = waiting.drain(..).collect();
                 self.refuse(refused, &failure);
             }
@@ -180,8 +173,13 @@ impl Writer {
                 });
             }
         }
+        self.closed(rx, close);
+    }
+
+    /// After the last batch: whatever raced in behind the close is refused, not lost (senders
+    /// retry); the connection goes, and whoever asked for the close is told.
+    fn closed(&mut self, mut rx: mpsc::Receiver<WriteRequest>, close: Option<oneshot::Sender<()>>) {
         rx.close();
-        // Whatever raced in behind the close is refused, not lost: senders retry.
         let closing = StoreError::Unavailable("store is shutting down".into());
         while let Ok(late) = rx.try_recv() {
             if let WriteRequest::Write(op) = late {
@@ -548,4 +546,21 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Moves up to `most` ops queued on the channel into `waiting`, stopping at a close (noted in
+/// `close`).
+fn take_waiting(
+    rx: &mut mpsc::Receiver<WriteRequest>,
+    waiting: &mut VecDeque<Op>,
+    close: &mut Option<oneshot::Sender<()>>,
+    most: usize,
+) {
+    while close.is_none() && waiting.len() < most {
+        match rx.try_recv() {
+            Ok(WriteRequest::Write(op)) => waiting.push_back(op),
+            Ok(WriteRequest::Close(done)) => *close = Some(done),
+            Err(_) => break,
+        }
+    }
 }
