@@ -1,13 +1,18 @@
 //! The dispatcher: turns stored deliveries into handler calls, in per-entity order.
 //!
-//! One loop per process does two things over and over:
-//! 1. **Gate**: take deliveries not yet parsed (oldest first, reserved for this process for a
-//!    while so another replica does not parse them too), parse them with [`events`], pick the
-//!    routes' handlers ([`routes`]), and let the store decide fresh or stale against the
-//!    entity's last applied version, in the same transaction that records the decision.
+//! Two loops per process, side by side, so that neither waits for the other's round trips to
+//! the store:
+//! 1. **Gate**: take deliveries not yet parsed (oldest first; on a shared store reserved for
+//!    this process for a while so another replica does not parse them too), parse them with
+//!    [`events`], pick the routes' handlers ([`routes`]), and let the store decide fresh or
+//!    stale against the entity's last applied version as it records the decision.
 //! 2. **Run**: claim due work (the store only hands out a delivery once everything before it in
-//!    its entity's lane is finished), call each due handler, and record every attempt: done,
-//!    retry later ([`retry`]: exponential backoff with jitter), or dead after `max_attempts`.
+//!    its entity's lane is finished, with the deliveries waiting right behind it for the same
+//!    handler), call each due handler, and record every attempt: done, retry later ([`retry`]:
+//!    exponential backoff with jitter), or dead after `max_attempts`.
+//!
+//! Where the lanes live is the store's business: the SQLite back-end keeps them in this
+//! process's memory (one server per database), the PostgreSQL one in rows the replicas share.
 //!
 //! Claims are leases, renewed while the handlers run ([`leases`]): work claimed by a process
 //! that died is taken again once its lease runs out, never while it is alive. On shutdown no

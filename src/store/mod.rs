@@ -17,8 +17,10 @@
 //!
 //! Durability is the store's: [`Intake::accept`] returns only after the delivery's transaction
 //! is on disk (SQLite in WAL mode with `synchronous = FULL`; PostgreSQL with synchronous
-//! commit), so an HTTP 2xx sent after it survives `kill -9` and power loss. The store serves the
-//! ingress, the dispatcher and the CLI alike, so it knows nothing of HTTP.
+//! commit), so an HTTP 2xx sent after it survives `kill -9` and power loss. A delivery is
+//! written once; what happens to it later is appended beside it, in batches that ride the same
+//! commits (docs/store.md). The store serves the ingress, the dispatcher and the CLI alike, so
+//! it knows nothing of HTTP.
 
 mod gate;
 mod model;
