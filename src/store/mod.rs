@@ -60,10 +60,10 @@ pub enum StoreError {
     /// The database cannot be reached or written (missing directory, read-only, disk full,
     /// server down); the sender should retry.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Reason),
     /// The database answered with an error.
     #[error("database error: {0}")]
-    Database(String),
+    Database(#[source] Reason),
     /// A stored value the program cannot read back (written by a newer version?).
     #[error("unexpected stored value: {0}")]
     Corrupt(String),
@@ -82,20 +82,83 @@ pub enum StoreError {
     MissingDatabase(String),
 }
 
+/// Why the store failed: what to tell (the message), and the error of the database driver or
+/// the file system that said so, kept whole for whoever follows the error's sources. Cheap to
+/// clone, so that every caller of a failed batch gets the same cause.
+#[derive(Debug, Clone)]
+pub struct Reason {
+    message: String,
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Reason {
+    /// A reason with the error it comes from.
+    pub fn from_error(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            message: error.to_string(),
+            cause: Some(Arc::new(error)),
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Reason {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<String> for Reason {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            cause: None,
+        }
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
+}
+
 impl StoreError {
+    /// The store is unavailable for `reason`.
+    pub fn unavailable(reason: impl Into<Reason>) -> Self {
+        StoreError::Unavailable(reason.into())
+    }
+
+    /// The database answered with an error: `reason`.
+    pub fn database(reason: impl Into<Reason>) -> Self {
+        StoreError::Database(reason.into())
+    }
+
     /// This failure again, as another caller that met it is told: the store is unavailable,
-    /// for the reason this one gives.
+    /// for the reason this one gives (its cause kept).
     pub fn again(&self) -> StoreError {
         match self {
-            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
-            other => StoreError::Unavailable(other.to_string()),
+            StoreError::Unavailable(why) => StoreError::unavailable(why.clone()),
+            StoreError::Database(why) => StoreError::unavailable(why.clone()),
+            other => StoreError::unavailable(other.to_string()),
         }
     }
 }
 
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
+        StoreError::unavailable(Reason::from_error(e))
     }
 }
 
@@ -426,5 +489,39 @@ mod tests {
         assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
         let refused = Backend::from_url("mysql://u:hunter2@h/db").expect_err("refused");
         assert!(!refused.to_string().contains("hunter2"), "{refused}");
+    }
+
+    #[test]
+    fn a_store_error_keeps_the_error_it_comes_from() {
+        use std::error::Error as _;
+        let refused = io::Error::new(io::ErrorKind::PermissionDenied, "read-only file system");
+        let error = StoreError::from(refused);
+        assert_eq!(
+            error.to_string(),
+            "store unavailable: read-only file system"
+        );
+        let cause = error
+            .source()
+            .and_then(|reason| reason.source())
+            .and_then(|cause| cause.downcast_ref::<io::Error>())
+            .expect("the io::Error is kept");
+        assert_eq!(cause.kind(), io::ErrorKind::PermissionDenied);
+        // Told again to another caller of the same failed batch, the cause is still there.
+        assert!(error.again().source().and_then(|r| r.source()).is_some());
+        // So is the database driver's error, with what it knows (SQLite's code here).
+        let conn = rusqlite::Connection::open_in_memory().expect("in memory");
+        let refused = conn
+            .execute("INSERT INTO nowhere VALUES (1)", [])
+            .expect_err("no table");
+        let error = StoreError::from(refused);
+        assert!(matches!(error, StoreError::Database(_)), "{error:?}");
+        assert!(error
+            .source()
+            .and_then(|reason| reason.source())
+            .and_then(|cause| cause.downcast_ref::<rusqlite::Error>())
+            .is_some());
+        // A message of our own has no cause behind it.
+        let ours = StoreError::unavailable("the writer stopped");
+        assert!(ours.source().and_then(|r| r.source()).is_none());
     }
 }

@@ -154,7 +154,7 @@ mod tests {
     #[test]
     fn an_outage_is_told_once_then_reminded_then_ended() {
         let mut o = Outage::new("store", "sqlite");
-        let e = StoreError::Unavailable("disk full".into());
+        let e = StoreError::unavailable("disk full");
         o.failed(&e, 1);
         assert!(o.is_out());
         assert!(o.last_line.is_some());

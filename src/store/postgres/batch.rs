@@ -63,17 +63,15 @@ impl<J: Send + 'static, R: Send + 'static> Batcher<J, R> {
             .lock()
             .ok()
             .and_then(|s| s.clone())
-            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+            .ok_or_else(|| StoreError::unavailable("the store is closed"))?;
         let (reply, answer) = oneshot::channel();
         sender.try_send(Job { job, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Busy,
-            mpsc::error::TrySendError::Closed(_) => {
-                StoreError::Unavailable("the store is closed".into())
-            }
+            mpsc::error::TrySendError::Closed(_) => StoreError::unavailable("the store is closed"),
         })?;
         answer
             .await
-            .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
+            .map_err(|_| StoreError::unavailable("the store's writer stopped"))?
     }
 
     /// Takes no more jobs and waits until those handed in are answered.
@@ -123,9 +121,9 @@ async fn drive<J, R, F, Fut>(
             let answers = run(work).await;
             let mut answers = answers.into_iter();
             for reply in replies {
-                let answer = answers.next().unwrap_or_else(|| {
-                    Err(StoreError::Database("a batch gave too few answers".into()))
-                });
+                let answer = answers
+                    .next()
+                    .unwrap_or_else(|| Err(StoreError::database("a batch gave too few answers")));
                 let _ = reply.send(answer);
             }
             drop(slot);

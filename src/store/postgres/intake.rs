@@ -122,9 +122,9 @@ pub(super) async fn accept_batch(
 fn clone_error(e: &StoreError) -> StoreError {
     match e {
         StoreError::Busy => StoreError::Busy,
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Unavailable(m) => StoreError::unavailable(m.clone()),
         StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-        other => StoreError::Database(other.to_string()),
+        other => StoreError::database(other.to_string()),
     }
 }
 
@@ -155,7 +155,7 @@ fn plan(jobs: &[Incoming]) -> Result<(Columns<'_>, Vec<Slot>), StoreError> {
     }
     let slots = slots
         .into_iter()
-        .map(|s| s.ok_or_else(|| StoreError::Database("a delivery left out of its batch".into())))
+        .map(|s| s.ok_or_else(|| StoreError::database("a delivery left out of its batch")))
         .collect::<Result<_, _>>()?;
     Ok((columns, slots))
 }
@@ -269,7 +269,7 @@ fn answers(
                 duplicate,
                 id_conflict,
             })
-            .ok_or_else(|| StoreError::Database("an accepted delivery was not found".into()))
+            .ok_or_else(|| StoreError::database("an accepted delivery was not found"))
     };
     slots
         .iter()
@@ -281,7 +281,7 @@ fn answers(
                     duplicate: true,
                     id_conflict: false,
                 }),
-                Slot::SameAs(_) => Err(StoreError::Database("a batch lost its first copy".into())),
+                Slot::SameAs(_) => Err(StoreError::database("a batch lost its first copy")),
             },
         })
         .collect()
@@ -311,10 +311,9 @@ impl Intake for PgStore {
                 .fetch_one(&self.pool)
                 .await?;
         if standby || read_only == "on" {
-            return Err(StoreError::Unavailable(
+            return Err(StoreError::unavailable(
                 "the PostgreSQL server is read-only (a standby, or default_transaction_read_only \
-                 is on); deliveries cannot be stored"
-                    .into(),
+                 is on); deliveries cannot be stored",
             ));
         }
         Ok(())

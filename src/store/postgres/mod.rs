@@ -69,7 +69,7 @@ use tokio::sync::Notify;
 pub use database::require_database;
 
 use super::outage::Outage;
-use super::{Store, StoreError};
+use super::{Reason, Store, StoreError};
 use crate::config::StoreSettings;
 use crate::delivery::Clock;
 
@@ -124,9 +124,9 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if is_unavailable(&e) {
-            StoreError::Unavailable(e.to_string())
+            StoreError::unavailable(Reason::from_error(e))
         } else {
-            StoreError::Database(e.to_string())
+            StoreError::database(Reason::from_error(e))
         }
     }
 }
@@ -207,7 +207,7 @@ impl Schema {
         }
         if let Some((at, error)) = last_failure.as_ref() {
             if at.elapsed() < RETRY_PAUSE {
-                return Err(StoreError::Unavailable(error.clone()));
+                return Err(StoreError::unavailable(error.clone()));
             }
         }
         match MIGRATOR.run(&self.pool).await {
@@ -219,7 +219,7 @@ impl Schema {
             Err(e) => {
                 let error = match e {
                     sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
-                    other => StoreError::Database(format!("migrating the schema: {other}")),
+                    other => StoreError::database(format!("migrating the schema: {other}")),
                 };
                 *last_failure = Some((Instant::now(), error.to_string()));
                 Err(error)

@@ -77,9 +77,9 @@ pub(super) async fn record_batch(
             for job in &jobs {
                 answers.push(
                     match with_retries(pool, std::slice::from_ref(job), now).await {
-                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Database(
-                            "an outcome gave no answer".into(),
-                        ))),
+                        Ok(mut one) => one
+                            .pop()
+                            .unwrap_or(Err(StoreError::database("an outcome gave no answer"))),
                         Err(e) => Err(e.into()),
                     },
                 );
@@ -92,9 +92,9 @@ pub(super) async fn record_batch(
             jobs.iter()
                 .map(|_| {
                     Err(if unavailable {
-                        StoreError::Unavailable(text.clone())
+                        StoreError::unavailable(text.clone())
                     } else {
-                        StoreError::Database(text.clone())
+                        StoreError::database(text.clone())
                     })
                 })
                 .collect()

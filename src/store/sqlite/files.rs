@@ -132,7 +132,7 @@ impl ServingLock {
     pub fn take(database: &Path) -> Result<Self, StoreError> {
         let path = beside(database, ".lock");
         let unavailable =
-            |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", path.display()));
+            |e: std::io::Error| StoreError::unavailable(format!("{}: {e}", path.display()));
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }

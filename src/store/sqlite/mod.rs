@@ -48,8 +48,8 @@ use self::writer::{WriteRequest, Writer};
 use super::{
     Accepted, AttemptResult, BodyStore, ChainRecord, Claimed, Cutoffs, DeliveryDetail,
     DeliverySummary, EntityHistory, GateRequest, HandlerActivity, Inspect, Intake, LeaseOwner,
-    ListQuery, Maintenance, Overview, PruneReport, Queue, ReplayItem, ReplayOutcome, ReplayTarget,
-    Store, StoreError, StoreStats, Ungated, VerdictBasis,
+    ListQuery, Maintenance, Overview, PruneReport, Queue, Reason, ReplayItem, ReplayOutcome,
+    ReplayTarget, Store, StoreError, StoreStats, Ungated, VerdictBasis,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{after, Clock, Payload, Status, UnixMillis, VerifiedDelivery};
@@ -72,8 +72,8 @@ impl From<rusqlite::Error> for StoreError {
                 | ErrorCode::DatabaseBusy
                 | ErrorCode::DatabaseLocked
                 | ErrorCode::PermissionDenied,
-            ) => StoreError::Unavailable(e.to_string()),
-            _ => StoreError::Database(e.to_string()),
+            ) => StoreError::unavailable(Reason::from_error(e)),
+            _ => StoreError::database(Reason::from_error(e)),
         }
     }
 }
@@ -165,7 +165,7 @@ impl SqliteStore {
                 let _ = tokio::task::spawn_blocking(move || task.join()).await;
                 return Err(e);
             }
-            Err(_) => return Err(StoreError::Unavailable("store writer stopped".into())),
+            Err(_) => return Err(StoreError::unavailable("store writer stopped")),
         };
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel();
         let checkpoint_path = path.clone();
@@ -211,18 +211,18 @@ impl SqliteStore {
             self.writer
                 .send(request)
                 .await
-                .map_err(|_| StoreError::Unavailable("store is shutting down".into()))?;
+                .map_err(|_| StoreError::unavailable("store is shutting down"))?;
         } else {
             self.writer.try_send(request).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => StoreError::Busy,
                 mpsc::error::TrySendError::Closed(_) => {
-                    StoreError::Unavailable("store is shutting down".into())
+                    StoreError::unavailable("store is shutting down")
                 }
             })?;
         }
         answer
             .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+            .map_err(|_| StoreError::unavailable("store writer stopped"))?
     }
 
     /// The dispatch state, for a short look or change.
@@ -313,7 +313,7 @@ impl Intake for SqliteStore {
     async fn check_ready(&self) -> Result<(), StoreError> {
         match self.health.readiness() {
             Readiness::Ready => Ok(()),
-            Readiness::NotReady(why) => Err(StoreError::Unavailable(why)),
+            Readiness::NotReady(why) => Err(StoreError::unavailable(why)),
             Readiness::Unknown => {
                 let now = self.clock.now();
                 self.write(|reply| Op::Probe { now, reply }, false).await
@@ -707,7 +707,7 @@ impl SqliteInspector {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             if !path.exists() {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::unavailable(format!(
                     "no database at {}",
                     path.display()
                 )));
@@ -725,7 +725,7 @@ impl SqliteInspector {
             Ok(result)
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("store thread failed: {e}")))?
+        .map_err(|e| StoreError::unavailable(format!("store thread failed: {e}")))?
     }
 }
 

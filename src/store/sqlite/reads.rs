@@ -93,20 +93,20 @@ impl Readers {
             result
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("reader thread failed: {e}")))?
+        .map_err(|e| StoreError::unavailable(format!("reader thread failed: {e}")))?
     }
 }
 
 fn open_reader(path: &std::path::Path) -> Result<Connection, StoreError> {
     if !path.exists() {
-        return Err(StoreError::Unavailable(format!(
+        return Err(StoreError::unavailable(format!(
             "no database at {}",
             path.display()
         )));
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        .map_err(|e| StoreError::unavailable(format!("{}: {e}", path.display())))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
 }

@@ -180,7 +180,7 @@ impl Writer {
     /// retry); the connection goes, and whoever asked for the close is told.
     fn closed(&mut self, mut rx: mpsc::Receiver<WriteRequest>, close: Option<oneshot::Sender<()>>) {
         rx.close();
-        let closing = StoreError::Unavailable("store is shutting down".into());
+        let closing = StoreError::unavailable("store is shutting down");
         while let Ok(late) = rx.try_recv() {
             if let WriteRequest::Write(op) = late {
                 op.refuse(&closing);
@@ -212,7 +212,7 @@ impl Writer {
     /// takes the serving lock first.
     fn connection(&mut self) -> Result<&mut Connection, StoreError> {
         if let Some(why) = self.health.fatal() {
-            return Err(StoreError::Unavailable(why));
+            return Err(StoreError::unavailable(why));
         }
         if self.conn.is_none() {
             if let Some(files) = &self.files {
@@ -229,14 +229,14 @@ impl Writer {
             }
             let conn = open(&self.path)?;
             let database = FileId::of(&self.path)?.ok_or_else(|| {
-                StoreError::Unavailable(format!("{} vanished as it opened", self.path.display()))
+                StoreError::unavailable(format!("{} vanished as it opened", self.path.display()))
             })?;
             self.files = Some(StoreFiles::read(&self.path, database));
             self.conn = Some(conn);
         }
         self.conn
             .as_mut()
-            .ok_or_else(|| StoreError::Unavailable("no connection".into()))
+            .ok_or_else(|| StoreError::unavailable("no connection"))
     }
 
     /// Takes `<database>.lock`, or checks that the one held is still the file at that path.
@@ -264,7 +264,7 @@ impl Writer {
         );
         self.health.set_fatal(message.clone());
         self.conn = None;
-        StoreError::Unavailable(message)
+        StoreError::unavailable(message)
     }
 
     /// Commits one batch, then answers every op in it and applies what they change to the
@@ -371,7 +371,7 @@ impl Writer {
         let conn = self
             .conn
             .as_mut()
-            .ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
+            .ok_or_else(|| StoreError::unavailable("no connection"))?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.query_row("PRAGMA data_version", [], |row| row.get(0))?;
         let others_wrote = self.data_version.replace(version) != Some(version);
@@ -393,7 +393,7 @@ impl Writer {
                 // Some errors (a full disk, an I/O error) make SQLite roll back the whole
                 // transaction by itself; the ops after it would then each commit on their own.
                 if tx.is_autocommit() {
-                    return Err(StoreError::Unavailable(
+                    return Err(StoreError::unavailable(
                         "the database rolled back the batch after an error".to_owned(),
                     ));
                 }
@@ -411,7 +411,7 @@ impl Writer {
         let conn = self
             .conn
             .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
+            .ok_or_else(|| StoreError::unavailable("no connection"))?;
         let rebuilt = super::recover::rebuild(conn)?;
         let (gated, waiting) = (rebuilt.depth(), rebuilt.known_seq);
         if let Ok(mut queue) = self.queue.lock() {
@@ -461,12 +461,12 @@ impl Writer {
 fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| StoreError::unavailable(format!("{}: {e}", dir.display())))?;
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let unavailable = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
+    let unavailable = |e: rusqlite::Error| StoreError::unavailable(e.to_string());
     let mut conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
     // A new database gives pages freed by retention back to the file system, step by step
