@@ -1,8 +1,14 @@
-//! Typed settings and their loading: compiled defaults, then the TOML file, then
+//! The configuration as a whole: compiled defaults, then the TOML file, then
 //! `LABELHOOK__SECTION__KEY` environment variables, then validation.
 //!
+//! Each module owns its section: its settings type, defaults and the checks that need nothing
+//! but its own keys (`store::StoreSettings`, `ingress::ServerSettings`,
+//! `handlers::HandlerSettings`, ...), written in the words of [`crate::settings`]. This module
+//! composes them, loads them, adds the checks across sections, resolves the secrets, and
+//! reports every problem at once; no module below imports it.
+//!
 //! Rules of thumb:
-//! - every key of `config/labelhook.example.toml` has a field here with the same name, and
+//! - every key of `config/labelhook.example.toml` has a field with the same name, and
 //!   unknown keys are errors (a typo must not silently fall back to a default);
 //! - every problem is reported with the path of its key (`endpoint[0].secrets[0].env: ...`),
 //!   all problems at once, so an operator fixes a file in one pass;
@@ -10,22 +16,24 @@
 //!   never part of an error message or a `Debug` output.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use ipnet::IpNet;
 use secrecy::SecretString;
-use serde::Deserialize;
 
-/// Strict field deserializers; `de::duration` is for any duration key (`#[serde(with = ...)]`).
-pub(crate) mod de;
 mod environment;
 mod keys;
 mod labelbox;
 mod load;
 
+pub use crate::console::AdminSettings;
+pub use crate::dispatch::settings::{DispatchSettings, RouteSettings};
+pub use crate::handlers::settings::{HandlerKind, HandlerSettings};
+pub use crate::ingress::settings::{
+    EndpointSettings, ForwardedHeader, ModelTrainingSettings, NetworkSettings, ServerSettings,
+    LABELBOX_EGRESS,
+};
+pub use crate::settings::{de, Problem, SecretSource, Secrets};
+pub use crate::store::settings::{StoreSettings, MAX_INLINE_BODY_BYTES};
 /// `[log]` is telemetry's own section.
 pub use crate::telemetry::{LogFormat, LogSettings};
 pub use environment::{unused_variables, Meant, UnusedVariable};
@@ -37,17 +45,6 @@ pub use load::EnvOverride;
 
 /// Where the config file is looked for when neither `--config` nor `LABELHOOK_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "config/labelhook.toml";
-
-/// Largest `store.inline_body_max_bytes`: SQLite rows stay far below its blob limits.
-pub const MAX_INLINE_BODY_BYTES: u64 = 16 * 1024 * 1024;
-
-/// Labelbox's published egress addresses (LABELBOX.md section 5), the default allowlist.
-pub const LABELBOX_EGRESS: [&str; 4] = [
-    "35.223.142.181/32",
-    "34.135.127.45/32",
-    "35.224.108.6/32",
-    "34.10.80.254/32",
-];
 
 /// The whole configuration, as loaded and validated. Each section is read on its own (see
 /// [`load`]), so that a wrong value in one does not hide the problems of the others; a new
@@ -71,404 +68,6 @@ pub struct Settings {
     pub from_environment: Vec<EnvOverride>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSettings {
-    /// Address of the webhook listener; port 0 picks a free port.
-    #[serde(deserialize_with = "de::socket_addr")]
-    pub listen: SocketAddr,
-    /// Address of the console (`/ui/`), /metrics, /healthz and /readyz: localhost unless said
-    /// otherwise. They are never served on `listen`.
-    #[serde(deserialize_with = "de::socket_addr")]
-    pub admin_listen: SocketAddr,
-    /// Bodies above this size are refused with 413.
-    pub max_body_bytes: u64,
-    /// A client that has not sent its request headers by then is disconnected.
-    #[serde(with = "de::duration")]
-    pub header_timeout: Duration,
-    /// The whole body must arrive within this, or the request gets 408.
-    #[serde(with = "de::duration")]
-    pub body_timeout: Duration,
-    /// Writes waiting for the store writer; above this, new deliveries get 503.
-    pub queue_capacity: usize,
-    /// Bodies being written to blob files at once. Their signature is only known once they
-    /// have arrived, so this bounds the disk an unauthenticated sender can take to
-    /// `max_spilling_bodies * max_body_bytes`; further large bodies wait their turn (within
-    /// `body_timeout`) with their bytes left in the socket.
-    pub max_spilling_bodies: usize,
-    /// Of `max_spilling_bodies`, the most one client address may hold at once, so that one
-    /// sender cannot take every slot; its further large bodies wait their turn.
-    pub max_spilling_bodies_per_client: usize,
-    /// A body must arrive at least this fast (bytes per second, counting only the time spent
-    /// waiting for the client), or the request gets 408 and gives up what it held (a spill
-    /// slot, buffered bytes, the connection); 0 turns the rule off.
-    pub min_body_bytes_per_second: u64,
-    /// How far a body may fall behind `min_body_bytes_per_second`: the time it may stall at
-    /// its start, and at most at any point later.
-    #[serde(with = "de::duration")]
-    pub body_rate_grace: Duration,
-    /// Connections served at once on each listener; beyond it, new connections are answered
-    /// 503 at once and closed.
-    pub max_connections: usize,
-    /// Body bytes held in memory by all requests in flight together; a request whose next
-    /// bytes would go beyond it gets 503.
-    pub max_buffered_bytes: u64,
-    /// How long shutdown waits for in-flight requests before closing them.
-    #[serde(with = "de::duration")]
-    pub shutdown_timeout: Duration,
-    /// Deliveries waiting for their handlers beyond which answers are held back (up to
-    /// `backlog_max_delay`), so that a sender slows down to what the handlers get; 0 never.
-    pub backlog_limit: u64,
-    /// The longest an answer is held back, reached when the backlog is twice the limit.
-    #[serde(with = "de::duration")]
-    pub backlog_max_delay: Duration,
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-            max_body_bytes: 1 << 30,
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(300),
-            queue_capacity: 4096,
-            max_spilling_bodies: 4,
-            max_spilling_bodies_per_client: 2,
-            min_body_bytes_per_second: crate::ingress::body::DEFAULT_MIN_BODY_BYTES_PER_SECOND,
-            body_rate_grace: crate::ingress::body::DEFAULT_BODY_RATE_GRACE,
-            max_connections: 1024,
-            max_buffered_bytes: 64 * 1024 * 1024,
-            shutdown_timeout: Duration::from_secs(30),
-            backlog_limit: crate::ingress::admission::DEFAULT_BACKLOG_LIMIT,
-            backlog_max_delay: crate::ingress::admission::DEFAULT_MAX_DELAY,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetworkSettings {
-    /// Client addresses allowed to deliver.
-    #[serde(deserialize_with = "de::cidrs")]
-    pub allowlist: Vec<IpNet>,
-    /// Skip the allowlist entirely; must be said explicitly.
-    pub allow_all: bool,
-    /// Peers whose forwarding header is believed.
-    #[serde(deserialize_with = "de::cidrs")]
-    pub trusted_proxies: Vec<IpNet>,
-    /// The one header the trusted proxies maintain: the other is ignored, since a proxy passes
-    /// a header it does not maintain through unchanged, as the client wrote it.
-    pub forwarded_header: ForwardedHeader,
-}
-
-/// Which forwarding header carries the client address.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ForwardedHeader {
-    /// `X-Forwarded-For`, what nginx, ingress-nginx, AWS and GCP load balancers append to.
-    #[default]
-    XForwardedFor,
-    /// RFC 7239 `Forwarded`.
-    Forwarded,
-}
-
-impl Default for NetworkSettings {
-    fn default() -> Self {
-        Self {
-            allowlist: LABELBOX_EGRESS
-                .iter()
-                .filter_map(|cidr| cidr.parse().ok())
-                .collect(),
-            allow_all: false,
-            trusted_proxies: Vec::new(),
-            forwarded_header: ForwardedHeader::XForwardedFor,
-        }
-    }
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreSettings {
-    /// `sqlite://path/to/file.db` (created when missing) or `postgres://user@host/db`.
-    pub url: String,
-    /// Bodies larger than this are kept apart from the delivery's row (SQLite: a file beside
-    /// the database; PostgreSQL: chunks in a table of their own) and streamed in and out.
-    pub inline_body_max_bytes: u64,
-    /// SQLite: most deliveries committed together in one transaction (group commit).
-    pub commit_batch_max: usize,
-    /// PostgreSQL: connections this process keeps to the database.
-    pub max_connections: u32,
-    /// PostgreSQL: the password, from a secret source (a Kubernetes secret file, say) rather
-    /// than written into `url`; wins over a password in `url`.
-    pub password: Option<SecretSource>,
-    /// `[store.retention]`: how long deliveries and their bodies are kept.
-    pub retention: crate::store::RetentionSettings,
-}
-
-impl fmt::Debug for StoreSettings {
-    // The URL may carry a password.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoreSettings")
-            .field("url", &crate::store::redact_url(&self.url))
-            .field("inline_body_max_bytes", &self.inline_body_max_bytes)
-            .field("commit_batch_max", &self.commit_batch_max)
-            .field("max_connections", &self.max_connections)
-            .field("password", &self.password)
-            .field("retention", &self.retention)
-            .finish()
-    }
-}
-
-impl Default for StoreSettings {
-    fn default() -> Self {
-        Self {
-            url: "sqlite://data/labelhook.db".to_owned(),
-            inline_body_max_bytes: 64 * 1024,
-            commit_batch_max: 256,
-            max_connections: 16,
-            password: None,
-            retention: crate::store::RetentionSettings::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DispatchSettings {
-    /// False: this process only receives and stores; other replicas on the same PostgreSQL
-    /// database handle the deliveries.
-    pub enabled: bool,
-    /// Entity lanes handled at the same time.
-    pub concurrency: usize,
-    /// How long claimed work stays reserved for this process without being renewed. It is
-    /// renewed every third of this while handlers run; work of a process that died is taken
-    /// over by another once this has passed.
-    #[serde(with = "de::duration")]
-    pub lease: Duration,
-    /// The longest one handler attempt may take, whatever the handler itself allows.
-    #[serde(with = "de::duration")]
-    pub attempt_timeout: Duration,
-    /// How often the store is polled when nothing wakes the dispatcher earlier.
-    #[serde(with = "de::duration")]
-    pub poll_interval: Duration,
-}
-
-impl Default for DispatchSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            concurrency: 32,
-            lease: Duration::from_secs(30),
-            attempt_timeout: Duration::from_secs(30 * 60),
-            poll_interval: Duration::from_secs(1),
-        }
-    }
-}
-
-/// Where a secret comes from: exactly one of the three.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretSource {
-    pub env: Option<String>,
-    pub file: Option<PathBuf>,
-    /// Inline secret, for development only.
-    pub value: Option<String>,
-}
-
-impl fmt::Debug for SecretSource {
-    // Never print an inline value.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretSource")
-            .field("env", &self.env)
-            .field("file", &self.file)
-            .field("value", &self.value.as_ref().map(|_| "[redacted]"))
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EndpointSettings {
-    /// Served at `POST /webhooks/{name}`.
-    pub name: String,
-    /// Every secret is tried, so a rotation can keep the old and the new one for a while.
-    pub secrets: Vec<SecretSource>,
-    /// Accept `X-Hub-Signature: sha1=...` when no `X-Hub-Signature-256` is sent.
-    #[serde(default = "default_true")]
-    pub accept_sha1: bool,
-}
-
-/// `[admin]`: who may use the console and `/metrics`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminSettings {
-    /// When set, the console wants it at its login form and `/metrics` as
-    /// `Authorization: Bearer <token>`; for an admin listener reachable from other machines.
-    pub token: Option<SecretSource>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelTrainingSettings {
-    /// Base path: `GET {path}/models`, `POST {path}/model_run`.
-    pub path: String,
-    pub secrets: Vec<SecretSource>,
-    /// Keys of the `/models` answer; Labelbox sends the chosen one back as `modelType`.
-    #[serde(default)]
-    pub model_types: Vec<String>,
-    /// Source addresses allowed to call the model-training routes (Labelbox publishes none
-    /// for them); empty means `network.allowlist`.
-    #[serde(default, deserialize_with = "de::cidrs")]
-    pub allowlist: Vec<IpNet>,
-    /// Identical model-run requests (they carry no delivery id) within this window are one
-    /// request; "0s" makes each a new training request.
-    #[serde(default = "default_duplicate_window", with = "de::duration")]
-    pub duplicate_window: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HandlerKind {
-    Log,
-    File,
-    Http,
-    Command,
-    Nats,
-}
-
-/// The keys every `[[handler]]` takes, whatever its kind.
-const HANDLER_COMMON_KEYS: [&str; 4] = ["name", "kind", "max_attempts", "backoff"];
-
-impl HandlerKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Log => "log",
-            Self::File => "file",
-            Self::Http => "http",
-            Self::Command => "command",
-            Self::Nats => "nats",
-        }
-    }
-
-    /// The keys of this kind besides [`HANDLER_COMMON_KEYS`]: those it requires, and those it
-    /// may have.
-    fn own_keys(self) -> (&'static [&'static str], &'static [&'static str]) {
-        match self {
-            Self::Log => (&[], &["level"]),
-            Self::File => (&["path"], &[]),
-            Self::Http => (&["url"], &["timeout", "allowed_hosts", "secrets"]),
-            Self::Command => (&["argv"], &["timeout"]),
-            Self::Nats => (
-                &["url"],
-                &[
-                    "stream",
-                    "subject",
-                    "timeout",
-                    "token",
-                    "user",
-                    "password",
-                    "credentials",
-                ],
-            ),
-        }
-    }
-
-    /// Every key a `[[handler]]` of this kind takes.
-    fn keys(self) -> Vec<&'static str> {
-        let (required, optional) = self.own_keys();
-        HANDLER_COMMON_KEYS
-            .iter()
-            .chain(required)
-            .chain(optional)
-            .copied()
-            .collect()
-    }
-}
-
-/// One `[[handler]]`. Flat rather than an enum per kind so that a key given to the wrong kind
-/// is reported with its name (an internally tagged enum cannot deny unknown fields well).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HandlerSettings {
-    pub name: String,
-    pub kind: HandlerKind,
-    /// Attempts per delivery before it is dead-lettered for this handler.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// First retry delay; doubles each attempt, with jitter.
-    #[serde(default = "default_backoff", with = "de::duration")]
-    pub backoff: Duration,
-    /// `file`: the JSON-lines file.
-    pub path: Option<PathBuf>,
-    /// `http`: where to POST; `nats`: the server.
-    pub url: Option<String>,
-    /// `http` and `command`: per-attempt time limit.
-    #[serde(default, with = "de::duration::option")]
-    pub timeout: Option<Duration>,
-    /// `http`: hosts the handler may reach (default: the host of `url` only).
-    pub allowed_hosts: Option<Vec<String>>,
-    /// `http`: secrets for the fresh `X-Hub-Signature` (default: none, unsigned).
-    pub secrets: Option<Vec<SecretSource>>,
-    /// `command`: program and arguments, no shell.
-    pub argv: Option<Vec<String>>,
-    /// `nats`: the JetStream stream, created when missing.
-    pub stream: Option<String>,
-    /// `nats`: subject template with `{topic}`, `{project_id}` and `{entity}`.
-    pub subject: Option<String>,
-    /// `nats`: a token for the server.
-    pub token: Option<SecretSource>,
-    /// `nats`: a user name, with `password`.
-    pub user: Option<String>,
-    /// `nats`: the password of `user`.
-    pub password: Option<SecretSource>,
-    /// `nats`: a `.creds` file's contents (JWT and NKey seed), usually `{ file = "..." }`.
-    pub credentials: Option<SecretSource>,
-    /// `log`: level of the line written per event.
-    pub level: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteSettings {
-    /// Topic globs (`LABEL_*`); `*` also matches unknown topics.
-    pub topics: Vec<String>,
-    /// Handler names.
-    pub handlers: Vec<String>,
-    /// Only deliveries of these projects; empty means all.
-    #[serde(default)]
-    pub project_ids: Vec<String>,
-    /// Hand stale events to these handlers too (marked `fresh = false`).
-    #[serde(default)]
-    pub deliver_stale: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-fn default_duplicate_window() -> Duration {
-    Duration::from_secs(600)
-}
-fn default_max_attempts() -> u32 {
-    8
-}
-fn default_backoff() -> Duration {
-    Duration::from_secs(1)
-}
-
-/// A problem with the configuration, naming its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read the config file: {source}")]
@@ -478,57 +77,6 @@ pub enum ConfigError {
     },
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
-}
-
-/// Secrets resolved at load time, by endpoint name (and `model_training`).
-#[derive(Clone, Default)]
-pub struct Secrets {
-    by_owner: HashMap<String, Vec<SecretString>>,
-}
-
-impl fmt::Debug for Secrets {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let counts: HashMap<_, _> = self.by_owner.iter().map(|(k, v)| (k, v.len())).collect();
-        f.debug_struct("Secrets").field("count", &counts).finish()
-    }
-}
-
-impl Secrets {
-    /// Key under which the model-training callback's secrets are kept.
-    pub const MODEL_TRAINING: &'static str = "\0model_training";
-    /// Key under which the store's password is kept.
-    const STORE: &'static str = "\0store";
-    /// Key under which `[admin] token` is kept.
-    const ADMIN_TOKEN: &'static str = "\0admin";
-
-    /// `[admin] token`, when the configuration gives one.
-    pub fn admin_token(&self) -> Option<&SecretString> {
-        self.for_endpoint(Self::ADMIN_TOKEN).first()
-    }
-
-    /// `store.password`, when the configuration gives one.
-    pub fn store_password(&self) -> Option<&SecretString> {
-        self.for_endpoint(Self::STORE).first()
-    }
-
-    pub fn for_endpoint(&self, name: &str) -> &[SecretString] {
-        self.by_owner.get(name).map(Vec::as_slice).unwrap_or(&[])
-    }
-
-    pub fn for_handler(&self, name: &str) -> &[SecretString] {
-        self.for_endpoint(&handler_owner(name))
-    }
-
-    /// One of a handler's single secrets (`token`, `password`, `credentials`), when given.
-    pub fn handler_secret(&self, name: &str, key: &str) -> Option<&SecretString> {
-        self.for_endpoint(&format!("{}:{key}", handler_owner(name)))
-            .first()
-    }
-}
-
-/// The key under which a handler's secrets are kept (cannot clash with an endpoint name).
-fn handler_owner(name: &str) -> String {
-    format!("\0handler:{name}")
 }
 
 /// Settings plus everything resolved from them.
@@ -656,6 +204,19 @@ impl Settings {
         endpoints.chain(training).chain(handlers).chain(singles)
     }
 
+    /// Every environment variable the configuration reads a secret from: the `command`
+    /// handler removes them from its children's environment (a script has no business seeing
+    /// the webhook secret just because it inherits the service's environment).
+    pub fn secret_env_vars(&self) -> Vec<String> {
+        let mut vars: Vec<String> = self
+            .secret_sources()
+            .filter_map(|source| source.env.clone())
+            .collect();
+        vars.sort();
+        vars.dedup();
+        vars
+    }
+
     /// Resolves `store.password` alone: for commands that reach the store without the other
     /// secrets (`events`).
     pub fn store_password(
@@ -673,427 +234,142 @@ impl Settings {
         })
     }
 
-    /// Checks across keys. `unread_handlers` are `[[handler]]`s whose values were refused:
-    /// a route naming one is not wrong.
+    /// Every section's own checks, then those across sections. `unread_handlers` are
+    /// `[[handler]]`s whose values were refused: a route naming one is not wrong.
     fn validate(&self, problems: &mut Vec<Problem>, unread_handlers: &BTreeSet<String>) {
-        let mut problem = |key: String, message: &str| {
-            problems.push(Problem {
-                key,
-                message: message.to_owned(),
-            })
-        };
-        if self.server.max_body_bytes == 0 {
-            problem("server.max_body_bytes".into(), "must be greater than 0");
-        }
-        if self.server.max_spilling_bodies == 0 {
-            problem(
-                "server.max_spilling_bodies".into(),
-                "must be greater than 0",
-            );
-        }
-        if self.server.max_spilling_bodies_per_client == 0 {
-            problem(
-                "server.max_spilling_bodies_per_client".into(),
-                "must be greater than 0",
-            );
-        }
-        if self.server.max_connections == 0 {
-            problem("server.max_connections".into(), "must be greater than 0");
-        }
+        self.server.check(problems);
         if self.server.max_buffered_bytes < self.store.inline_body_max_bytes {
-            problem(
-                "server.max_buffered_bytes".into(),
+            problems.push(Problem::new(
+                "server.max_buffered_bytes",
                 "must be at least store.inline_body_max_bytes, or bodies of that size would \
                  always be refused",
-            );
+            ));
         }
-        let (listen, admin) = (self.server.listen, self.server.admin_listen);
-        let overlapping = listen.ip() == admin.ip()
-            || listen.ip().is_unspecified()
-            || admin.ip().is_unspecified();
-        if listen.port() == admin.port() && listen.port() != 0 && overlapping {
-            problem(
-                "server.admin_listen".into(),
-                "must differ from server.listen: the console and /metrics are never served \
-                 where webhooks come in",
-            );
-        }
-        if self.server.queue_capacity == 0 {
-            problem("server.queue_capacity".into(), "must be greater than 0");
-        }
-        if self.store.inline_body_max_bytes > MAX_INLINE_BODY_BYTES {
-            problem(
-                "store.inline_body_max_bytes".into(),
-                "must be at most 16777216 (16 MiB); larger bodies belong in blob files",
-            );
-        }
-        if self.store.commit_batch_max == 0 {
-            problem("store.commit_batch_max".into(), "must be greater than 0");
-        }
-        if self.dispatch.concurrency == 0 {
-            problem("dispatch.concurrency".into(), "must be greater than 0");
-        }
-        if self.dispatch.lease < Duration::from_secs(1) {
-            problem("dispatch.lease".into(), "must be at least 1s");
-        }
-        if self.dispatch.attempt_timeout.is_zero() {
-            problem("dispatch.attempt_timeout".into(), "must be greater than 0");
-        }
-        if self.store.max_connections < 2 {
-            // One connection listens for other replicas' wake-ups; the rest do the work.
-            problem("store.max_connections".into(), "must be at least 2");
-        }
-        match crate::store::Backend::from_url(&self.store.url) {
-            Err(_) => problem(
-                "store.url".into(),
-                "must be sqlite://PATH or postgres://USER@HOST/DATABASE",
-            ),
-            Ok(crate::store::Backend::Sqlite(_)) if self.store.password.is_some() => problem(
-                "store.password".into(),
-                "is for a PostgreSQL store.url; SQLite has no password",
-            ),
-            Ok(crate::store::Backend::Sqlite(_)) if !self.dispatch.enabled => problem(
-                "dispatch.enabled".into(),
+        self.store.check(problems);
+        self.dispatch.check(problems);
+        let sqlite = matches!(
+            crate::store::Backend::from_url(&self.store.url),
+            Ok(crate::store::Backend::Sqlite(_))
+        );
+        if sqlite && !self.dispatch.enabled {
+            problems.push(Problem::new(
+                "dispatch.enabled",
                 "false needs a store shared with a replica that dispatches (PostgreSQL); \
                  with SQLite nothing would ever be handled",
-            ),
-            Ok(_) => {}
+            ));
         }
-        if self.network.allowlist.is_empty() && !self.network.allow_all {
-            problem(
-                "network.allowlist".into(),
-                "is empty, so every delivery would be refused; list addresses or set network.allow_all = true",
-            );
-        }
-        if self.endpoint.is_empty() && self.model_training.is_none() {
-            problem(
-                "endpoint".into(),
-                "no [[endpoint]] and no [model_training]: nothing would be received",
-            );
-        }
-        let mut names = BTreeSet::new();
-        for (i, ep) in self.endpoint.iter().enumerate() {
-            let valid = !ep.name.is_empty()
-                && ep
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-            if !valid {
-                problem(
-                    format!("endpoint[{i}].name"),
-                    "must be non-empty letters, digits, '-' or '_'",
-                );
-            }
-            if !names.insert(ep.name.as_str()) {
-                problem(format!("endpoint[{i}].name"), "is used by another endpoint");
-            }
-            if ep.secrets.is_empty() {
-                problem(
-                    format!("endpoint[{i}].secrets"),
-                    "needs at least one secret",
-                );
-            }
-        }
-        if let Some(mt) = &self.model_training {
-            if !mt.path.starts_with('/')
-                || mt.path.ends_with('/')
-                || mt.path.starts_with("/webhooks")
-            {
-                problem(
-                    "model_training.path".into(),
-                    "must start with '/', not end with '/', and not be under /webhooks",
-                );
-            }
-            let plain = mt
-                .path
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
-            if !plain || mt.path.contains("//") {
-                problem(
-                    "model_training.path".into(),
-                    "may only hold letters, digits, '/', '-', '_' and '.'",
-                );
-            }
-            if ["/healthz", "/readyz", "/metrics"].contains(&mt.path.as_str()) {
-                problem(
-                    "model_training.path".into(),
-                    "collides with a built-in route",
-                );
-            }
-            if mt.secrets.is_empty() {
-                problem("model_training.secrets".into(), "needs at least one secret");
-            }
-        }
-        let mut handler_names = BTreeSet::new();
-        for (i, h) in self.handler.iter().enumerate() {
-            if h.name.is_empty() {
-                problem(format!("handler[{i}].name"), "must not be empty");
-            }
-            if !handler_names.insert(h.name.as_str()) {
-                problem(format!("handler[{i}].name"), "is used by another handler");
-            }
-            if h.max_attempts == 0 {
-                problem(format!("handler[{i}].max_attempts"), "must be at least 1");
-            }
-            h.validate_kind_keys(i, &mut problem);
-        }
-        for (i, r) in self.route.iter().enumerate() {
-            if r.topics.is_empty() {
-                problem(
-                    format!("route[{i}].topics"),
-                    "needs at least one topic glob",
-                );
-            }
-            if r.handlers.is_empty() {
-                problem(format!("route[{i}].handlers"), "needs at least one handler");
-            }
-            for (j, name) in r.handlers.iter().enumerate() {
-                if !handler_names.contains(name.as_str()) && !unread_handlers.contains(name) {
-                    problem(
-                        format!("route[{i}].handlers[{j}]"),
-                        &format!("no [[handler]] is named {name:?}"),
-                    );
-                }
-            }
-        }
+        self.network.check(problems);
+        crate::ingress::settings::check_receivers(
+            &self.endpoint,
+            self.model_training.as_ref(),
+            problems,
+        );
+        let handlers = crate::handlers::settings::check_handlers(&self.handler, problems);
+        crate::dispatch::settings::check_routes(&self.route, &handlers, unread_handlers, problems);
     }
 
+    /// Reads every secret the settings name, each problem added to `problems`.
     fn resolve_secrets(
         &self,
         env: &HashMap<String, String>,
         problems: &mut Vec<Problem>,
     ) -> Secrets {
         let mut secrets = Secrets::default();
-        let mut resolve_all = |owner: String, key: String, sources: &[SecretSource]| {
+        for (owner, key, sources) in self.secret_lists() {
             let resolved = sources
                 .iter()
                 .enumerate()
-                .filter_map(|(j, s)| match s.resolve(env) {
-                    Ok(secret) => Some(secret),
-                    Err(message) => {
-                        problems.push(Problem {
-                            key: format!("{key}[{j}]{}", message.0),
-                            message: message.1,
-                        });
-                        None
-                    }
+                .filter_map(|(j, source)| {
+                    resolve_into(source, env, format!("{key}[{j}]"), problems)
                 })
                 .collect();
-            secrets.by_owner.insert(owner, resolved);
-        };
+            secrets.insert(owner, resolved);
+        }
+        for (owner, key, source) in self.single_secrets() {
+            if let Some(secret) = resolve_into(source, env, key, problems) {
+                secrets.insert(owner, vec![secret]);
+            }
+        }
+        secrets
+    }
+
+    /// The lists of secrets (any of them may sign): (owner, key, sources).
+    fn secret_lists(&self) -> Vec<(String, String, &[SecretSource])> {
+        let mut lists = Vec::new();
         for (i, ep) in self.endpoint.iter().enumerate() {
-            resolve_all(
+            lists.push((
                 ep.name.clone(),
                 format!("endpoint[{i}].secrets"),
-                &ep.secrets,
-            );
+                ep.secrets.as_slice(),
+            ));
         }
         if let Some(mt) = &self.model_training {
-            resolve_all(
+            lists.push((
                 Secrets::MODEL_TRAINING.to_owned(),
                 "model_training.secrets".to_owned(),
-                &mt.secrets,
-            );
+                mt.secrets.as_slice(),
+            ));
         }
         for (i, h) in self.handler.iter().enumerate() {
             if let Some(list) = &h.secrets {
-                resolve_all(
-                    handler_owner(&h.name),
+                lists.push((
+                    Secrets::handler_owner(&h.name),
                     format!("handler[{i}].secrets"),
-                    list,
-                );
+                    list.as_slice(),
+                ));
             }
         }
-        // Single secrets of handlers (`nats`: token, password, credentials).
+        lists
+    }
+
+    /// The single secrets: a `nats` handler's token, password and credentials, the admin
+    /// token and the store's password: (owner, key, source).
+    fn single_secrets(&self) -> Vec<(String, String, &SecretSource)> {
+        let mut singles = Vec::new();
         for (i, h) in self.handler.iter().enumerate() {
-            let singles = [
+            let own = [
                 ("token", &h.token),
                 ("password", &h.password),
                 ("credentials", &h.credentials),
             ];
-            for (key, source) in singles {
-                let Some(source) = source else { continue };
-                match source.resolve(env) {
-                    Ok(secret) => {
-                        secrets
-                            .by_owner
-                            .insert(format!("{}:{key}", handler_owner(&h.name)), vec![secret]);
-                    }
-                    Err((suffix, message)) => problems.push(Problem {
-                        key: format!("handler[{i}].{key}{suffix}"),
-                        message,
-                    }),
+            for (key, source) in own {
+                if let Some(source) = source {
+                    let owner = format!("{}:{key}", Secrets::handler_owner(&h.name));
+                    singles.push((owner, format!("handler[{i}].{key}"), source));
                 }
             }
         }
         if let Some(source) = &self.admin.token {
-            match source.resolve(env) {
-                Ok(token) => {
-                    secrets
-                        .by_owner
-                        .insert(Secrets::ADMIN_TOKEN.to_owned(), vec![token]);
-                }
-                Err((suffix, message)) => problems.push(Problem {
-                    key: format!("admin.token{suffix}"),
-                    message,
-                }),
-            }
+            singles.push((
+                Secrets::ADMIN_TOKEN.to_owned(),
+                "admin.token".to_owned(),
+                source,
+            ));
         }
-        match self.store_password(env) {
-            Ok(Some(password)) => {
-                secrets
-                    .by_owner
-                    .insert(Secrets::STORE.to_owned(), vec![password]);
-            }
-            Ok(None) => {}
-            Err(ConfigError::Invalid(found)) => problems.extend(found),
-            Err(other) => problems.push(Problem {
-                key: "store.password".to_owned(),
-                message: other.to_string(),
-            }),
+        if let Some(source) = &self.store.password {
+            singles.push((
+                Secrets::STORE.to_owned(),
+                "store.password".to_owned(),
+                source,
+            ));
         }
-        secrets
+        singles
     }
 }
 
-impl HandlerSettings {
-    /// Checks that each kind gets the keys it needs and no key meant for another kind.
-    fn validate_kind_keys(&self, i: usize, problem: &mut impl FnMut(String, &str)) {
-        let given = [
-            ("path", self.path.is_some()),
-            ("url", self.url.is_some()),
-            ("timeout", self.timeout.is_some()),
-            ("allowed_hosts", self.allowed_hosts.is_some()),
-            ("secrets", self.secrets.is_some()),
-            ("argv", self.argv.is_some()),
-            ("stream", self.stream.is_some()),
-            ("subject", self.subject.is_some()),
-            ("level", self.level.is_some()),
-            ("token", self.token.is_some()),
-            ("user", self.user.is_some()),
-            ("password", self.password.is_some()),
-            ("credentials", self.credentials.is_some()),
-        ];
-        let (required, optional) = self.kind.own_keys();
-        let kind = self.kind.as_str();
-        let own = || {
-            let keys: Vec<String> = required
-                .iter()
-                .chain(optional)
-                .map(|k| format!("`{k}`"))
-                .collect();
-            keys.join(", ")
-        };
-        for (key, present) in given {
-            if present && !required.contains(&key) && !optional.contains(&key) {
-                problem(
-                    format!("handler[{i}].{key}"),
-                    &format!("is not a key of kind {kind:?} (its own keys: {})", own()),
-                );
-            }
-            if !present && required.contains(&key) {
-                problem(
-                    format!("handler[{i}].{key}"),
-                    &format!("is required for kind {kind:?}"),
-                );
-            }
-        }
-        if self.kind == HandlerKind::Nats {
-            self.validate_nats(i, problem);
-        }
-        if self.argv.as_ref().is_some_and(Vec::is_empty) {
-            problem(format!("handler[{i}].argv"), "must name a program");
-        }
-        if let (HandlerKind::Http, Some(url)) = (self.kind, &self.url) {
-            if reqwest::Url::parse(url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
-                problem(
-                    format!("handler[{i}].url"),
-                    "must be an http:// or https:// URL",
-                );
-            }
-        }
-        if let Some(level) = &self.level {
-            if level.parse::<tracing::Level>().is_err() {
-                problem(
-                    format!("handler[{i}].level"),
-                    "must be one of trace, debug, info, warn, error",
-                );
-            }
-        }
-    }
-}
-
-impl HandlerSettings {
-    /// The `nats` handler's own rules: a nats:// URL, a stream name JetStream accepts, a
-    /// subject template whose placeholders are whole tokens, one way to authenticate.
-    fn validate_nats(&self, i: usize, problem: &mut impl FnMut(String, &str)) {
-        if let Some(url) = &self.url {
-            let scheme_ok = ["nats://", "tls://"].iter().any(|s| url.starts_with(s));
-            if !scheme_ok {
-                problem(
-                    format!("handler[{i}].url"),
-                    "must be a nats:// or tls:// URL",
-                );
-            }
-        }
-        if let Some(stream) = &self.stream {
-            if let Err(why) = crate::handlers::nats::check_stream_name(stream) {
-                problem(format!("handler[{i}].stream"), &why);
-            }
-        }
-        if let Some(subject) = &self.subject {
-            if let Err(why) = crate::handlers::nats::SubjectTemplate::parse(subject) {
-                problem(format!("handler[{i}].subject"), &why);
-            }
-        }
-        let ways = [
-            self.token.is_some(),
-            self.user.is_some() || self.password.is_some(),
-            self.credentials.is_some(),
-        ];
-        if ways.iter().filter(|w| **w).count() > 1 {
-            problem(
-                format!("handler[{i}].token"),
-                "give one of token, user with password, or credentials",
-            );
-        }
-        if self.user.is_some() != self.password.is_some() {
-            problem(
-                format!("handler[{i}].password"),
-                "user and password go together",
-            );
-        }
-    }
-}
-
-impl SecretSource {
-    /// Reads the secret. On failure: (key suffix, message), never the secret.
-    fn resolve(&self, env: &HashMap<String, String>) -> Result<SecretString, (String, String)> {
-        match (&self.env, &self.file, &self.value) {
-            (Some(var), None, None) => match env.get(var) {
-                Some(v) if !v.is_empty() => Ok(SecretString::from(v.clone())),
-                _ => Err((
-                    ".env".into(),
-                    format!("environment variable {var} is not set or empty"),
-                )),
-            },
-            (None, Some(path), None) => match std::fs::read_to_string(path) {
-                // Kubernetes secret files often end with a newline that is not part of the secret.
-                Ok(v) if !v.trim_end_matches(['\n', '\r']).is_empty() => Ok(SecretString::from(
-                    v.trim_end_matches(['\n', '\r']).to_owned(),
-                )),
-                Ok(_) => Err((".file".into(), format!("{} is empty", path.display()))),
-                Err(e) => Err((
-                    ".file".into(),
-                    format!("cannot read {}: {e}", path.display()),
-                )),
-            },
-            (None, None, Some(v)) if !v.is_empty() => Ok(SecretString::from(v.clone())),
-            (None, None, Some(_)) => Err((".value".into(), "is empty".into())),
-            _ => Err((
-                String::new(),
-                "give exactly one of env, file or value".into(),
-            )),
+/// Reads `source`; a failure is added to `problems` under `key` (and the suffix that names
+/// the part of the source at fault), never with the secret.
+fn resolve_into(
+    source: &SecretSource,
+    env: &HashMap<String, String>,
+    key: String,
+    problems: &mut Vec<Problem>,
+) -> Option<SecretString> {
+    match source.resolve(env) {
+        Ok(secret) => Some(secret),
+        Err((suffix, message)) => {
+            problems.push(Problem::new(format!("{key}{suffix}"), message));
+            None
         }
     }
 }
@@ -1103,6 +379,7 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
     use std::io::Write;
+    use std::time::Duration;
 
     fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");

@@ -15,8 +15,9 @@
 //! the same words (`console::replay`) as `labelhook events replay`, and takes the counts of
 //! requests the store never saw (refusals, duplicates) from `telemetry`. `telemetry`
 //! (logs, the request span, metrics) is at the floor: every module may use it and it uses none
-//! of ours. `known_series` publishes the metric series known at start. [`config`] loads and
-//! checks the settings; [`cli`] holds the commands, and nothing else in the library depends on
+//! of ours. `known_series` publishes the metric series known at start. Each module owns its
+//! settings, their defaults and checks, in the words of `settings` (the floor below them);
+//! [`config`] composes, loads and reports them, and no module below it imports it; [`cli`] holds the commands, and nothing else in the library depends on
 //! it.
 //!
 //! The public face is what a program embedding labelhook needs: build and run the
@@ -36,6 +37,7 @@ mod known_series;
 pub mod labelbox;
 pub mod ordering;
 mod server;
+mod settings;
 pub mod store;
 mod telemetry;
 
@@ -106,7 +108,11 @@ impl Application {
             clock.clone(),
         )
         .await?;
-        let handlers = handlers::Registry::from_config(&config)?;
+        let handlers = handlers::Registry::build_all(
+            &config.settings.handler,
+            &config.secrets,
+            &config.settings.secret_env_vars(),
+        )?;
         let server = &config.settings.server;
         let listener = bind(server.listen).await?;
         let admin_listener = bind(server.admin_listen).await?;
@@ -118,7 +124,14 @@ impl Application {
             );
         }
         let tally = Arc::new(console::Tally::of_this_process());
-        let console = console::Console::new(&config, store.clone(), clock.clone(), tally.clone())?;
+        let console = console::Console::new(
+            &config.settings.route,
+            &config.settings.handler,
+            config.secrets.admin_token(),
+            store.clone(),
+            clock.clone(),
+            tally.clone(),
+        )?;
         Ok(Self {
             config,
             clock,
@@ -167,7 +180,7 @@ impl Application {
         let stop_background = CancellationToken::new();
         let background = self.spawn_background(&admission, &stop_background);
         let state = IngressState::new(
-            &self.config,
+            receiving(&self.config),
             self.store.clone(),
             self.clock.clone(),
             admission,
@@ -238,6 +251,19 @@ impl Application {
     }
 }
 
+/// What the delivery routes are built from, out of the whole configuration.
+pub(crate) fn receiving(config: &Config) -> ingress::Receiving<'_> {
+    let s = &config.settings;
+    ingress::Receiving {
+        server: &s.server,
+        network: &s.network,
+        endpoints: &s.endpoint,
+        model_training: s.model_training.as_ref(),
+        inline_body_max_bytes: s.store.inline_body_max_bytes,
+        secrets: &config.secrets,
+    }
+}
+
 /// The dispatcher, running until `stop`; none when `dispatch.enabled` is false.
 fn spawn_dispatcher(
     config: &Config,
@@ -250,7 +276,9 @@ fn spawn_dispatcher(
         tracing::info!("dispatch.enabled = false: receiving only");
         return None;
     }
-    let dispatcher = dispatch::Dispatcher::new(config, store, clock, handlers);
+    let s = &config.settings;
+    let dispatcher =
+        dispatch::Dispatcher::new(&s.dispatch, &s.handler, &s.route, store, clock, handlers);
     Some(tokio::spawn(dispatcher.run(stop.clone())))
 }
 

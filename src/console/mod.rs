@@ -34,10 +34,14 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use maud::html;
+use secrecy::SecretString;
+use serde::Deserialize;
 
-use crate::config::Config;
 use crate::delivery::Clock;
+use crate::dispatch::RouteSettings;
 use crate::dispatch::Routes;
+use crate::handlers::HandlerSettings;
+use crate::settings::SecretSource;
 use crate::store::{Store, StoreError};
 
 pub use auth::{Guard, GuardError};
@@ -66,19 +70,31 @@ struct Inner {
     clock: Arc<dyn Clock>,
 }
 
+/// `[admin]`: who may use the console and `/metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// When set, the console wants it at its login form and `/metrics` as
+    /// `Authorization: Bearer <token>`; for an admin listener reachable from other machines.
+    pub token: Option<SecretSource>,
+}
+
 impl Console {
+    /// The console of `routes` and `handlers`, behind `admin_token` (`[admin] token` as read)
+    /// when there is one.
     pub fn new(
-        config: &Config,
+        routes: &[RouteSettings],
+        handlers: &[HandlerSettings],
+        admin_token: Option<&SecretString>,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         tally: Arc<Tally>,
     ) -> Result<Console, GuardError> {
-        let settings = &config.settings;
         Ok(Console(Arc::new(Inner {
             store,
-            routes: Routes::new(&settings.route),
-            handlers: settings.handler.iter().map(|h| h.name.clone()).collect(),
-            guard: Guard::new(config.secrets.admin_token())?,
+            routes: Routes::new(routes),
+            handlers: handlers.iter().map(|h| h.name.clone()).collect(),
+            guard: Guard::new(admin_token)?,
             tally,
             clock,
         })))

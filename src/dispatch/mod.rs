@@ -21,6 +21,7 @@
 mod leases;
 mod retry;
 mod routes;
+pub mod settings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,10 +31,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::Config;
 use crate::delivery::{format_millis, Clock, Payload};
 use crate::events::{self, Event, Topic};
-use crate::handlers::{HandlerError, HandlerEvent, Registry};
+use crate::handlers::{HandlerError, HandlerEvent, HandlerSettings, Registry};
 use crate::ordering::Change;
 use crate::store::outage::Backoff;
 use crate::store::{
@@ -45,6 +45,7 @@ use crate::telemetry::bounded_for_log;
 
 pub use retry::RetryPolicy;
 pub use routes::Routes;
+pub use settings::{DispatchSettings, RouteSettings};
 
 use leases::Running;
 use retry::outcome_of;
@@ -78,14 +79,14 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(
-        config: &Config,
+        settings: &DispatchSettings,
+        handlers: &[HandlerSettings],
+        routes: &[RouteSettings],
         queue: Arc<dyn Queue>,
         clock: Arc<dyn Clock>,
         registry: Registry,
     ) -> Self {
-        let s = &config.settings;
-        let policies = s
-            .handler
+        let policies = handlers
             .iter()
             .map(|h| {
                 let policy = RetryPolicy {
@@ -100,13 +101,13 @@ impl Dispatcher {
             queue,
             clock,
             registry: Arc::new(registry),
-            routes: Routes::new(&s.route),
+            routes: Routes::new(routes),
             policies,
             owner: LeaseOwner::for_this_process(),
-            concurrency: s.dispatch.concurrency,
-            lease: s.dispatch.lease,
-            attempt_timeout: s.dispatch.attempt_timeout,
-            poll_interval: s.dispatch.poll_interval,
+            concurrency: settings.concurrency,
+            lease: settings.lease,
+            attempt_timeout: settings.attempt_timeout,
+            poll_interval: settings.poll_interval,
             running: Running::default(),
         }
     }

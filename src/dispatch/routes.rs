@@ -3,7 +3,7 @@
 
 use wildmatch::WildMatch;
 
-use crate::config::RouteSettings;
+use super::settings::RouteSettings;
 use crate::events::Topic;
 
 /// One `[[route]]`, compiled.

@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
+use super::settings::HandlerSettings;
 use super::{write_event_json, BuildError, Handler, HandlerError, HandlerEvent};
-use crate::config::HandlerSettings;
 
 /// Per-attempt limit when `timeout` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);

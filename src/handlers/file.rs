@@ -23,8 +23,8 @@ use tokio::fs::{File, OpenOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
+use super::settings::HandlerSettings;
 use super::{write_event_json, BuildError, Handler, HandlerError, HandlerEvent};
-use crate::config::HandlerSettings;
 use crate::delivery::BodyReadError;
 
 /// Lines waiting for the writer; callers wait (back-pressure) beyond this.

@@ -23,8 +23,8 @@ use sha2::Sha256;
 
 use futures_util::StreamExt;
 
+use super::settings::HandlerSettings;
 use super::{BuildError, Handler, HandlerError, HandlerEvent, Payload};
-use crate::config::HandlerSettings;
 
 /// Per-attempt limit when `timeout` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

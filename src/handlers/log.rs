@@ -6,8 +6,8 @@
 use async_trait::async_trait;
 use tracing::Level;
 
+use super::settings::HandlerSettings;
 use super::{BuildError, Handler, HandlerError, HandlerEvent};
-use crate::config::HandlerSettings;
 
 /// Logs each event's identity at a fixed level.
 #[derive(Debug, Clone)]

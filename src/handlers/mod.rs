@@ -15,6 +15,7 @@ mod file;
 mod http;
 mod log;
 pub(crate) mod nats;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,9 +26,10 @@ use secrecy::SecretString;
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::config::{Config, HandlerKind, HandlerSettings};
 pub use crate::delivery::Payload;
 use crate::events::Event;
+use crate::settings::Secrets;
+pub use settings::{HandlerKind, HandlerSettings};
 
 pub use command::CommandHandler;
 pub use file::FileHandler;
@@ -176,7 +178,7 @@ fn build_with(
     settings: &HandlerSettings,
     secrets: &[SecretString],
     secret_env_vars: &[String],
-    config: Option<&Config>,
+    all_secrets: Option<&Secrets>,
 ) -> Result<Arc<dyn Handler>, BuildError> {
     Ok(match settings.kind {
         HandlerKind::Log => Arc::new(LogHandler::from_settings(settings)?),
@@ -185,7 +187,7 @@ fn build_with(
         HandlerKind::Command => {
             Arc::new(CommandHandler::from_settings(settings)?.without_env(secret_env_vars))
         }
-        HandlerKind::Nats => Arc::new(NatsHandler::from_settings(settings, config)?),
+        HandlerKind::Nats => Arc::new(NatsHandler::from_settings(settings, all_secrets)?),
     })
 }
 
@@ -210,13 +212,18 @@ impl Registry {
         Registry::default()
     }
 
-    /// Builds every `[[handler]]` of the configuration; stops at the first that cannot be built.
-    pub fn from_config(config: &Config) -> Result<Registry, BuildError> {
-        let secret_env_vars = secret_env_vars(config);
+    /// Builds every `[[handler]]` with the secrets read for them; stops at the first that
+    /// cannot be built. `secret_env_vars`: the environment variables that hold labelhook's own
+    /// secrets, which no `command` handler's child inherits.
+    pub fn build_all(
+        handlers: &[HandlerSettings],
+        secrets: &Secrets,
+        secret_env_vars: &[String],
+    ) -> Result<Registry, BuildError> {
         let mut registry = Registry::new();
-        for settings in &config.settings.handler {
-            let secrets = config.secrets.for_handler(&settings.name);
-            let handler = build_with(settings, secrets, &secret_env_vars, Some(config))?;
+        for settings in handlers {
+            let own = secrets.for_handler(&settings.name);
+            let handler = build_with(settings, own, secret_env_vars, Some(secrets))?;
             registry.register(settings.name.clone(), handler);
         }
         Ok(registry)
@@ -235,18 +242,6 @@ impl Registry {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
     }
-}
-
-/// Every environment variable the configuration reads a secret from.
-fn secret_env_vars(config: &Config) -> Vec<String> {
-    let mut vars: Vec<String> = config
-        .settings
-        .secret_sources()
-        .filter_map(|source| source.env.clone())
-        .collect();
-    vars.sort();
-    vars.dedup();
-    vars
 }
 
 /// The fields written before the body, in this order.
@@ -623,6 +618,7 @@ pub(crate) fn test_event(seq: i64, body: Payload, body_is_json: bool) -> Handler
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use proptest::prelude::*;
     use std::io::Write;
 
@@ -886,7 +882,7 @@ argv = [\"true\"]
             path = dir.path().join("events.jsonl").display().to_string()
         );
         let config = load_config(&toml, &[("LB_SECRET", "s")]);
-        let mut registry = Registry::from_config(&config).unwrap();
+        let mut registry = registry_of(&config).unwrap();
         assert_eq!(
             registry.names().collect::<Vec<_>>(),
             ["archive", "audit", "script"]
@@ -908,6 +904,11 @@ argv = [\"true\"]
         assert!(registry.get("nope").is_none());
     }
 
+    fn registry_of(config: &Config) -> Result<Registry, BuildError> {
+        let s = &config.settings;
+        Registry::build_all(&s.handler, &config.secrets, &s.secret_env_vars())
+    }
+
     #[test]
     fn secret_env_vars_are_collected_from_every_owner() {
         let toml = format!(
@@ -920,6 +921,9 @@ secrets = [{{ env = \"FWD_SECRET\" }}]
 "
         );
         let config = load_config(&toml, &[("LB_SECRET", "s"), ("FWD_SECRET", "t")]);
-        assert_eq!(secret_env_vars(&config), ["FWD_SECRET", "LB_SECRET"]);
+        assert_eq!(
+            config.settings.secret_env_vars(),
+            ["FWD_SECRET", "LB_SECRET"]
+        );
     }
 }

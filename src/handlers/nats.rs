@@ -22,9 +22,10 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
+use super::settings::HandlerSettings;
 use super::{BuildError, Handler, HandlerError, HandlerEvent};
-use crate::config::{Config, HandlerSettings};
 use crate::events::Topic;
+use crate::settings::Secrets;
 
 /// The stream used when `stream` is not set (README.md "Handlers and routes", and the
 /// example configuration).
@@ -198,7 +199,7 @@ impl std::fmt::Debug for NatsHandler {
 impl NatsHandler {
     pub(super) fn from_settings(
         settings: &HandlerSettings,
-        config: Option<&Config>,
+        secrets: Option<&Secrets>,
     ) -> Result<NatsHandler, BuildError> {
         let name = settings.name.clone();
         let invalid = |key, problem: String| BuildError::Invalid {
@@ -219,11 +220,7 @@ impl NatsHandler {
         let subject =
             SubjectTemplate::parse(settings.subject.as_deref().unwrap_or(DEFAULT_SUBJECT))
                 .map_err(|why| invalid("subject", why))?;
-        let secret = |key| {
-            config
-                .and_then(|c| c.secrets.handler_secret(&name, key))
-                .cloned()
-        };
+        let secret = |key| secrets.and_then(|s| s.handler_secret(&name, key)).cloned();
         let auth = match (
             secret("token"),
             &settings.user,

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
-use crate::config::ForwardedHeader;
+use super::settings::ForwardedHeader;
 
 /// The client address of a request.
 pub fn resolve(

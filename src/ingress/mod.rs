@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod body;
 pub mod client_ip;
+pub mod settings;
 pub mod webhook;
 
 use axum::http::HeaderMap;
@@ -15,7 +16,7 @@ use axum::http::HeaderMap;
 use crate::delivery::signature::{SHA1_HEADER, SHA256_HEADER};
 use crate::delivery::{ClaimedSignature, SignatureError};
 
-pub use webhook::IngressState;
+pub use webhook::{IngressState, Receiving};
 
 /// The signature a request claims, from its headers.
 pub fn claimed_signature(

@@ -22,11 +22,14 @@ use super::admission::Admission;
 use super::body::{self, BodyError};
 use super::claimed_signature;
 use super::client_ip::{self, Allowlist};
-use crate::config::{Config, ForwardedHeader, Secrets};
+use super::settings::{
+    EndpointSettings, ForwardedHeader, ModelTrainingSettings, NetworkSettings, ServerSettings,
+};
 use crate::delivery::{
     BodyVerifier, ClaimedSignature, Clock, DeliveryId, Envelope, SignatureError, VerifiedDelivery,
 };
 use crate::events::Topic;
+use crate::settings::Secrets;
 use crate::store::{Intake, StoreError};
 use crate::telemetry::{self, bounded_for_log};
 
@@ -227,6 +230,18 @@ struct ModelTraining {
     duplicate_window_ms: i64,
 }
 
+/// What the delivery routes are built from: the sections of the settings they read, and the
+/// secrets read for the endpoints.
+pub struct Receiving<'a> {
+    pub server: &'a ServerSettings,
+    pub network: &'a NetworkSettings,
+    pub endpoints: &'a [EndpointSettings],
+    pub model_training: Option<&'a ModelTrainingSettings>,
+    /// `store.inline_body_max_bytes`: larger bodies go to the store as they arrive.
+    pub inline_body_max_bytes: u64,
+    pub secrets: &'a Secrets,
+}
+
 /// Everything the delivery routes need, shared by all requests.
 #[derive(Clone)]
 pub struct IngressState(Arc<Inner>);
@@ -250,34 +265,31 @@ struct Inner {
 
 impl IngressState {
     pub fn new(
-        config: &Config,
+        from: Receiving<'_>,
         store: Arc<dyn Intake>,
         clock: Arc<dyn Clock>,
         admission: Arc<Admission>,
     ) -> Self {
-        let s = &config.settings;
-        let endpoints = s
-            .endpoint
+        let (server, network, secrets) = (from.server, from.network, from.secrets);
+        let endpoints = from
+            .endpoints
             .iter()
             .map(|ep| {
                 let auth = EndpointAuth {
-                    secrets: config.secrets.for_endpoint(&ep.name).to_vec(),
+                    secrets: secrets.for_endpoint(&ep.name).to_vec(),
                     accept_sha1: ep.accept_sha1,
                 };
                 (ep.name.clone(), auth)
             })
             .collect();
-        let model_training = s.model_training.as_ref().map(|mt| ModelTraining {
+        let model_training = from.model_training.map(|mt| ModelTraining {
             auth: EndpointAuth {
-                secrets: config
-                    .secrets
-                    .for_endpoint(Secrets::MODEL_TRAINING)
-                    .to_vec(),
+                secrets: secrets.for_endpoint(Secrets::MODEL_TRAINING).to_vec(),
                 accept_sha1: true,
             },
             types: mt.model_types.clone(),
             allowlist: if mt.allowlist.is_empty() {
-                Allowlist::new(s.network.allowlist.clone(), s.network.allow_all)
+                Allowlist::new(network.allowlist.clone(), network.allow_all)
             } else {
                 Allowlist::new(mt.allowlist.clone(), false)
             },
@@ -286,21 +298,21 @@ impl IngressState {
         Self(Arc::new(Inner {
             endpoints,
             model_training,
-            allowlist: Allowlist::new(s.network.allowlist.clone(), s.network.allow_all),
-            trusted_proxies: s.network.trusted_proxies.clone(),
-            forwarded_header: s.network.forwarded_header,
-            max_body_bytes: s.server.max_body_bytes,
-            inline_body_max_bytes: s.store.inline_body_max_bytes,
+            allowlist: Allowlist::new(network.allowlist.clone(), network.allow_all),
+            trusted_proxies: network.trusted_proxies.clone(),
+            forwarded_header: network.forwarded_header,
+            max_body_bytes: server.max_body_bytes,
+            inline_body_max_bytes: from.inline_body_max_bytes,
             spill_slots: body::SpillSlots::new(
-                s.server.max_spilling_bodies,
-                s.server.max_spilling_bodies_per_client,
+                server.max_spilling_bodies,
+                server.max_spilling_bodies_per_client,
             ),
-            buffered: body::MemoryBudget::new(s.server.max_buffered_bytes),
+            buffered: body::MemoryBudget::new(server.max_buffered_bytes),
             pace: body::Pace {
-                min_bytes_per_second: s.server.min_body_bytes_per_second,
-                grace: s.server.body_rate_grace,
+                min_bytes_per_second: server.min_body_bytes_per_second,
+                grace: server.body_rate_grace,
             },
-            body_timeout: s.server.body_timeout,
+            body_timeout: server.body_timeout,
             store,
             clock,
             admission,

@@ -92,7 +92,7 @@ secrets = [{{ env = "{SECRET_ENV}" }}]
             settings.server.backlog_limit,
             settings.server.backlog_max_delay,
         ));
-        let state = IngressState::new(&config, store.clone(), clock, admission);
+        let state = IngressState::new(crate::receiving(&config), store.clone(), clock, admission);
         let model_path = settings.model_training.as_ref().map(|m| m.path.as_str());
         Harness {
             router: app(state, model_path),

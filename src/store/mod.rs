@@ -27,6 +27,7 @@ mod model;
 pub mod outage;
 pub mod postgres;
 pub mod retention;
+pub mod settings;
 pub mod sqlite;
 
 use std::io;
@@ -38,11 +39,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use secrecy::SecretString;
 
-use crate::config::StoreSettings;
 use crate::delivery::{Clock, StagedBody, Status, UnixMillis, VerifiedDelivery};
 use crate::ordering::Verdict;
 
 pub use retention::{Cutoffs, PruneReport, RetentionSettings, StoreStats};
+pub use settings::StoreSettings;
 
 pub use model::{
     status_after_runs, Accepted, AttemptKind, AttemptOutcome, AttemptRecord, AttemptResult,

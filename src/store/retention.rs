@@ -25,20 +25,20 @@ use crate::delivery::{Clock, Status, UnixMillis};
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionSettings {
     /// Delivered deliveries are deleted this long after they were received.
-    #[serde(with = "crate::config::de::duration")]
+    #[serde(with = "crate::settings::de::duration")]
     pub delivered: Duration,
     /// The bodies of delivered deliveries are dropped this long after they were received (the
     /// rows stay until `delivered`).
-    #[serde(with = "crate::config::de::duration")]
+    #[serde(with = "crate::settings::de::duration")]
     pub bodies: Duration,
     /// Stale, unrecognized and dead deliveries are deleted this long after they were received.
-    #[serde(with = "crate::config::de::duration")]
+    #[serde(with = "crate::settings::de::duration")]
     pub investigate: Duration,
     /// Most bytes of bodies kept; beyond it the bodies of the oldest finished deliveries are
     /// dropped first, whatever their age. `None`: no budget.
     pub max_body_bytes: Option<u64>,
     /// How often the background pruner runs; "0s" turns it off (`events prune` still works).
-    #[serde(with = "crate::config::de::duration")]
+    #[serde(with = "crate::settings::de::duration")]
     pub interval: Duration,
 }
 

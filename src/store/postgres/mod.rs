@@ -70,8 +70,8 @@ pub use database::require_database;
 
 use super::outage::Outage;
 use super::{Reason, Store, StoreError};
-use crate::config::StoreSettings;
 use crate::delivery::Clock;
+use crate::store::StoreSettings;
 
 /// The channel accepts and replays are announced on.
 const WORK_CHANNEL: &str = "labelhook_work";

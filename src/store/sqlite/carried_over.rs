@@ -9,8 +9,8 @@ use rusqlite::Connection;
 
 use super::writer::MIGRATIONS;
 use super::SqliteStore;
-use crate::config::StoreSettings;
 use crate::delivery::{Clock, ManualClock, Status};
+use crate::store::StoreSettings;
 use crate::store::{
     AttemptOutcome, AttemptResult, Inspect, LeaseOwner, ListQuery, Queue, RunState,
 };

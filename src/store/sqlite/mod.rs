@@ -51,9 +51,9 @@ use super::{
     ListQuery, Maintenance, Overview, PruneReport, Queue, Reason, ReplayItem, ReplayOutcome,
     ReplayTarget, Store, StoreError, StoreStats, Ungated, VerdictBasis,
 };
-use crate::config::StoreSettings;
 use crate::delivery::{after, Clock, Payload, Status, UnixMillis, VerifiedDelivery};
 use crate::ordering::Verdict;
+use crate::store::StoreSettings;
 
 /// How long the CLI's writes (replay, prune) wait for the server writer's lock.
 const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
