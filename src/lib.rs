@@ -17,8 +17,10 @@
 //! (logs, the request span, metrics) is at the floor: every module may use it and it uses none
 //! of ours. `known_series` publishes the metric series known at start. Each module owns its
 //! settings, their defaults and checks, in the words of `settings` (the floor below them);
-//! [`config`] composes, loads and reports them, and no module below it imports it; [`cli`] holds the commands, and nothing else in the library depends on
-//! it.
+//! [`config`] composes, loads and reports them. No module on the way of a delivery imports
+//! `config`; those that read the configuration as a whole sit above it with the commands
+//! ([`cli`], [`labelbox`], [`bench`], `known_series`), and nothing else in the library depends
+//! on `cli`.
 //!
 //! The public face is what a program embedding labelhook needs: build and run the
 //! [`Application`], plug in a [`Handler`] and match on the typed [`Event`] it is given. The
