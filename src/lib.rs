@@ -23,23 +23,32 @@
 //! on `cli`.
 //!
 //! The public face is what a program embedding labelhook needs: build and run the
-//! [`Application`], plug in a [`Handler`] and match on the typed [`Event`] it is given. The
-//! store's traits are public too, for the conformance suite that every back-end must pass.
+//! [`Application`] from a [`Config`], plug in a [`Handler`] and match on the typed [`Event`]
+//! it is given ([`events`], with the versions of [`ordering`]). The modules marked
+//! `#[doc(hidden)]` are public only for what lives outside the library: the binary (`cli`),
+//! the store's conformance suite under `tests/store` that every back-end must pass (`store`,
+//! `delivery`), the backfill's store tests (`labelbox`), the fuzz targets and the criterion
+//! benches. They are not a promise to embedders and change without notice.
 
+#[doc(hidden)]
 pub mod bench;
+#[doc(hidden)]
 pub mod cli;
 pub mod config;
 mod console;
+#[doc(hidden)]
 pub mod delivery;
 mod dispatch;
 pub mod events;
 pub mod handlers;
 mod ingress;
 mod known_series;
+#[doc(hidden)]
 pub mod labelbox;
 pub mod ordering;
 mod server;
 mod settings;
+#[doc(hidden)]
 pub mod store;
 mod telemetry;
 
