@@ -700,15 +700,14 @@ async fn prune(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `events ...` on an open store: one function per subcommand, each taking stdout for itself.
 async fn events_with(
     store: &dyn crate::store::Operations,
     settings: &Settings,
     command: EventsCommand,
 ) -> Result<ExitCode, CliError> {
-    let mut out = std::io::stdout().lock();
     match command {
         EventsCommand::Prune { dry_run, json } => {
-            drop(out);
             prune(store, &settings.store.retention, dry_run, json).await
         }
         EventsCommand::List {
@@ -717,104 +716,132 @@ async fn events_with(
             limit,
             json,
         } => {
-            let rows = store
-                .list(&ListQuery {
-                    status,
-                    topic,
-                    limit,
-                    ..ListQuery::default()
-                })
-                .await?;
-            if json {
-                for row in &rows {
-                    let line =
-                        serde_json::to_string(row).map_err(|e| CliError::Failed(e.to_string()))?;
-                    writeln!(out, "{line}")?;
-                }
-            } else {
-                write_list(&mut out, &rows)?;
-            }
-            Ok(ExitCode::SUCCESS)
+            let query = ListQuery {
+                status,
+                topic,
+                limit,
+                ..ListQuery::default()
+            };
+            list(store, &query, json).await
         }
-        EventsCommand::Show { id } => {
-            let details = store.show(&id).await?;
-            if details.is_empty() {
-                return Err(not_stored(&id));
-            }
-            for d in details {
-                let s = &d.summary;
-                writeln!(out, "delivery_id: {}", s.delivery_id)?;
-                writeln!(out, "seq:         {}", s.seq)?;
-                writeln!(out, "endpoint:    {}", s.endpoint)?;
-                writeln!(out, "topic:       {}", s.topic.as_deref().unwrap_or("-"))?;
-                writeln!(out, "status:      {}", s.status)?;
-                writeln!(out, "entity:      {}", s.entity.as_deref().unwrap_or("-"))?;
-                writeln!(out, "version:     {}", s.version.as_deref().unwrap_or("-"))?;
-                let fresh = d.fresh.map_or("-", |f| if f { "yes" } else { "no" });
-                writeln!(out, "fresh:       {fresh}")?;
-                writeln!(out, "received_at: {}", s.received_at)?;
-                if !s.origin.is_webhook() {
-                    writeln!(out, "origin:      {}", s.origin)?;
-                }
-                writeln!(out, "client_ip:   {}", d.client_ip)?;
-                writeln!(out, "id_conflict: {}", s.id_conflict)?;
-                if let Some(error) = &d.parse_error {
-                    writeln!(out, "parse_error: {error}")?;
-                }
-                writeln!(out, "headers:")?;
-                for (name, value) in &d.headers {
-                    writeln!(out, "  {name}: {value}")?;
-                }
-                writeln!(out, "handlers:")?;
-                for h in &d.handlers {
-                    writeln!(
-                        out,
-                        "  {} {} attempts={} next={} error={}",
-                        h.handler,
-                        h.state,
-                        h.attempts,
-                        h.next_attempt_at.as_deref().unwrap_or("-"),
-                        h.last_error.as_deref().unwrap_or("-")
-                    )?;
-                }
-                writeln!(out, "attempts:")?;
-                for a in &d.attempts {
-                    writeln!(
-                        out,
-                        "  {} #{} {} {} {}",
-                        a.started_at,
-                        a.attempt,
-                        a.handler,
-                        a.outcome,
-                        a.error.as_deref().unwrap_or("")
-                    )?;
-                }
-                if d.body_pruned {
-                    writeln!(
-                        out,
-                        "body ({} bytes): dropped by retention (store.retention.bodies)",
-                        s.body_len
-                    )?;
-                } else if d.body.len() > SHOW_BODY_MAX_BYTES {
-                    writeln!(out, "body ({} bytes):", d.body.len())?;
-                    writeln!(
-                        out,
-                        "  (larger than {SHOW_BODY_MAX_BYTES} bytes; not printed)"
-                    )?;
-                } else {
-                    writeln!(out, "body ({} bytes):", d.body.len())?;
-                    let bytes = d.body.read_all().await?;
-                    writeln!(out, "{}", String::from_utf8_lossy(&bytes))?;
-                }
-                writeln!(out)?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        EventsCommand::Replay { id, status } => {
-            drop(out);
-            replay(store, settings, id, status).await
-        }
+        EventsCommand::Show { id } => show(store, &id).await,
+        EventsCommand::Replay { id, status } => replay(store, settings, id, status).await,
     }
+}
+
+/// `events list`: a table, or with `--json` one object per line.
+async fn list(
+    store: &dyn crate::store::Operations,
+    query: &ListQuery,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let rows = store.list(query).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for row in &rows {
+            let line = serde_json::to_string(row).map_err(|e| CliError::Failed(e.to_string()))?;
+            writeln!(out, "{line}")?;
+        }
+    } else {
+        write_list(&mut out, &rows)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `events show`: every stored delivery with the id (one per endpoint that received it), each
+/// followed by an empty line; an id that names none is an error that names it.
+async fn show(store: &dyn crate::store::Operations, id: &str) -> Result<ExitCode, CliError> {
+    let details = store.show(id).await?;
+    if details.is_empty() {
+        return Err(not_stored(id));
+    }
+    let mut out = std::io::stdout().lock();
+    for d in &details {
+        write_detail(&mut out, d).await?;
+        writeln!(out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One delivery of `events show`: its fields one a line, then the headers kept, the handlers'
+/// state, every attempt and the body. A field that is not known prints as `-`.
+async fn write_detail(
+    out: &mut impl Write,
+    d: &crate::store::DeliveryDetail,
+) -> std::io::Result<()> {
+    let s = &d.summary;
+    writeln!(out, "delivery_id: {}", s.delivery_id)?;
+    writeln!(out, "seq:         {}", s.seq)?;
+    writeln!(out, "endpoint:    {}", s.endpoint)?;
+    writeln!(out, "topic:       {}", s.topic.as_deref().unwrap_or("-"))?;
+    writeln!(out, "status:      {}", s.status)?;
+    writeln!(out, "entity:      {}", s.entity.as_deref().unwrap_or("-"))?;
+    writeln!(out, "version:     {}", s.version.as_deref().unwrap_or("-"))?;
+    let fresh = d.fresh.map_or("-", |f| if f { "yes" } else { "no" });
+    writeln!(out, "fresh:       {fresh}")?;
+    writeln!(out, "received_at: {}", s.received_at)?;
+    // Most deliveries came by webhook; the line is there only for those that did not.
+    if !s.origin.is_webhook() {
+        writeln!(out, "origin:      {}", s.origin)?;
+    }
+    writeln!(out, "client_ip:   {}", d.client_ip)?;
+    writeln!(out, "id_conflict: {}", s.id_conflict)?;
+    if let Some(error) = &d.parse_error {
+        writeln!(out, "parse_error: {error}")?;
+    }
+    writeln!(out, "headers:")?;
+    for (name, value) in &d.headers {
+        writeln!(out, "  {name}: {value}")?;
+    }
+    writeln!(out, "handlers:")?;
+    for h in &d.handlers {
+        writeln!(
+            out,
+            "  {} {} attempts={} next={} error={}",
+            h.handler,
+            h.state,
+            h.attempts,
+            h.next_attempt_at.as_deref().unwrap_or("-"),
+            h.last_error.as_deref().unwrap_or("-")
+        )?;
+    }
+    writeln!(out, "attempts:")?;
+    for a in &d.attempts {
+        writeln!(
+            out,
+            "  {} #{} {} {} {}",
+            a.started_at,
+            a.attempt,
+            a.handler,
+            a.outcome,
+            a.error.as_deref().unwrap_or("")
+        )?;
+    }
+    write_body(out, d).await
+}
+
+/// The body of `events show`, printed only up to [`SHOW_BODY_MAX_BYTES`]: a body can be
+/// hundreds of MB and a terminal is no place for it. One that retention dropped says so, so it
+/// is not taken for an empty body.
+async fn write_body(out: &mut impl Write, d: &crate::store::DeliveryDetail) -> std::io::Result<()> {
+    if d.body_pruned {
+        writeln!(
+            out,
+            "body ({} bytes): dropped by retention (store.retention.bodies)",
+            d.summary.body_len
+        )?;
+    } else if d.body.len() > SHOW_BODY_MAX_BYTES {
+        writeln!(out, "body ({} bytes):", d.body.len())?;
+        writeln!(
+            out,
+            "  (larger than {SHOW_BODY_MAX_BYTES} bytes; not printed)"
+        )?;
+    } else {
+        writeln!(out, "body ({} bytes):", d.body.len())?;
+        let bytes = d.body.read_all().await?;
+        writeln!(out, "{}", String::from_utf8_lossy(&bytes))?;
+    }
+    Ok(())
 }
 
 /// `events list` as a table.
