@@ -255,17 +255,21 @@ async fn labelbox(
     let settings = Settings::load(path, env, true)?;
     let key = settings.labelbox_api_key(env)?;
     let remarks = std::sync::Arc::new(Remarks::stderr());
-    let api = labelbox::api(&settings, key, remarks.clone())?;
+    let configured = labelbox::Configured {
+        labelbox: settings.labelbox.clone().unwrap_or_default(),
+        endpoints: settings.endpoint.iter().map(|e| e.name.clone()).collect(),
+    };
+    let api = labelbox::api(&configured, key, remarks.clone())?;
     let mut out = std::io::stdout();
     let outcome = match command {
         LabelboxCommand::Webhooks(command) => {
             let secrets = settings.endpoint_secrets(env)?;
             match command {
                 WebhooksCommand::List => {
-                    labelbox::list_webhooks(&settings, &secrets, &api, &mut out).await?
+                    labelbox::list_webhooks(&configured, &secrets, &api, &mut out).await?
                 }
                 WebhooksCommand::Apply { dry_run } => {
-                    labelbox::apply_webhooks(&settings, &secrets, &api, &mut out, dry_run).await?
+                    labelbox::apply_webhooks(&configured, &secrets, &api, &mut out, dry_run).await?
                 }
             }
         }
@@ -276,7 +280,15 @@ async fn labelbox(
                 since: args.since.unwrap_or(labelbox::Since::LastSeen),
                 endpoint: args.endpoint,
             };
-            labelbox::backfill(&settings, &api, store.as_ref(), &request, remarks, &mut out).await?
+            labelbox::backfill(
+                &configured,
+                &api,
+                store.as_ref(),
+                &request,
+                remarks,
+                &mut out,
+            )
+            .await?
         }
     };
     Ok(match outcome {

@@ -32,15 +32,15 @@ pub use crate::ingress::settings::{
     EndpointSettings, ForwardedHeader, ModelTrainingSettings, NetworkSettings, ServerSettings,
     LABELBOX_EGRESS,
 };
+pub use crate::labelbox::settings::{
+    BackfillPayload, LabelboxSettings, LabelboxWebhook, LABELBOX_API_URL, MIN_POLL_INTERVAL,
+    SECRET_ID_PARAM, WEBHOOK_TOPICS,
+};
 pub use crate::settings::{de, Problem, SecretSource, Secrets};
 pub use crate::store::settings::{StoreSettings, MAX_INLINE_BODY_BYTES};
 /// `[log]` is telemetry's own section.
 pub use crate::telemetry::{LogFormat, LogSettings};
 pub use environment::{unused_variables, Meant, UnusedVariable};
-pub use labelbox::{
-    BackfillPayload, LabelboxSettings, LabelboxWebhook, LABELBOX_API_URL, MIN_POLL_INTERVAL,
-    SECRET_ID_PARAM, WEBHOOK_TOPICS,
-};
 pub use load::EnvOverride;
 
 /// Where the config file is looked for when neither `--config` nor `LABELHOOK_CONFIG` says.

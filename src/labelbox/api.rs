@@ -18,8 +18,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::progress::Remarks;
+use super::settings::LabelboxSettings;
 use super::LabelboxError;
-use crate::config::LabelboxSettings;
 
 /// The longest wait between two tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);

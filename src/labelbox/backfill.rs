@@ -24,8 +24,9 @@ use super::api::Api;
 use super::export::{self, Lines, Task};
 use super::progress::{Progress, Remarks};
 use super::rows::{ExportRow, Plan, Rebuilt};
+use super::settings::WEBHOOK_TOPICS;
+use super::Configured;
 use super::{LabelboxError, Outcome};
-use crate::config::{Settings, WEBHOOK_TOPICS};
 use crate::delivery::signature::Verified;
 use crate::delivery::{
     format_millis, now_millis, DeliveryId, Envelope, IncomingBody, UnixMillis, VerifiedDelivery,
@@ -116,14 +117,10 @@ pub fn fetched_delivery(
 /// `[[labelbox.webhook]]` entries for the project (else for the organization); every topic and
 /// the first endpoint when none is configured.
 fn topics_and_endpoint(
-    config: &Settings,
+    config: &Configured,
     request: &BackfillRequest,
 ) -> Result<(HashSet<String>, String), LabelboxError> {
-    let hooks = config
-        .labelbox
-        .iter()
-        .flat_map(|l| &l.webhook)
-        .collect::<Vec<_>>();
+    let hooks = config.labelbox.webhook.iter().collect::<Vec<_>>();
     let for_project: Vec<_> = hooks
         .iter()
         .filter(|h| h.scope() == Some(request.project.as_str()))
@@ -145,9 +142,9 @@ fn topics_and_endpoint(
         .endpoint
         .clone()
         .or_else(|| chosen.first().map(|h| h.endpoint.clone()))
-        .or_else(|| config.endpoint.first().map(|e| e.name.clone()))
+        .or_else(|| config.endpoints.first().cloned())
         .ok_or_else(|| LabelboxError::Setup("the configuration has no [[endpoint]]".into()))?;
-    if !config.endpoint.iter().any(|e| e.name == endpoint) {
+    if !config.endpoints.contains(&endpoint) {
         return Err(LabelboxError::Setup(format!(
             "--endpoint: no [[endpoint]] is named {endpoint:?}"
         )));
@@ -183,7 +180,7 @@ async fn check_project(api: &Api, project: &str) -> Result<String, LabelboxError
 
 /// When the backfill starts from.
 async fn start_time(
-    config: &Settings,
+    config: &Configured,
     store: &dyn Backfill,
     request: &BackfillRequest,
 ) -> Result<UnixMillis, LabelboxError> {
@@ -191,7 +188,7 @@ async fn start_time(
         Since::At(at) => at,
         Since::Ago(ago) => now_millis() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX),
         Since::LastSeen => {
-            let margin = super::settings(config).since_last_seen_margin;
+            let margin = config.labelbox.since_last_seen_margin;
             let newest = store
                 .newest_received(&request.project)
                 .await?
@@ -203,14 +200,14 @@ async fn start_time(
 
 /// Runs a backfill; says what it did on `out`, its progress on `remarks`.
 pub async fn run(
-    config: &Settings,
+    config: &Configured,
     api: &Api,
     store: &dyn Backfill,
     request: &BackfillRequest,
     remarks: Arc<Remarks>,
     out: &mut dyn std::io::Write,
 ) -> Result<Outcome, LabelboxError> {
-    let settings = super::settings(config);
+    let settings = &config.labelbox;
     let (topics, endpoint) = topics_and_endpoint(config, request)?;
     let name = check_project(api, &request.project).await?;
     let since = start_time(config, store, request).await?;

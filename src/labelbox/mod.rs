@@ -16,6 +16,7 @@ pub mod backfill;
 mod export;
 mod progress;
 pub mod rows;
+pub mod settings;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -26,8 +27,11 @@ use secrecy::SecretString;
 pub use api::Api;
 pub use backfill::{fetched_delivery, run as backfill, BackfillRequest, Since};
 pub use progress::Remarks;
+pub use settings::{
+    BackfillPayload, LabelboxSettings, LabelboxWebhook, LABELBOX_API_URL, MIN_POLL_INTERVAL,
+    SECRET_ID_PARAM, WEBHOOK_TOPICS,
+};
 
-use crate::config::{LabelboxSettings, Settings};
 use crate::store::StoreError;
 
 /// Every `[[endpoint]]`'s secrets by endpoint name, resolved (what Labelbox signs with).
@@ -110,18 +114,21 @@ impl LabelboxError {
     }
 }
 
-/// `[labelbox]` as configured, or its defaults.
-fn settings(settings: &Settings) -> LabelboxSettings {
-    settings.labelbox.clone().unwrap_or_default()
+/// What the `labelbox` commands read of the configuration: `[labelbox]` (or its defaults),
+/// and the names of the `[[endpoint]]`s that deliveries come in on.
+#[derive(Debug, Clone, Default)]
+pub struct Configured {
+    pub labelbox: LabelboxSettings,
+    pub endpoints: Vec<String>,
 }
 
 /// A client of the API with the configured key.
 pub fn api(
-    settings: &Settings,
+    settings: &Configured,
     key: SecretString,
     remarks: Arc<Remarks>,
 ) -> Result<Api, LabelboxError> {
-    Api::new(&self::settings(settings), key, remarks)
+    Api::new(&settings.labelbox, key, remarks)
 }
 
 /// What the configuration wants, what Labelbox has, and the plan between them.
@@ -133,14 +140,14 @@ struct Current {
 }
 
 async fn current(
-    settings: &Settings,
+    settings: &Configured,
     secrets: &EndpointSecrets,
     api: &Api,
 ) -> Result<Current, LabelboxError> {
-    let lb = self::settings(settings);
-    let ours = webhooks::Ours::new(settings, secrets);
-    let wanted = webhooks::wanted(&lb, secrets)?;
-    let existing = webhooks::fetch(api, &lb, &ours).await?;
+    let lb = &settings.labelbox;
+    let ours = webhooks::Ours::new(lb, secrets);
+    let wanted = webhooks::wanted(lb, secrets)?;
+    let existing = webhooks::fetch(api, lb, &ours).await?;
     let steps = webhooks::plan(&wanted, &existing, &ours);
     Ok(Current {
         ours,
@@ -152,7 +159,7 @@ async fn current(
 
 /// `labelhook labelbox webhooks list`.
 pub async fn list_webhooks(
-    settings: &Settings,
+    settings: &Configured,
     secrets: &EndpointSecrets,
     api: &Api,
     out: &mut dyn std::io::Write,
@@ -165,7 +172,7 @@ pub async fn list_webhooks(
 /// `labelhook labelbox webhooks apply [--dry-run]`: the plan, then (unless a dry run) what it
 /// says.
 pub async fn apply_webhooks(
-    settings: &Settings,
+    settings: &Configured,
     secrets: &EndpointSecrets,
     api: &Api,
     out: &mut dyn std::io::Write,

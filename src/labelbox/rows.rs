@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::config::BackfillPayload;
+use super::settings::BackfillPayload;
 use crate::ordering::Version;
 use crate::store::KnownLabel;
 

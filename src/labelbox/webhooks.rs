@@ -20,9 +20,9 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use super::api::Api;
+use super::settings::{LabelboxSettings, SECRET_ID_PARAM};
 use super::EndpointSecrets;
 use super::{LabelboxError, Outcome};
-use crate::config::{LabelboxSettings, Settings, SECRET_ID_PARAM};
 
 /// Webhooks per page of a list (the SDK's page size).
 const PAGE: usize = 100;
@@ -192,11 +192,10 @@ pub struct Ours {
 }
 
 impl Ours {
-    pub fn new(settings: &Settings, endpoint_secrets: &EndpointSecrets) -> Self {
+    pub fn new(settings: &LabelboxSettings, endpoint_secrets: &EndpointSecrets) -> Self {
         let urls = settings
-            .labelbox
+            .webhook
             .iter()
-            .flat_map(|l| &l.webhook)
             .map(|h| split_secret_id(&h.url).0)
             .collect();
         let secret_ids = endpoint_secrets.values().flatten().map(secret_id).collect();
