@@ -19,8 +19,7 @@
 //! settings, their defaults and checks, in the words of `settings` (the floor below them);
 //! [`config`] composes, loads and reports them. No module on the way of a delivery imports
 //! `config`; those that read the configuration as a whole sit above it with the commands
-//! ([`cli`], [`labelbox`], [`bench`], `known_series`), and nothing else in the library depends
-//! on `cli`.
+//! ([`cli`], [`bench`], `known_series`), and nothing else in the library depends on `cli`.
 //!
 //! The public face is what a program embedding labelhook needs: build and run the
 //! [`Application`] from a [`Config`], plug in a [`Handler`] and match on the typed [`Event`]
