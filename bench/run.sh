@@ -286,6 +286,7 @@ backfill() {
 export -f build disk pgbench_step labels1 labels1_pg huge hmac replicas backfill
 
 put started "$(date -u '+%Y-%m-%d %H:%M')"
+put commit "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 put secs "$secs"
 put replica_secs "$replica_secs"
 put backfill_rows "$backfill_rows"
@@ -320,7 +321,8 @@ if [ -s "$work/results.tsv" ]; then
   python3 "$root/bench/plot.py" "$work/plot.tsv" "$root/bench/throughput.svg" \
     || echo "bench/run.sh: plot.py failed; throughput.svg left as it was" >&2
 fi
-cp "$kv" "$work/results.tsv" "$work/labels1.tsv" "$work/sustained.tsv" "$logs/" 2>/dev/null
+# Everything report.py reads is kept with the logs, to write the report again without a run.
+cp "$kv" "$work/results.tsv" "$work/labels1.tsv" "$work/sustained.tsv" $md_files "$logs/" 2>/dev/null
 SUSTAINED_MD="$md_files" python3 "$root/bench/report.py" "$work/results.tsv" "$work/labels1.tsv" \
   "$work/sustained.tsv" "$kv" "$root/BENCHMARKS.md" \
   && echo "wrote BENCHMARKS.md and bench/throughput.svg ($(( $(date +%s) - run_started )) s; logs in $logs)" >&2
