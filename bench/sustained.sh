@@ -14,7 +14,7 @@
 # Prints a markdown section on stdout; with SUMMARY=FILE, also appends one tab-separated line
 # to FILE for bench/report.py: backend, retention, accepted/s, handled/s, handled/accepted,
 # backlog at the end, p99, peak RSS (MiB), non-2xx, seconds to drain (or -), the SQLite writer
-# thread's CPU per delivery in us (or -).
+# thread's CPU during the load per delivery accepted during it, in us (or -).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 backend=${1:-sqlite}
@@ -27,8 +27,12 @@ pg_url=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 bin=$root/target/release/labelhook
 work=$(mktemp -d)
 db=lh_sustained_$$
+server=""
+load=""
+# Ends only what this script started, by process id.
 cleanup() {
-  pkill -f "labelhook serve --config $work" 2>/dev/null || true
+  [ -n "$load" ] && kill "$load" 2>/dev/null || true
+  [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
   if [ "$backend" = postgres ]; then psql -q "$pg_url/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true; fi
   rm -rf "$work"
 }
@@ -47,7 +51,8 @@ if [ "$retention" = on ]; then
 fi
 BENCH_SECRET=bench-secret "$bin" serve --config "$work/labelhook.toml" > "$work/out" 2> "$work/err" &
 server=$!
-for _ in $(seq 100); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.1; done
+grep -q "listening on" "$work/out" || { echo "labelhook did not start: $(tail -n 3 "$work/err")" >&2; exit 1; }
 
 # accepted handled depth rss_mib wal_mib, from /metrics and /proc.
 sample() {
@@ -62,6 +67,20 @@ sample() {
   echo "$accepted ${handled:-0} ${depth:-0} $rss $(( wal / 1048576 ))"
 }
 
+# The SQLite writer thread (named lh-store-writer): its utime + stime in clock ticks, read from
+# /proc before and right after the load, so that its CPU per delivery covers the load and not
+# the drain after it. Prints nothing on PostgreSQL (no such thread).
+writer_ticks() {
+  local task
+  for task in /proc/"$server"/task/*; do
+    if [ "$(cat "$task/comm" 2>/dev/null)" = lh-store-writer ]; then
+      awk '{sub(/^.*\) /, ""); print $12 + $13}' "$task/stat"
+      return
+    fi
+  done
+}
+ticks_before=$(writer_ticks)
+accepted_before=$(sample | awk '{print $1}')
 BODIES_FILE=$work/bodies.tsv wrk -t1 -c"$conns" -d"${secs}s" --latency \
   -s "$root/bench/sustained.lua" http://127.0.0.1:9105/webhooks/labelbox > "$work/wrk" 2>&1 &
 load=$!
@@ -74,7 +93,9 @@ while kill -0 "$load" 2>/dev/null; do
   rows+=("$elapsed $(sample) load")
 done
 wait "$load" || true
+load=""
 load_end=$elapsed
+ticks_after=$(writer_ticks)
 end_sample=$(sample)
 drained_at=""
 while [ $(( elapsed - load_end )) -lt "$drain_secs" ]; do
@@ -89,17 +110,15 @@ while [ $(( elapsed - load_end )) -lt "$drain_secs" ]; do
 done
 pruned=$(curl -s http://127.0.0.1:9106/metrics | awk '/^labelhook_pruned_deliveries_total/ {s += $NF} END {print s + 0}')
 hwm=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$server/status")
-# The SQLite writer thread's CPU time (user + system, from /proc) per delivery accepted: what
-# one delivery costs the store's single writer.
+# The SQLite writer thread's CPU time (user + system) during the load per delivery accepted
+# during it: what one delivery costs the store's single writer.
 writer_us=-
-for task in /proc/"$server"/task/*; do
-  if [ "$(cat "$task/comm" 2>/dev/null)" = lh-store-writer ]; then
-    ticks=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "$task/stat")
-    total=$(sample | awk '{print $1}')
-    writer_us=$(echo "scale=1; $ticks * 1000000 / $(getconf CLK_TCK) / ($total + 0.0001)" | bc)
-  fi
-done
+if [ -n "$ticks_before" ] && [ -n "$ticks_after" ]; then
+  accepted_load=$(( $(echo "$end_sample" | awk '{print $1}') - accepted_before ))
+  writer_us=$(echo "scale=1; ($ticks_after - $ticks_before) * 1000000 / $(getconf CLK_TCK) / ($accepted_load + 0.0001)" | bc)
+fi
 kill "$server"; wait "$server" 2>/dev/null || true
+server=""
 # Handlers see a delivery at least once; how often more than once shows here.
 lines=$(wc -l < "$work/events.jsonl")
 unique=$(python3 -c 'import json,sys; print(len({json.loads(l)["delivery_id"] for l in open(sys.argv[1])}))' "$work/events.jsonl")
@@ -128,7 +147,7 @@ else
 fi
 echo "- peak RSS: $hwm MiB"
 if [ "$writer_us" != - ]; then
-  echo "- the store's writer thread: $writer_us us of CPU per delivery accepted"
+  echo "- the store's writer thread (\`lh-store-writer\`, utime + stime from /proc before and after the load): $writer_us us of CPU per delivery accepted during the load"
 fi
 if [ "$retention" = on ]; then
   echo "- pruned while running: $pruned deliveries"
