@@ -9,9 +9,8 @@
 
 use std::collections::HashSet;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
-use super::reads::status_candidates;
 use crate::delivery::Status;
 use crate::store::retention::{Cutoffs, PruneReport, StoreStats};
 use crate::store::StoreError;
@@ -73,31 +72,141 @@ fn walk(
     Ok(picked)
 }
 
-/// Rows past their retention, oldest first: each status walked along its index.
+/// The newest sequence number received before `before` (0 when none), found by halving the
+/// range of sequence numbers: a few lookups by key, however many rows are kept. Sequence
+/// numbers follow arrival (a row that arrived a moment earlier but committed later waits for
+/// the next run).
+fn last_seq_before(conn: &Connection, before: i64) -> Result<i64, StoreError> {
+    // Two statements: SQLite answers a lone MIN or MAX from the key, both at once by a scan.
+    let end = |sql: &str| -> Result<Option<i64>, StoreError> {
+        Ok(conn.prepare_cached(sql)?.query_row([], |row| row.get(0))?)
+    };
+    let (Some(mut low), Some(high)) = (
+        end("SELECT MIN(seq) FROM deliveries")?,
+        end("SELECT MAX(seq) FROM deliveries")?,
+    ) else {
+        return Ok(0);
+    };
+    let mut first_young = high + 1;
+    let mut probe = conn.prepare_cached(
+        "SELECT seq, received_at FROM deliveries WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+    )?;
+    // Every row below `low` was received before `before`; every row from `first_young` on, at
+    // or after it.
+    while low < first_young {
+        let middle = low + (first_young - low) / 2;
+        let found: Option<(i64, i64)> = probe
+            .query_row([middle], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        match found {
+            Some((seq, received_at)) if received_at < before => low = seq + 1,
+            _ => first_young = middle,
+        }
+    }
+    Ok(first_young - 1)
+}
+
+/// Where the deliveries that may stand at `status` with their work done are found: records
+/// appended for them, each along a narrow index, in sequence order within `(?1, ?2]`, at most
+/// `?3`. The view then says which of them really stand there now.
+fn sources(status: Status) -> &'static [&'static str] {
+    match status {
+        Status::Delivered => &[
+            "SELECT seq FROM closings WHERE status = 'delivered' AND seq > ?1 AND seq <= ?2 \
+             ORDER BY seq LIMIT ?3",
+            // Gated with no handler to run (migration 0007's index).
+            "SELECT seq FROM verdicts WHERE handlers = '[]' AND seq > ?1 AND seq <= ?2 \
+             ORDER BY seq LIMIT ?3",
+        ],
+        Status::Stale => &[
+            "SELECT seq FROM closings WHERE status = 'stale' AND seq > ?1 AND seq <= ?2 \
+             ORDER BY seq LIMIT ?3",
+            "SELECT seq FROM verdicts WHERE status = 'stale' AND seq > ?1 AND seq <= ?2 \
+             ORDER BY seq LIMIT ?3",
+        ],
+        Status::Unrecognized => &[
+            "SELECT seq FROM closings WHERE status = 'unrecognized' AND seq > ?1 AND seq <= ?2 \
+             ORDER BY seq LIMIT ?3",
+            "SELECT seq FROM verdicts WHERE status = 'unrecognized' AND seq > ?1 \
+             AND seq <= ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq FROM deliveries WHERE accepted_as = 'unrecognized' AND seq > ?1 \
+             AND seq <= ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq FROM replays WHERE status = 'unrecognized' AND seq > ?1 AND seq <= ?2 \
+             ORDER BY seq LIMIT ?3",
+        ],
+        Status::Dead => &[
+            "SELECT seq FROM closings WHERE status = 'dead' AND seq > ?1 AND seq <= ?2 \
+             ORDER BY seq LIMIT ?3",
+        ],
+        Status::Pending => &[],
+    }
+}
+
+/// Deliveries finished at `status` with a sequence number in `(after, upto]`, oldest first, at
+/// most `limit` of those `keep` accepts. Found through the records that say where a delivery
+/// ended, so that the deliveries kept for another reason (a longer retention, work left) are
+/// passed over in a narrow index instead of having each one's status worked out at every run.
+fn finished_between(
+    conn: &Connection,
+    status: Status,
+    (after, upto): (i64, i64),
+    limit: u32,
+    keep: impl Fn(&Doomed) -> bool,
+) -> Result<Vec<Doomed>, StoreError> {
+    let mut picked: Vec<Doomed> = Vec::new();
+    let mut from = after;
+    while picked.len() < limit as usize && from < upto {
+        let mut seqs = Vec::new();
+        for sql in sources(status) {
+            let mut statement = conn.prepare_cached(sql)?;
+            let found = statement.query_map((from, upto, limit), |row| row.get::<_, i64>(0))?;
+            for seq in found {
+                seqs.push(seq?);
+            }
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        // Each source is complete up to its own last row: up to `limit` of them, all are.
+        seqs.truncate(limit as usize);
+        let Some(&last) = seqs.last() else { break };
+        for chunk in seqs.chunks(CHUNK) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let sql = format!(
+                "SELECT {WALK_COLUMNS} FROM deliveries_now d WHERE d.seq IN ({marks}) \
+                 ORDER BY d.seq"
+            );
+            let mut statement = conn.prepare_cached(&sql)?;
+            let mut rows = statement.query(rusqlite::params_from_iter(chunk))?;
+            while let Some(row) = rows.next()? {
+                let (doomed, _, finished) = walked(row)?;
+                let room = picked.len() < limit as usize;
+                if room && finished && doomed.status == status && keep(&doomed) {
+                    picked.push(doomed);
+                }
+            }
+        }
+        if seqs.len() < limit as usize {
+            break;
+        }
+        from = last;
+    }
+    Ok(picked)
+}
+
+/// Rows past their retention, oldest first.
 fn rows_to_delete(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doomed>, StoreError> {
     let mut rows = Vec::new();
-    for (status, before) in [
-        (Status::Delivered, c.delivered_before),
-        (Status::Stale, c.investigated_before),
-        (Status::Unrecognized, c.investigated_before),
-        (Status::Dead, c.investigated_before),
+    let investigated = last_seq_before(conn, c.investigated_before)?;
+    for (status, upto) in [
+        (
+            Status::Delivered,
+            last_seq_before(conn, c.delivered_before)?,
+        ),
+        (Status::Stale, investigated),
+        (Status::Unrecognized, investigated),
+        (Status::Dead, investigated),
     ] {
-        let finished = |_: &Doomed, finished: bool| finished;
-        let narrowed = status_candidates(status)
-            .map(|c| format!("{c} AND "))
-            .unwrap_or_default();
-        let sql = format!(
-            "SELECT {WALK_COLUMNS} FROM deliveries_now d WHERE {narrowed}d.status = ?1 \
-             ORDER BY d.seq"
-        );
-        rows.extend(walk(
-            conn,
-            &sql,
-            [status.as_str()],
-            before,
-            limit,
-            finished,
-        )?);
+        rows.extend(finished_between(conn, status, (0, upto), limit, |_| true)?);
     }
     rows.sort_by_key(|r| r.seq);
     rows.truncate(limit as usize);
@@ -111,11 +220,16 @@ const UNPRUNED_BODIES: &str = "FROM deliveries_now d \
      WHERE d.seq > (SELECT COALESCE(MAX(seq), 0) FROM pruned_bodies) AND NOT d.body_pruned \
      ORDER BY d.seq";
 
-/// Delivered rows whose bodies are past their retention (the rows stay), oldest first.
+/// Delivered rows whose bodies are past their retention (the rows stay), oldest first, from
+/// after the newest body dropped so far (bodies go in order; an older body kept then, its
+/// delivery not finished, goes with its row).
 fn bodies_to_drop(conn: &Connection, c: &Cutoffs, limit: u32) -> Result<Vec<Doomed>, StoreError> {
-    let sql = format!("SELECT {WALK_COLUMNS} {UNPRUNED_BODIES}");
-    walk(conn, &sql, [], c.bodies_before, limit, |d, finished| {
-        finished && d.status == Status::Delivered
+    let after: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM pruned_bodies")?
+        .query_row([], |row| row.get(0))?;
+    let upto = last_seq_before(conn, c.bodies_before)?;
+    finished_between(conn, Status::Delivered, (after, upto), limit, |d| {
+        d.body_bytes > 0
     })
 }
 
@@ -309,6 +423,43 @@ mod tests {
         conn.execute("DELETE FROM t WHERE id < ?1", [deleted])
             .expect("delete");
         conn
+    }
+
+    #[test]
+    fn the_newest_row_before_a_time_is_found_among_gaps_in_the_sequence() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(
+            "CREATE TABLE deliveries (seq INTEGER PRIMARY KEY, received_at INTEGER NOT NULL);",
+        )
+        .expect("schema");
+        assert_eq!(last_seq_before(&conn, 1_000).expect("empty"), 0);
+        // Rows 5..=400 with gaps (every third is gone, as retention leaves them), row n received
+        // at 10 n.
+        for seq in (5..=400).filter(|n| n % 3 != 0) {
+            conn.execute(
+                "INSERT INTO deliveries (seq, received_at) VALUES (?1, ?2)",
+                [seq, seq * 10],
+            )
+            .expect("insert");
+        }
+        let newest_before = |at: i64| last_seq_before(&conn, at).expect("search");
+        // Before every row: below the first; after every row: the last.
+        assert!(newest_before(50) < 5);
+        assert_eq!(newest_before(4_001), 400);
+        // 1,000 is row 100's time: the newest row before it is 98 (99 is gone).
+        assert_eq!(newest_before(1_000), 98);
+        assert_eq!(newest_before(1_001), 100);
+        for at in (0..4_100).step_by(37) {
+            let expected = (5..=400)
+                .filter(|n| n % 3 != 0 && n * 10 < at)
+                .max()
+                .unwrap_or(0);
+            let found = newest_before(at);
+            assert!(
+                found == expected || (expected == 0 && found < 5),
+                "{at}: {found} != {expected}"
+            );
+        }
     }
 
     #[test]

@@ -39,13 +39,14 @@ use crate::store::outage::Outage;
 use crate::store::StoreError;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-pub(super) const MIGRATIONS: [&str; 6] = [
+pub(super) const MIGRATIONS: [&str; 7] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_event.sql"),
     include_str!("migrations/0003_body_pruned.sql"),
     include_str!("migrations/0004_request_id.sql"),
     include_str!("migrations/0005_unpruned_bodies.sql"),
     include_str!("migrations/0006_append_only.sql"),
+    include_str!("migrations/0007_settled_verdicts.sql"),
 ];
 /// How long a batch waits for SQLite's lock held by another process (the CLI's replay or prune,
 /// which are short; or something outside that should not be there). The deliveries in that batch
