@@ -3,10 +3,10 @@
 //! Run with `cargo bench --bench pipeline`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use labelhook::delivery::signature::sign;
-use labelhook::delivery::{Algorithm, BodyVerifier, ClaimedSignature};
 use labelhook::events;
 use labelhook::ordering::{decide, Applied, Change, Version};
+use labelhook::test_support::delivery::signature::sign;
+use labelhook::test_support::delivery::{Algorithm, BodyVerifier, ClaimedSignature};
 use secrecy::SecretString;
 
 const SMALL: &[u8] = include_bytes!("../tests/fixtures/label_updated.json");

@@ -77,7 +77,7 @@ async fn run() -> Result<(), String> {
         labelhook::Config::load_from_env(path.as_ref(), true).map_err(|e| e.to_string())?;
     labelhook::init_logging(&config.settings.log);
     let mut app = labelhook::Application::build(config).await.map_err(|e| {
-        use labelhook::{store::StoreError, StartError};
+        use labelhook::{StartError, StoreError};
         // A SQLite database and a port are held by one process: say how to run beside one.
         let taken = matches!(
             e,

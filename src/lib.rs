@@ -1,14 +1,13 @@
 //! labelhook: receives Labelbox webhooks, checks they come from Labelbox, stores them durably
 //! before answering, and hands typed events to handlers in per-entity order.
 //!
-//! One delivery's way, module by module: [`server`] (listeners, timeouts, the request layers)
-//! → [`ingress`] (client IP, allowlist, streamed body, HMAC → the proof a
-//! [`delivery::VerifiedDelivery`] needs) → [`store`] (durable commit, then the 2xx) →
-//! [`dispatch`] (claim, [`events`] parse, [`ordering`] gate, route) → [`handlers`].
-//! [`delivery`] sits below ingress and store and says what a delivery is. [`labelbox`] is the
-//! client of Labelbox's API (webhooks, and the backfill that stores what an export says through
-//! the same gate); [`bench`] (`labelhook bench`) runs the whole service in process under a load
-//! of its own.
+//! One delivery's way, module by module: `server` (listeners, timeouts, the request layers)
+//! → `ingress` (client IP, allowlist, streamed body, HMAC → the proof a `VerifiedDelivery`
+//! needs) → `store` (durable commit, then the 2xx) → `dispatch` (claim, [`events`] parse,
+//! [`ordering`] gate, route) → [`handlers`]. `delivery` sits below ingress and store and says
+//! what a delivery is. `labelbox` is the client of Labelbox's API (webhooks, and the backfill
+//! that stores what an export says through the same gate); `bench` (`labelhook bench`) runs
+//! the whole service in process under a load of its own.
 //!
 //! Beside that way: `console` serves the operations pages on the admin listener; it reads
 //! deliveries through the store's inspection trait, replays through the same store call and
@@ -19,36 +18,32 @@
 //! settings, their defaults and checks, in the words of `settings` (the floor below them);
 //! [`config`] composes, loads and reports them. No module on the way of a delivery imports
 //! `config`; those that read the configuration as a whole sit above it with the commands
-//! ([`cli`], [`bench`], `known_series`), and nothing else in the library depends on `cli`.
+//! (`cli`, `bench`, `known_series`), and nothing else in the library depends on `cli`.
 //!
 //! The public face is what a program embedding labelhook needs: build and run the
-//! [`Application`] from a [`Config`], plug in a [`Handler`] and match on the typed [`Event`]
-//! it is given ([`events`], with the versions of [`ordering`]). The modules marked
-//! `#[doc(hidden)]` are public only for what lives outside the library: the binary (`cli`),
-//! the store's conformance suite under `tests/store` that every back-end must pass (`store`,
-//! `delivery`), the backfill's store tests (`labelbox`), the fuzz targets and the criterion
-//! benches. They are not a promise to embedders and change without notice.
+//! [`Application`] from a [`Config`], plug in a [`Handler`] (its [`HandlerEvent`] carries the
+//! [`Payload`]; [`Registry`] holds the handlers) and match on the typed [`Event`] it is given
+//! ([`events`], with the versions of [`ordering`]). Everything else is `pub(crate)`. What lives
+//! outside the library and needs the insides reaches them through `#[doc(hidden)]` paths that
+//! promise nothing to embedders: the binary through `Cli` and `run_command_line`, the store's
+//! conformance suite (`tests/store`), the fuzz targets and the benches through `test_support`
+//! and `fuzzing`.
 
-#[doc(hidden)]
-pub mod bench;
-#[doc(hidden)]
-pub mod cli;
+mod bench;
+mod cli;
 pub mod config;
 mod console;
-#[doc(hidden)]
-pub mod delivery;
+mod delivery;
 mod dispatch;
 pub mod events;
 pub mod handlers;
 mod ingress;
 mod known_series;
-#[doc(hidden)]
-pub mod labelbox;
+mod labelbox;
 pub mod ordering;
 mod server;
 mod settings;
-#[doc(hidden)]
-pub mod store;
+mod store;
 mod telemetry;
 
 /// What the fuzz targets under `fuzz/` drive that is not otherwise public. Not part of the
@@ -60,11 +55,33 @@ pub mod fuzzing {
     pub use crate::ingress::client_ip::resolve as resolve_client_ip;
 }
 
+/// The insides that the tests outside the library, the fuzz targets and the benches work
+/// with: the store's traits and back-ends (one conformance suite holds both to the same
+/// rules), what a delivery is, and the backfill's conversion of an export row. Not part of the
+/// public face, and not a promise: it changes with the code.
+#[doc(hidden)]
+pub mod test_support {
+    pub mod store {
+        pub use crate::store::*;
+    }
+    pub mod delivery {
+        pub use crate::delivery::*;
+    }
+    pub mod labelbox {
+        pub use crate::labelbox::*;
+    }
+}
+
+/// The command line of the `labelhook` binary (`src/main.rs`); not for embedders.
+#[doc(hidden)]
+pub use cli::{run as run_command_line, Cli};
+
 pub use config::Config;
 pub use delivery::Payload;
 pub use events::Event;
 pub use handlers::{Handler, HandlerError, HandlerEvent, Registry};
 pub use server::shutdown_signal;
+pub use store::StoreError;
 pub use telemetry::init_logging;
 
 use std::future::Future;
@@ -77,7 +94,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{Clock, SystemClock};
 use crate::ingress::IngressState;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -3,12 +3,12 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = labelhook::cli::Cli::parse_args();
+    let cli = labelhook::Cli::parse_args();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(labelhook::cli::run(cli)),
+        Ok(runtime) => runtime.block_on(labelhook::run_command_line(cli)),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::FAILURE

@@ -11,8 +11,8 @@
 #![no_main]
 
 use http::{HeaderMap, HeaderValue};
-use labelhook::delivery::signature::{self, SHA1_HEADER, SHA256_HEADER};
-use labelhook::delivery::{Algorithm, BodyVerifier, SignatureError};
+use labelhook::test_support::delivery::signature::{self, SHA1_HEADER, SHA256_HEADER};
+use labelhook::test_support::delivery::{Algorithm, BodyVerifier, SignatureError};
 use libfuzzer_sys::fuzz_target;
 use secrecy::SecretString;
 

@@ -343,18 +343,18 @@ pub fn curl(url: &str, args: &[&str]) -> Answer {
 
 /// `sha1=<hex>` as Labelbox computes it.
 pub fn sha1_sig(secret: &str, body: &[u8]) -> String {
-    labelhook::delivery::signature::sign(
+    labelhook::test_support::delivery::signature::sign(
         secret.as_bytes(),
         body,
-        labelhook::delivery::Algorithm::Sha1,
+        labelhook::test_support::delivery::Algorithm::Sha1,
     )
 }
 
 pub fn sha256_sig(secret: &str, body: &[u8]) -> String {
-    labelhook::delivery::signature::sign(
+    labelhook::test_support::delivery::signature::sign(
         secret.as_bytes(),
         body,
-        labelhook::delivery::Algorithm::Sha256,
+        labelhook::test_support::delivery::Algorithm::Sha256,
     )
 }
 

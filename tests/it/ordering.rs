@@ -135,7 +135,7 @@ fn histories() -> impl Strategy<Value = Vec<Delivery>> {
 /// (which the config names as a `log` handler); stopped by sending on the returned channel.
 struct InProcess {
     url: String,
-    store: Arc<dyn labelhook::store::Store>,
+    store: Arc<dyn labelhook::test_support::store::Store>,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,

@@ -6,10 +6,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use labelhook::delivery::{Clock, Origin};
-use labelhook::labelbox::fetched_delivery;
 use labelhook::ordering::{Change, Verdict};
-use labelhook::store::{GateRequest, ListQuery, ReplayEffect, ReplayTarget};
+use labelhook::test_support::delivery::{Clock, Origin};
+use labelhook::test_support::labelbox::fetched_delivery;
+use labelhook::test_support::store::{GateRequest, ListQuery, ReplayEffect, ReplayTarget};
 
 use crate::harness::{label_gate, Harness, LEASE};
 
@@ -20,7 +20,7 @@ fn all() -> ListQuery {
     }
 }
 
-fn fetched(id: &str, body: &str, at: i64) -> labelhook::delivery::VerifiedDelivery {
+fn fetched(id: &str, body: &str, at: i64) -> labelhook::test_support::delivery::VerifiedDelivery {
     fetched_delivery(
         id,
         "LABEL_UPDATED",
@@ -78,7 +78,7 @@ pub async fn a_fetched_delivery_is_kept_with_its_origin_and_each_id_only_once(h:
         .contains(&("x-labelhook-origin".to_owned(), "backfill".to_owned())));
     // The server's dispatcher finds them with their origin, to gate them by rule 7: at once
     // on a shared back-end, within its next look at what another process appended on SQLite.
-    let owner = labelhook::store::LeaseOwner::named("g");
+    let owner = labelhook::test_support::store::LeaseOwner::named("g");
     let mut backfilled = 0;
     for _ in 0..50 {
         let ungated = h

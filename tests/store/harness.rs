@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use labelhook::config::StoreSettings;
-use labelhook::delivery::signature::sign;
-use labelhook::delivery::Clock;
-use labelhook::delivery::{
+use labelhook::ordering::{Change, Version};
+use labelhook::test_support::delivery::signature::sign;
+use labelhook::test_support::delivery::Clock;
+use labelhook::test_support::delivery::{
     Algorithm, BodyVerifier, ClaimedSignature, DeliveryId, Envelope, IncomingBody, ManualClock,
     VerifiedDelivery,
 };
-use labelhook::ordering::{Change, Version};
-use labelhook::store::{self, Accepted, GateRequest, LeaseOwner, Operations, Store};
+use labelhook::test_support::store::{self, Accepted, GateRequest, LeaseOwner, Operations, Store};
 use secrecy::SecretString;
 
 use crate::test_db::TestDb;
@@ -191,7 +191,13 @@ pub fn request_id_of(id: &str) -> String {
 
 /// A delivery verified by the real verifier: there is no other way to make one.
 pub fn verified(id: &str, topic: &str, bytes: &[u8], body: IncomingBody) -> VerifiedDelivery {
-    verified_at(id, topic, bytes, body, labelhook::delivery::now_millis())
+    verified_at(
+        id,
+        topic,
+        bytes,
+        body,
+        labelhook::test_support::delivery::now_millis(),
+    )
 }
 
 /// [`verified`], received at `received_at`.
@@ -243,7 +249,7 @@ pub fn label_gate(
         handlers_if_stale: Vec::new(),
         topic_label: "LABEL_UPDATED",
         event: "{}".to_owned(),
-        origin: labelhook::delivery::Origin::Webhook,
+        origin: labelhook::test_support::delivery::Origin::Webhook,
         data_row_id: None,
         labels: None,
     }

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use labelhook::delivery::{Clock, Status};
 use labelhook::ordering::Change;
-use labelhook::store::{
+use labelhook::test_support::delivery::{Clock, Status};
+use labelhook::test_support::store::{
     AttemptOutcome, AttemptResult, GateRequest, LeaseOwner, ListQuery, ReplayEffect, ReplayTarget,
     RunState,
 };
@@ -29,7 +29,7 @@ fn dead(error: &str) -> AttemptOutcome {
     }
 }
 
-fn seqs(rows: &[labelhook::store::DeliverySummary]) -> Vec<i64> {
+fn seqs(rows: &[labelhook::test_support::store::DeliverySummary]) -> Vec<i64> {
     rows.iter().map(|r| r.seq).collect()
 }
 
@@ -201,7 +201,7 @@ pub async fn replay_says_per_delivery_what_it_does_and_does_it(h: &Harness) {
     h.accept("x2", "LABEL_UPDATED", &body(4)).await;
     h.gate_all(|s| label_gate(s, "label:X", "2024-05-02T09:00:00Z", Change::Updated, &[]))
         .await;
-    let effect_of = |items: Vec<labelhook::store::ReplayItem>| {
+    let effect_of = |items: Vec<labelhook::test_support::store::ReplayItem>| {
         assert_eq!(items.len(), 1, "{items:?}");
         items[0].effect.clone()
     };

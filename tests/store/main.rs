@@ -85,9 +85,9 @@ conformance!(
 async fn sqlite_files_shrink_when_retention_prunes() {
     use std::time::Duration;
 
-    use labelhook::delivery::Clock;
     use labelhook::ordering::Change;
-    use labelhook::store::{retention, Cutoffs, RetentionSettings};
+    use labelhook::test_support::delivery::Clock;
+    use labelhook::test_support::store::{retention, Cutoffs, RetentionSettings};
 
     let h = harness::Harness::sqlite().await;
     let file = h.sqlite_file().expect("a SQLite file");
@@ -107,7 +107,7 @@ async fn sqlite_files_shrink_when_retention_prunes() {
         "s-large",
         "LABEL_UPDATED",
         &large,
-        labelhook::delivery::IncomingBody::Staged(staged),
+        labelhook::test_support::delivery::IncomingBody::Staged(staged),
         h.clock.now(),
     );
     h.store.accept(delivery).await.expect("accept");
@@ -163,7 +163,7 @@ async fn sqlite_files_shrink_when_retention_prunes() {
 async fn postgres_replicas_reserve_what_they_take_for_gating() {
     use std::time::Duration;
 
-    use labelhook::store::LeaseOwner;
+    use labelhook::test_support::store::LeaseOwner;
 
     let Some(h) = harness::Harness::postgres("postgres_replicas_reserve").await else {
         return;

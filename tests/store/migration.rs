@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use labelhook::delivery::{Clock, ManualClock, Status};
-use labelhook::store::{self, LeaseOwner, ListQuery, ReplayTarget, RunState};
+use labelhook::test_support::delivery::{Clock, ManualClock, Status};
+use labelhook::test_support::store::{self, LeaseOwner, ListQuery, ReplayTarget, RunState};
 use sqlx::{Connection, Executor, PgConnection};
 
 use crate::harness::{body, LEASE};
@@ -180,12 +180,12 @@ async fn postgres_an_old_store_is_migrated_in_place() {
     assert_eq!(claimed.iter().map(|c| c.seq).collect::<Vec<_>>(), [1]);
     assert_eq!(claimed[0].runs.len(), 1);
     assert_eq!(claimed[0].entity.as_deref(), Some("label:M"));
-    let done = labelhook::store::AttemptResult {
+    let done = labelhook::test_support::store::AttemptResult {
         handler: "archive".to_owned(),
         attempt: 1,
         started_at: now,
         finished_at: now,
-        outcome: labelhook::store::AttemptOutcome::Ok,
+        outcome: labelhook::test_support::store::AttemptOutcome::Ok,
     };
     store
         .record_attempts(1, &owner, std::slice::from_ref(&done))
@@ -209,7 +209,7 @@ async fn postgres_an_old_store_is_migrated_in_place() {
         "new",
         "LABEL_UPDATED",
         &body(9),
-        labelhook::delivery::IncomingBody::Inline(bytes::Bytes::from(body(9))),
+        labelhook::test_support::delivery::IncomingBody::Inline(bytes::Bytes::from(body(9))),
     );
     let accepted = store.accept(delivery).await.expect("accept");
     assert_eq!(accepted.seq, 6);

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use labelhook::delivery::{Clock, IncomingBody, Status};
 use labelhook::ordering::{Change, Verdict};
-use labelhook::store::{
+use labelhook::test_support::delivery::{Clock, IncomingBody, Status};
+use labelhook::test_support::store::{
     AttemptKind, AttemptOutcome, AttemptResult, ChainRecord, Claimed, Cutoffs, GateRequest,
     LeaseOwner, ListQuery, PruneReport, ReplayTarget, RetentionSettings, RunState, StoreError,
 };
@@ -1094,12 +1094,14 @@ fn retention(max_body_bytes: Option<u64>) -> RetentionSettings {
 async fn prune_now(h: &Harness, settings: &RetentionSettings) -> PruneReport {
     let cutoffs = Cutoffs::at(h.clock.now(), settings);
     let stop = CancellationToken::new();
-    let dry = labelhook::store::retention::prune(h.store.as_ref(), &cutoffs, true, &stop)
-        .await
-        .expect("dry run");
-    let done = labelhook::store::retention::prune(h.store.as_ref(), &cutoffs, false, &stop)
-        .await
-        .expect("prune");
+    let dry =
+        labelhook::test_support::store::retention::prune(h.store.as_ref(), &cutoffs, true, &stop)
+            .await
+            .expect("dry run");
+    let done =
+        labelhook::test_support::store::retention::prune(h.store.as_ref(), &cutoffs, false, &stop)
+            .await
+            .expect("prune");
     assert_eq!(dry, done, "the dry run says what pruning does");
     done
 }
