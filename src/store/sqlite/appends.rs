@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::ops::{in_savepoint, settle, Ctx, Done, Effects, Reply};
+use super::ops::{in_savepoint, Ctx, Done, Reply};
 use super::queue::{Arrival, Gated, MemQueue, Outcome, Run};
 use super::reads;
 use crate::delivery::{Origin, Status, UnixMillis};
@@ -54,14 +54,7 @@ pub fn gate(
         }
         Err(fatal) => return Done::answer(reply, Err(fatal)),
     };
-    Done::new(move |committed| {
-        let queue = match committed {
-            Ok(queue) => queue,
-            Err(failure) => {
-                let _ = reply.send(settle(Err(failure), Ok(Vec::new())));
-                return Effects::default();
-            }
-        };
+    Done::on_commit(reply, move |queue| {
         let mut verdicts = Vec::with_capacity(decided.len());
         let mut new_work = false;
         for d in decided {
@@ -71,11 +64,7 @@ pub fn gate(
                 queue.gated(gated);
             }
         }
-        let _ = reply.send(Ok(verdicts));
-        Effects {
-            new_work,
-            stored: false,
-        }
+        (verdicts, new_work)
     })
 }
 
@@ -264,14 +253,7 @@ pub fn record(
         return Done::answer(reply, Err(e));
     }
     let owner = owner.to_owned();
-    Done::new(move |committed| {
-        let queue = match committed {
-            Ok(queue) => queue,
-            Err(failure) => {
-                let _ = reply.send(settle(Err(failure), Ok(Vec::new())));
-                return Effects::default();
-            }
-        };
+    Done::on_commit(reply, move |queue| {
         let statuses = steps
             .into_iter()
             .map(|step| match step {
@@ -286,11 +268,7 @@ pub fn record(
                 }
             })
             .collect();
-        let _ = reply.send(Ok(statuses));
-        Effects {
-            new_work: true,
-            stored: false,
-        }
+        (statuses, true)
     })
 }
 
@@ -344,21 +322,10 @@ pub fn replay(
         Ok(planned) => planned,
         Err(e) => return Done::answer(reply, Err(e)),
     };
-    Done::new(move |committed| {
-        let queue = match committed {
-            Ok(queue) => queue,
-            Err(failure) => {
-                let _ = reply.send(settle(Err(failure), Ok(Vec::new())));
-                return Effects::default();
-            }
-        };
+    Done::on_commit(reply, move |queue| {
         let new_work = !arrivals.is_empty();
         apply_replays(queue, arrivals, now);
-        let _ = reply.send(Ok(items));
-        Effects {
-            new_work,
-            stored: false,
-        }
+        (items, new_work)
     })
 }
 

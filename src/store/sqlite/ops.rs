@@ -99,6 +99,29 @@ impl Done {
         (self.0)(committed)
     }
 
+    /// After a commit, `apply` changes the dispatch state and gives the answer and whether the
+    /// dispatcher has new work; after a failed one, the caller is told the failure and nothing
+    /// changes.
+    pub fn on_commit<T: Send + 'static>(
+        reply: Reply<T>,
+        apply: impl FnOnce(&mut MemQueue) -> (T, bool) + Send + 'static,
+    ) -> Self {
+        Self::new(move |committed| match committed {
+            Ok(queue) => {
+                let (answer, new_work) = apply(queue);
+                let _ = reply.send(Ok(answer));
+                Effects {
+                    new_work,
+                    stored: false,
+                }
+            }
+            Err(failure) => {
+                let _ = reply.send(Err(failure.again()));
+                Effects::default()
+            }
+        })
+    }
+
     /// An answer that changes nothing in memory.
     pub fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Self {
         Self::new(move |committed| {

@@ -24,8 +24,8 @@ struct Doomed {
     body_bytes: u64,
 }
 
-/// Reads one row of a walk: what [`Doomed`] holds, when it came, and whether it is finished.
-fn walked(row: &rusqlite::Row<'_>) -> Result<(Doomed, i64, bool), StoreError> {
+/// Reads one row: what [`Doomed`] holds, and whether the delivery is finished.
+fn walked(row: &rusqlite::Row<'_>) -> Result<(Doomed, bool), StoreError> {
     let status: String = row.get(1)?;
     let len: i64 = row.get(3)?;
     let pruned: bool = row.get(4)?;
@@ -37,35 +37,28 @@ fn walked(row: &rusqlite::Row<'_>) -> Result<(Doomed, i64, bool), StoreError> {
             body_bytes: if pruned { 0 } else { len.max(0) as u64 },
         },
         row.get(5)?,
-        row.get(6)?,
     ))
 }
 
 /// The columns [`walked`] reads.
-const WALK_COLUMNS: &str =
-    "d.seq, d.status, d.blob_name, d.body_len, d.body_pruned, d.received_at, d.finished";
+const WALK_COLUMNS: &str = "d.seq, d.status, d.blob_name, d.body_len, d.body_pruned, d.finished";
 
-/// Walks the rows `sql` gives in sequence order while they were received before `before`,
-/// keeping up to `limit` of those `keep` accepts. Sequence numbers follow arrival, so the walk
-/// stops at the first row too young instead of reading every younger row behind it (a row
-/// that arrived a moment earlier but committed later waits for the next run).
-fn walk(
+/// Walks the rows `sql` gives, in its order, keeping the first `limit` finished ones.
+fn walk_finished(
     conn: &Connection,
     sql: &str,
     args: impl rusqlite::Params,
-    before: i64,
     limit: u32,
-    keep: impl Fn(&Doomed, bool) -> bool,
 ) -> Result<Vec<Doomed>, StoreError> {
     let mut statement = conn.prepare_cached(sql)?;
     let mut rows = statement.query(args)?;
     let mut picked = Vec::new();
     while let Some(row) = rows.next()? {
-        let (doomed, received_at, finished) = walked(row)?;
-        if received_at >= before || picked.len() >= limit as usize {
+        if picked.len() >= limit as usize {
             break;
         }
-        if keep(&doomed, finished) {
+        let (doomed, finished) = walked(row)?;
+        if finished {
             picked.push(doomed);
         }
     }
@@ -178,7 +171,7 @@ fn finished_between(
             let mut statement = conn.prepare_cached(&sql)?;
             let mut rows = statement.query(rusqlite::params_from_iter(chunk))?;
             while let Some(row) = rows.next()? {
-                let (doomed, _, finished) = walked(row)?;
+                let (doomed, finished) = walked(row)?;
                 let room = picked.len() < limit as usize;
                 if room && finished && doomed.status == status && keep(&doomed) {
                     picked.push(doomed);
@@ -263,8 +256,7 @@ fn bodies_over_budget(
     }
     let sql = format!("SELECT {WALK_COLUMNS} {UNPRUNED_BODIES}");
     let room = limit.saturating_add(u32::try_from(already.len()).unwrap_or(u32::MAX));
-    let finished = |_: &Doomed, finished: bool| finished;
-    let rows = walk(conn, &sql, [], i64::MAX, room, finished)?;
+    let rows = walk_finished(conn, &sql, [], room)?;
     let mut picked = Vec::new();
     for row in rows {
         if excess == 0 || picked.len() as u32 >= limit {
